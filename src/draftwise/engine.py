@@ -1,0 +1,135 @@
+"""Engine: the one decoding loop every method runs through.
+
+The engine knows nothing about tokenization or about which method drafts: it holds a
+:class:`~draftwise.backends.base.Backend` and a :class:`~draftwise.drafters.base.Drafter` and
+repeats, until EOS, the token budget or the context window:
+
+1. ``tree = drafter.propose(context)`` — trimmed so it cannot pass the budget or the window;
+2. ``logits = backend.forward_tree(tree)`` — root and every node in one forward pass;
+3. ``acceptance = verify(tree, logits)`` — the lossless rule, shared with plain decoding;
+4. ``backend.commit(acceptance.path)`` — keep the accepted path in the KV cache;
+5. ``drafter.observe(step)`` — feedback for adaptive drafters;
+6. yield the committed tokens (the caller may stop early; see :class:`Run`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from draftwise.backends.base import Backend
+from draftwise.drafters.base import Drafter, StepResult
+from draftwise.metrics import GenerationStats
+from draftwise.sampling import Sampling, SamplingConfig
+from draftwise.verify import verify
+
+__all__ = ["GenerationConfig", "Engine", "Run"]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Attributes:
+    max_new_tokens: most tokens to generate.
+    sampling: how tokens are chosen (greedy by default).
+    seed: seed of the sampling generator (unused when greedy).
+    eos_token_ids: tokens that end generation (kept in the output).
+    """
+
+    max_new_tokens: int = 256
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+class Engine:
+    """Runs requests, one at a time, on a backend with a drafter."""
+
+    def __init__(self, backend: Backend, drafter: Drafter) -> None:
+        self.backend = backend
+        self.drafter = drafter
+
+    def run(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Run:
+        """A request; iterate it to decode (each item: the tokens one step committed)."""
+        return Run(self, list(prompt_ids), config)
+
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Run:
+        """Decode to the end and return the finished :class:`Run`."""
+        run = self.run(prompt_ids, config)
+        for _ in run:
+            pass
+        return run
+
+
+class Run:
+    """One request: iterate to decode; ``tokens`` and ``stats`` fill in as it goes."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], config: GenerationConfig) -> None:
+        self.engine = engine
+        self.prompt_ids = prompt_ids
+        self.config = config
+        self.tokens: list[int] = []  # committed new tokens
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        backend, drafter, cfg, stats = (
+            self.engine.backend, self.engine.drafter, self.config, self.stats
+        )
+        sampling = Sampling(cfg.sampling)
+        rng = torch.Generator().manual_seed(cfg.seed)
+        eos = set(cfg.eos_token_ids)
+        context = list(self.prompt_ids)
+        seen: torch.Tensor | None = None
+        if cfg.sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(backend.vocab_size, dtype=torch.bool)
+            seen[torch.tensor(context, dtype=torch.long)] = True
+
+        start = time.perf_counter()
+        backend.prefill(context)
+        drafter.begin(context)
+        stats.prefill_s = time.perf_counter() - start
+        while True:
+            remaining = cfg.max_new_tokens - len(self.tokens)
+            room = backend.max_length - backend.length
+            if remaining <= 0 or room <= 0:
+                stats.finish_reason = "length" if remaining <= 0 else "context"
+                break
+            max_depth = min(remaining, room) - 1
+
+            t0 = time.perf_counter()
+            tree = drafter.propose(context, max_depth).truncated(max_depth)  # 1.
+            t1 = time.perf_counter()
+            logits = backend.forward_tree(tree)  # 2. [N + 1, vocab]
+            acceptance = verify(tree, logits, sampling, rng, seen)  # 3.
+            backend.commit(acceptance.path, acceptance.tokens[-1])  # 4.
+            t2 = time.perf_counter()
+            drafter.observe(StepResult(tree, acceptance, logits))  # 5.
+            t3 = time.perf_counter()
+
+            emitted = list(acceptance.tokens)
+            hit = next((i for i, token in enumerate(emitted) if token in eos), None)
+            if hit is not None:
+                emitted = emitted[: hit + 1]
+            context.extend(emitted)
+            self.tokens.extend(emitted)
+            if seen is not None:
+                seen[torch.tensor(emitted, dtype=torch.long)] = True
+            stats.steps += 1
+            stats.new_tokens += len(emitted)
+            stats.step_tokens.append(len(emitted))
+            stats.tree_sizes.append(len(tree))
+            stats.margins.extend(acceptance.margins[: len(emitted)])
+            stats.draft_s += (t1 - t0) + (t3 - t2)
+            stats.verify_s += t2 - t1
+            stats.total_s = time.perf_counter() - start
+            yield emitted  # 6.
+            if hit is not None:
+                stats.finish_reason = "eos"
+                break
+        stats.total_s = time.perf_counter() - start

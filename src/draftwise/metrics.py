@@ -1,0 +1,82 @@
+"""Per-request statistics of the decoding loop.
+
+One token counter serves every method: ``new_tokens`` are the tokens a request committed, and
+tokens/s divides them by the wall time from prefill to the last step. MAT (mean accepted tokens
+per step, bonus included) is ``new_tokens / steps``: plain decoding scores exactly 1.00.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["GenerationStats"]
+
+
+@dataclass
+class GenerationStats:
+    """Attributes:
+    prompt_tokens: tokens in the prompt.
+    new_tokens: tokens committed after the prompt.
+    steps: target forward passes after prefill.
+    step_tokens: tokens committed by each step (accepted + recovered/bonus).
+    tree_sizes: draft nodes verified by each step.
+    margins: greedy only: top-2 logit margin of the target at each committed token.
+    prefill_s, draft_s, verify_s, total_s: wall time (seconds).
+    finish_reason: ``eos``, ``length`` (max new tokens), ``context`` (window full) or ``stop``.
+    """
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0
+    step_tokens: list[int] = field(default_factory=list)
+    tree_sizes: list[int] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    total_s: float = 0.0
+    finish_reason: str = ""
+
+    @property
+    def mat(self) -> float:
+        """Mean committed tokens per step (plain decoding: 1.0)."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def histogram(self) -> dict[int, int]:
+        """``{tokens committed in a step: number of steps}``."""
+        return dict(sorted(Counter(self.step_tokens).items()))
+
+    @property
+    def mean_tree_size(self) -> float:
+        return sum(self.tree_sizes) / len(self.tree_sizes) if self.tree_sizes else 0.0
+
+    def summary(self) -> str:
+        """One line for people: new tokens, tokens/s, MAT, where the time went."""
+        return (
+            f"{self.new_tokens} new tokens in {self.total_s:.2f} s = {self.tokens_per_s:.2f} tok/s"
+            f" | {self.steps} steps, MAT {self.mat:.2f}, mean tree {self.mean_tree_size:.1f}"
+            f" | draft {self.draft_s:.2f} s, verify {self.verify_s:.2f} s,"
+            f" prefill {self.prefill_s:.2f} s | finish: {self.finish_reason}"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "steps": self.steps,
+            "mat": self.mat,
+            "tokens_per_s": self.tokens_per_s,
+            "histogram": self.histogram,
+            "mean_tree_size": self.mean_tree_size,
+            "prefill_s": self.prefill_s,
+            "draft_s": self.draft_s,
+            "verify_s": self.verify_s,
+            "total_s": self.total_s,
+            "finish_reason": self.finish_reason,
+        }

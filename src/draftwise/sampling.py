@@ -1,0 +1,123 @@
+"""Sampling: the one place logits become probabilities, and the one argmax.
+
+Plain decoding and speculative verification both call :meth:`Sampling.probs` and
+:meth:`Sampling.greedy`, so a speculative step can never use a different rule from plain
+decoding. Transforms are applied in this order: repetition penalty (on the raw logits, seeing the
+committed tokens *and* each node's own draft path), temperature, then the truncations top-k,
+top-p, min-p and typical on the resulting distribution.
+
+Greedy (``temperature == 0``) is the argmax of the penalized logits; truncations do not apply, as
+in transformers' ``generate(do_sample=False)``. Ties resolve to the lowest token id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingConfig", "Sampling"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen.
+
+    Attributes:
+        temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: keep the smallest set whose probability reaches p (1.0 = off).
+        min_p: drop tokens below ``min_p`` times the top probability (0 = off).
+        typical_p: locally typical sampling mass (1.0 = off).
+        repetition_penalty: CTRL-style penalty on tokens already in the context (1.0 = off).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if not 0.0 < self.typical_p <= 1.0:
+            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sampling:
+    """Applies a :class:`SamplingConfig` to rows of logits."""
+
+    def __init__(self, config: SamplingConfig) -> None:
+        self.config = config
+
+    def penalize(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """Repetition penalty. ``logits, seen: [rows, vocab]`` (``seen`` bool: token in context)."""
+        penalty = self.config.repetition_penalty
+        if penalty == 1.0 or seen is None:
+            return logits
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        return torch.where(seen, penalized, logits)
+
+    def greedy(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """``[rows]`` argmax of the penalized logits, ties to the lowest id."""
+        # torch.argmax returns the first maximal index: the lowest id among ties.
+        return torch.argmax(self.penalize(logits, seen), dim=-1)
+
+    def probs(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """``[rows, vocab]`` sampling distribution (rows sum to 1) for ``temperature > 0``."""
+        cfg = self.config
+        if cfg.greedy:
+            raise ValueError("probs() needs temperature > 0; use greedy() for temperature 0")
+        scores = self.penalize(logits, seen).to(torch.float64) / cfg.temperature
+        probs = torch.softmax(scores, dim=-1)
+        # Each truncation sees the distribution the previous one left (transformers' order).
+        if cfg.top_k > 0 and cfg.top_k < probs.shape[-1]:
+            kth = torch.topk(probs, cfg.top_k, dim=-1).values[..., -1:]
+            probs = _restrict(probs, probs >= kth)
+        if cfg.top_p < 1.0:
+            probs = _restrict(probs, _nucleus(probs, cfg.top_p))
+        if cfg.min_p > 0.0:
+            probs = _restrict(probs, probs >= cfg.min_p * probs.max(dim=-1, keepdim=True).values)
+        if cfg.typical_p < 1.0:
+            probs = _restrict(probs, _typical(probs, cfg.typical_p))
+        return probs
+
+
+def _restrict(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero the tokens outside ``keep`` and renormalize each row."""
+    probs = torch.where(keep, probs, torch.zeros_like(probs))
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest most-likely set whose mass reaches ``top_p`` (always >= 1 token)."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    keep_sorted = mass_before < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def _typical(probs: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical set: tokens closest to the entropy in surprisal until ``mass`` is covered."""
+    logp = torch.log(probs.clamp_min(1e-300))
+    entropy = -(probs * logp).sum(dim=-1, keepdim=True)
+    distance = (-logp - entropy).abs()
+    order = torch.argsort(distance, dim=-1)
+    sorted_probs = probs.gather(-1, order)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    keep_sorted = mass_before < mass
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
