@@ -124,9 +124,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from draftwise.api import Generator
+    from draftwise.drafters.base import create_drafter
     from draftwise.models import load_model
 
     sampling = config_from_args(args, SamplingConfig)
+    create_drafter(args.method)  # a bad method fails before the model loads
     loaded = load_model(args.model, cache_dir=args.cache_dir)
     generator = Generator(loaded, args.method)
     prompt_ids = generator.encode(args.prompt, raw=args.raw)

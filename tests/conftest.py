@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny float64 models (no weights needed) and the real default model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from draftwise.backends.reference import ReferenceBackend, ReferenceConfig, ReferenceModel
+from draftwise.drafters.base import StepResult
+from draftwise.tree import DraftTree
+
+
+def tiny_hf_model(family: str = "llama", attn: str = "sdpa", vocab: int = 64, seed: int = 0):
+    """A tiny random transformers model in float64 (no download)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        initializer_range=0.5, eos_token_id=None, bos_token_id=None, pad_token_id=None,
+    )
+    config = LlamaConfig(**kwargs) if family == "llama" else Qwen2Config(**kwargs)
+    config._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    return model.to(torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def reference_model() -> ReferenceModel:
+    return ReferenceModel(ReferenceConfig(vocab_size=32, init_scale=3.0, seed=1))
+
+
+@pytest.fixture(scope="session")
+def reference_backend(reference_model: ReferenceModel) -> ReferenceBackend:
+    return ReferenceBackend(reference_model)
+
+
+class OracleDrafter:
+    """Knows the plain greedy answer; drafts ``depth`` tokens of it, planting mistakes.
+
+    ``wrong_at``: depths whose drafted token is replaced by a wrong one (the rest of that branch
+    follows the wrong token). ``decoy_siblings``: at each depth in it, a wrong sibling is placed
+    *before* the right child, so acceptance must pick the later sibling.
+    """
+
+    def __init__(
+        self,
+        answer: Sequence[int],
+        vocab: int,
+        depth: int,
+        wrong_at: Sequence[int] = (),
+        decoy_siblings: Sequence[int] = (),
+    ) -> None:
+        self.answer, self.vocab, self.depth = list(answer), vocab, depth
+        self.wrong_at, self.decoys = set(wrong_at), set(decoy_siblings)
+        self.prompt_len = 0
+
+    def begin(self, prompt_ids: Sequence[int]) -> None:
+        self.prompt_len = len(prompt_ids)
+
+    def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
+        done = len(context) - self.prompt_len
+        future = self.answer[done : done + min(self.depth, max_depth)]
+        tokens: list[int] = []
+        parents: list[int] = []
+        parent = -1
+        for d, right in enumerate(future):
+            wrong = (right + 1) % self.vocab
+            if d in self.decoys:
+                tokens.append(wrong)
+                parents.append(parent)
+            tokens.append(wrong if d in self.wrong_at else right)
+            parents.append(parent)
+            parent = len(tokens) - 1
+        return DraftTree(tuple(tokens), tuple(parents))
+
+    def observe(self, step: StepResult) -> None:
+        pass

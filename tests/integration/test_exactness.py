@@ -1,0 +1,153 @@
+"""Losslessness, proven in float64: every drafter's greedy output equals plain greedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from draftwise.backends.hf import HFBackend
+from draftwise.backends.reference import ReferenceBackend, ReferenceModel
+from draftwise.drafters import available_methods, create_drafter
+from draftwise.engine import Engine, GenerationConfig
+from draftwise.sampling import SamplingConfig
+
+from ..conftest import OracleDrafter, tiny_hf_model
+
+PROMPTS = [
+    [1, 2, 3, 4, 1, 2, 3],
+    [7, 7, 7, 7, 7],
+    [5, 9, 2, 30, 11, 5, 9, 2, 14, 22, 5, 9],
+    [0],
+]
+NEW = 64
+
+
+def plain_greedy(model: ReferenceModel, prompt: list[int], new: int) -> list[int]:
+    """Plain greedy decoding by full recompute: no cache, no engine."""
+    ids = list(prompt)
+    for _ in range(new):
+        ids.append(int(torch.argmax(model.full_forward(ids)[-1])))
+    return ids[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def answers(reference_model: ReferenceModel) -> dict[int, list[int]]:
+    return {i: plain_greedy(reference_model, p, NEW) for i, p in enumerate(PROMPTS)}
+
+
+@pytest.mark.parametrize("method", sorted(available_methods()))
+@pytest.mark.parametrize("prompt_index", range(len(PROMPTS)))
+def test_every_registered_drafter_equals_plain_greedy(
+    method: str, prompt_index: int, reference_model: ReferenceModel, answers: dict[int, list[int]]
+) -> None:
+    engine = Engine(ReferenceBackend(reference_model), create_drafter(method))
+    run = engine.generate(PROMPTS[prompt_index], GenerationConfig(max_new_tokens=NEW))
+    assert run.tokens == answers[prompt_index]
+    assert run.stats.new_tokens == NEW
+
+
+@pytest.mark.parametrize("spec", ["pld:budget=1", "pld:budget=32,depth=16,max_matches=8",
+                                  "pld:max_ngram=1,min_ngram=1", "pld:max_ngram=5,min_ngram=2"])
+def test_pld_settings_stay_exact(
+    spec: str, reference_model: ReferenceModel, answers: dict[int, list[int]]
+) -> None:
+    for index, prompt in enumerate(PROMPTS):
+        engine = Engine(ReferenceBackend(reference_model), create_drafter(spec))
+        assert engine.generate(prompt, GenerationConfig(max_new_tokens=NEW)).tokens == answers[index]
+
+
+@pytest.mark.parametrize("depth", [1, 3, 7])
+def test_perfect_drafter_gets_mat_k_plus_one(
+    depth: int, reference_model: ReferenceModel, answers: dict[int, list[int]]
+) -> None:
+    vocab = reference_model.config.vocab_size
+    new = (depth + 1) * 8  # a whole number of full steps
+    drafter = OracleDrafter(answers[2], vocab, depth)
+    run = Engine(ReferenceBackend(reference_model), drafter).generate(
+        PROMPTS[2], GenerationConfig(max_new_tokens=new)
+    )
+    assert run.tokens == answers[2][:new]
+    assert run.stats.steps == 8
+    assert run.stats.mat == depth + 1
+    assert run.stats.histogram == {depth + 1: 8}
+
+
+@pytest.mark.parametrize(
+    ("wrong_at", "decoys", "accepted"),
+    [((0,), (), 0), ((2,), (), 2), ((4,), (), 4), ((), (0,), 6), ((), (1, 3), 6),
+     ((3,), (0, 2), 3)],
+)
+def test_planted_mistakes_accept_exactly_up_to_them(
+    wrong_at: tuple[int, ...], decoys: tuple[int, ...], accepted: int,
+    reference_model: ReferenceModel, answers: dict[int, list[int]],
+) -> None:
+    vocab = reference_model.config.vocab_size
+    drafter = OracleDrafter(answers[0], vocab, 6, wrong_at=wrong_at, decoy_siblings=decoys)
+    run = Engine(ReferenceBackend(reference_model), drafter).generate(
+        PROMPTS[0], GenerationConfig(max_new_tokens=NEW)
+    )
+    assert run.tokens == answers[0]
+    # every step accepts exactly the right tokens before the first planted mistake
+    full_steps = [n for n in run.stats.step_tokens[:-1]]
+    assert all(n == accepted + 1 for n in full_steps)
+
+
+def test_repetition_penalty_greedy_equals_plain_engine(reference_model: ReferenceModel) -> None:
+    config = GenerationConfig(
+        max_new_tokens=NEW, sampling=SamplingConfig(repetition_penalty=1.3)
+    )
+    plain = Engine(ReferenceBackend(reference_model), create_drafter("none"))
+    ids = PROMPTS[2]
+    expected = plain.generate(ids, config).tokens
+    # the plain engine itself against a hand-rolled penalized greedy loop
+    context = list(ids)
+    for _ in range(NEW):
+        logits = reference_model.full_forward(context)[-1]
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[torch.tensor(context)] = True
+        logits = torch.where(seen, torch.where(logits > 0, logits / 1.3, logits * 1.3), logits)
+        context.append(int(torch.argmax(logits)))
+    assert expected == context[len(ids) :]
+    spec = Engine(ReferenceBackend(reference_model), create_drafter("pld:budget=16"))
+    assert spec.generate(ids, config).tokens == expected
+
+
+def test_eos_stops_and_is_kept(reference_model: ReferenceModel, answers: dict[int, list[int]]) -> None:
+    eos = answers[0][10]
+    first = answers[0].index(eos)
+    config = GenerationConfig(max_new_tokens=NEW, eos_token_ids=(eos,))
+    for method in ("none", "pld"):
+        run = Engine(ReferenceBackend(reference_model), create_drafter(method)).generate(
+            PROMPTS[0], config
+        )
+        assert run.tokens == answers[0][: first + 1]
+        assert run.stats.finish_reason == "eos"
+
+
+def test_context_window_ends_generation(reference_model: ReferenceModel) -> None:
+    window = reference_model.config.max_length
+    prompt = PROMPTS[0] * ((window - 20) // len(PROMPTS[0]))
+    run = Engine(ReferenceBackend(reference_model), create_drafter("pld")).generate(
+        prompt, GenerationConfig(max_new_tokens=100)
+    )
+    assert len(prompt) + len(run.tokens) == window
+    assert run.stats.finish_reason == "context"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_transformers_backend_pld_equals_plain(family: str) -> None:
+    model = tiny_hf_model(family, "sdpa", vocab=48, seed=3)
+    prompt = [4, 8, 15, 16, 23, 42, 4, 8, 15]
+    plain = Engine(HFBackend(model), create_drafter("none")).generate(
+        prompt, GenerationConfig(max_new_tokens=48)
+    )
+    with torch.inference_mode():
+        reference = model.generate(
+            torch.tensor([prompt]), max_new_tokens=48, do_sample=False, min_new_tokens=48
+        )[0, len(prompt) :].tolist()
+    assert plain.tokens == reference
+    for spec in ("pld", "pld:budget=16,max_ngram=1"):
+        run = Engine(HFBackend(model), create_drafter(spec)).generate(
+            prompt, GenerationConfig(max_new_tokens=48)
+        )
+        assert run.tokens == plain.tokens

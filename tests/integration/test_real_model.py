@@ -1,0 +1,115 @@
+"""The real embedded model end to end (slow: loads SmolLM2-135M-Instruct; CI still runs it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from draftwise.api import Generator
+from draftwise.models import ModelNotFoundError, load_model
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Summarize: The cat sat on the mat. The cat was happy on the mat because the mat was warm.",
+    "Translate to French: Good morning, how are you today?",
+    "What is 17 times 23? Show your steps.",
+    "Give three tips for writing clear emails.",
+    "Repeat after me: the quick brown fox jumps over the lazy dog, the quick brown fox.",
+]
+
+
+@pytest.fixture(scope="module")
+def generator() -> Generator:
+    return Generator(load_model("default", progress=False), "pld")
+
+
+def test_greedy_pld_equals_transformers_generate(generator: Generator) -> None:
+    model, eos = generator.model.model, generator.model.eos_token_ids
+    accepted_any = False
+    for prompt in PROMPTS:
+        ids = generator.encode(prompt)
+        config = generator.config(max_new_tokens=48)
+        run = generator.engine.generate(ids, config)
+        with torch.inference_mode():
+            reference = model.generate(
+                torch.tensor([ids]), max_new_tokens=48, do_sample=False, eos_token_id=list(eos),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            )[0, len(ids) :].tolist()
+        assert run.tokens == reference, prompt
+        accepted_any |= run.stats.mat > 1.0
+    assert accepted_any  # the drafts were not all rejected: the tree path was exercised
+
+
+def test_second_load_uses_the_cache(tmp_path: Path) -> None:
+    first = load_model("default", cache_dir=tmp_path, progress=False)
+    second = load_model("default", cache_dir=tmp_path, progress=False)
+    assert first.converted and not second.converted
+    assert second.load_s < first.load_s
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        torch.testing.assert_close(first.model(ids).logits, second.model(ids).logits)
+
+
+def test_missing_model_is_a_named_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="no model at"):
+        load_model(str(tmp_path / "nope.gguf"))
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_stop_string_truncates_text(generator: Generator) -> None:
+    full = generator.generate("Count from 1 to 20, separated by commas.", max_new_tokens=40)
+    assert "5" in full.text
+    stop = full.text[full.text.index("5") :][:2]
+    cut = generator.generate(
+        "Count from 1 to 20, separated by commas.", max_new_tokens=40, stop=[stop]
+    )
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert cut.stats.finish_reason == "stop"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "draftwise.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_cli_json_compare() -> None:
+    done = cli("generate", "Repeat: one two three, one two three.", "--max-new-tokens", "24",
+               "--compare", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["identical"] is True
+    assert result["new_tokens"] > 0 and result["mat"] >= 1.0
+    assert {"text", "tokens_per_s", "speedup"} <= set(result)
+
+
+def test_cli_streams_text_and_a_stats_line() -> None:
+    done = cli("generate", "Say hello.", "--max-new-tokens", "12", "--method", "none")
+    assert done.returncode == 0, done.stderr
+    assert "tok/s" in done.stdout.strip().splitlines()[-1]
+    assert "MAT 1.00" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["generate", "hi", "--model", "/nonexistent/model.gguf"], 1, "no model at"),
+        (["generate", "hi", "--method", "nope"], 1, "unknown method"),
+        (["generate", "hi", "--temperature", "-1"], 1, "temperature must be"),
+        (["generate", "hi", "--max-new-tokens", "0"], 2, "max-new-tokens"),
+        (["generate", "hi", "--bogus"], 2, "unrecognized arguments"),
+    ],
+)
+def test_cli_errors_are_one_line(args: list[str], code: int, message: str) -> None:
+    done = cli(*args)
+    assert done.returncode == code
+    lines = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and message in lines[0], done.stderr
