@@ -1,15 +1,128 @@
-"""The ``draftwise bench`` command line."""
+"""The ``draftwise bench`` command: flags, output files, the Markdown table on stdout."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 from typing import Any
+
+__all__ = ["add_bench_parser", "bench_command"]
 
 
 def add_bench_parser(commands: Any) -> None:
-    bench = commands.add_parser("bench", help="measure methods against plain decoding")
-    bench.set_defaults(handler=run_bench)
+    from draftwise.bench.runner import PEERS
+    from draftwise.cli import add_config_flags, add_model_flags, positive_int
+    from draftwise.sampling import SamplingConfig
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure methods against plain decoding (speed, MAT, exactness)",
+        description="Run methods over Spec-Bench-format questions, always against plain "
+        "decoding ('none') in the same process, interleaved after a warm-up. Prints a Markdown "
+        "table; --out also writes records.jsonl, summary.json, table.md and chart.png. "
+        "Peers: " + "; ".join(f"{k}: {v}" for k, v in PEERS.items()) + ".",
+    )
+    add_model_flags(bench)
+    bench.add_argument(
+        "--methods", default="none,pld",
+        help="comma-separated method specs; options after ':' use '+' between them, e.g. "
+        "none,pld:budget=16+max_ngram=4,hf-pld (default: none,pld)",
+    )
+    bench.add_argument("--questions", default=None, metavar="PATH",
+                       help="Spec-Bench-format JSONL (default: the packaged question set)")
+    bench.add_argument("--limit", type=positive_int, default=None,
+                       help="at most N questions per category")
+    bench.add_argument("--categories", default="",
+                       help="comma-separated categories (default: all)")
+    bench.add_argument("--max-new-tokens", type=positive_int, default=256, help="default: 256")
+    bench.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    bench.add_argument("--draft", default=None, metavar="MODEL",
+                       help="draft model for hf-assisted (same spec forms as --model)")
+    bench.add_argument("--out", default=None, metavar="DIR", help="write result files here")
+    bench.add_argument("--cost", action="store_true",
+                       help="measure the step-cost curve c(n)/c(1) instead of questions")
+    bench.add_argument("--cost-max", type=positive_int, default=64,
+                       help="largest n for --cost (default: 64)")
+    bench.add_argument("--cost-repeats", type=positive_int, default=5,
+                       help="timed repetitions per n for --cost (default: 5)")
+    sampling = bench.add_argument_group("sampling (temperature 0 = greedy)")
+    add_config_flags(sampling, SamplingConfig)  # type: ignore[arg-type]
+    bench.set_defaults(handler=bench_command)
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    raise NotImplementedError("bench is being built")
+def _split_methods(text: str) -> tuple[str, ...]:
+    """``"none,pld:budget=16+depth=4"`` -> ``("none", "pld:budget=16,depth=4")``."""
+    return tuple(m.strip().replace("+", ",") for m in text.split(",") if m.strip())
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from draftwise.api import Generator
+    from draftwise.bench import report
+    from draftwise.bench.datasets import load_questions, select
+    from draftwise.bench.runner import BenchConfig, build_runners, environment, run_bench
+    from draftwise.cli import config_from_args
+    from draftwise.models import load_model
+    from draftwise.sampling import SamplingConfig
+
+    sampling = config_from_args(args, SamplingConfig)
+    methods = _split_methods(args.methods)
+    questions = select(
+        load_questions(args.questions),
+        categories=[c.strip() for c in args.categories.split(",") if c.strip()],
+        limit=args.limit,
+    )
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model, cache_dir=args.cache_dir)
+    draft = load_model(args.draft, cache_dir=args.cache_dir) if args.draft else None
+    generator = Generator(model, "none")
+
+    if args.cost:
+        return _cost(args, generator, questions[0].turns[0], out)
+
+    build_runners(generator, methods, draft)  # bad method specs fail before any run
+    config = BenchConfig(methods, generator.config(
+        max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
+    ))
+    records = run_bench(generator, questions, config, draft=draft)
+    report.mark_exactness(records)
+    summary = report.summarize(records)
+    summary["environment"] = environment(model, draft)
+    summary["settings"] = {
+        "methods": list(methods), "max_new_tokens": args.max_new_tokens,
+        "questions": args.questions or "packaged", "limit": args.limit,
+        "categories": args.categories or "all", "sampling": vars(sampling), "seed": args.seed,
+    }
+    table = report.markdown(summary)
+    sys.stdout.write(table)
+    if out is not None:
+        with open(out / "records.jsonl", "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        (out / "table.md").write_text(table, encoding="utf-8")
+        report.chart(summary, out / "chart.png")
+        print(f"\nwrote {out}/records.jsonl, summary.json, table.md, chart.png", file=sys.stderr)
+    return 0
+
+
+def _cost(args: argparse.Namespace, generator: Any, prompt: str, out: Path | None) -> int:
+    from draftwise.bench.cost import measure_step_cost
+
+    sizes = list(range(1, args.cost_max + 1))
+    curve = measure_step_cost(
+        generator.backend, generator.encode(prompt), sizes, repeats=args.cost_repeats
+    )
+    lines = ["| n | ms/step | c(n)/c(1) |", "|---:|---:|---:|"]
+    lines += [f"| {n} | {v['seconds'] * 1e3:.2f} | {v['relative']:.2f} |" for n, v in curve.items()]
+    table = "\n".join(lines) + "\n"
+    sys.stdout.write(table)
+    if out is not None:
+        (out / "cost.json").write_text(json.dumps(
+            {"model": generator.model.name, "backend": "hf", "curve": curve}, indent=2
+        ), encoding="utf-8")
+        (out / "cost.md").write_text(table, encoding="utf-8")
+    return 0

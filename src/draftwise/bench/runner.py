@@ -1,0 +1,219 @@
+"""Runs methods over benchmark questions, interleaved, in one process.
+
+Every method sees the same prompts on the same loaded model in the same run. After a warm-up of
+each method, questions are visited in file order and, per question, the methods in an order
+rotated by one each question, so drift of the machine (thermal, other load) hits all alike.
+Multi-turn questions feed each method its own earlier answers through the chat template.
+
+Methods are our registered drafters (``none``, ``pld``, ...) and transformers peers:
+``hf-generate`` (plain ``generate``), ``hf-pld`` (``prompt_lookup_num_tokens``) and
+``hf-assisted`` (``assistant_model``; needs a draft model).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from draftwise.api import Generator
+from draftwise.bench.datasets import Question, report_category
+from draftwise.bench.report import BASELINE
+from draftwise.drafters.base import UnknownMethodError, parse_method
+from draftwise.engine import GenerationConfig
+from draftwise.models import LoadedModel
+
+__all__ = ["BenchConfig", "PEERS", "run_bench", "environment"]
+
+PEERS = {
+    "hf-generate": "transformers generate(), plain decoding",
+    "hf-pld": "transformers prompt lookup (options: num_tokens=10, max_ngram=2)",
+    "hf-assisted": "transformers assisted generation with --draft MODEL",
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    methods: tuple[str, ...]
+    generation: GenerationConfig
+    warmup_tokens: int = 8
+
+
+Runner = Callable[[list[int], GenerationConfig], dict[str, Any]]
+
+
+def _ours(generator: Generator) -> Runner:
+    def run(prompt_ids: list[int], config: GenerationConfig) -> dict[str, Any]:
+        done = generator.engine.generate(prompt_ids, config)
+        stats = done.stats
+        return {
+            "token_ids": list(done.tokens),
+            "new_tokens": stats.new_tokens,
+            "wall_s": stats.total_s,
+            "steps": stats.steps,
+            "step_tokens": stats.step_tokens,
+            "mean_tree_size": stats.mean_tree_size,
+            "draft_s": stats.draft_s,
+            "verify_s": stats.verify_s,
+            "margins": stats.margins,
+            "finish_reason": stats.finish_reason,
+        }
+
+    return run
+
+
+def _peer(model: Any, kwargs: dict[str, Any]) -> Runner:
+    def run(prompt_ids: list[int], config: GenerationConfig) -> dict[str, Any]:
+        s = config.sampling
+        sampling: dict[str, Any] = {"do_sample": False}
+        if not s.greedy:
+            sampling = {
+                "do_sample": True, "temperature": s.temperature, "top_k": s.top_k or None,
+                "top_p": s.top_p, "min_p": s.min_p or None, "typical_p": s.typical_p,
+            }
+            torch.manual_seed(config.seed)
+        ids = torch.tensor([prompt_ids])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=config.max_new_tokens,
+                eos_token_id=list(config.eos_token_ids) or None,
+                pad_token_id=config.eos_token_ids[0] if config.eos_token_ids else None,
+                repetition_penalty=s.repetition_penalty,
+                **sampling,
+                **kwargs,
+            )
+        wall = time.perf_counter() - start
+        tokens = out[0, len(prompt_ids) :].tolist()
+        return {"token_ids": tokens, "new_tokens": len(tokens), "wall_s": wall, "steps": None}
+
+    return run
+
+
+def build_runners(
+    generator: Generator, methods: Sequence[str], draft: LoadedModel | None
+) -> dict[str, Runner]:
+    """A runner per method spec; ``none`` first and always present (it is the baseline)."""
+    specs = [BASELINE] + [m for m in methods if m != BASELINE]
+    runners: dict[str, Runner] = {}
+    for spec in specs:
+        name, options = parse_method(spec)
+        if name not in PEERS:
+            runners[spec] = _ours(generator.with_method(spec))
+            continue
+        model = generator.model.model
+        if name == "hf-generate":
+            kwargs: dict[str, Any] = {}
+        elif name == "hf-pld":
+            allowed = {"num_tokens", "max_ngram"}
+            if set(options) - allowed:
+                raise UnknownMethodError(f"{name} options are {sorted(allowed)}, got {options}")
+            kwargs = {
+                "prompt_lookup_num_tokens": int(options.get("num_tokens", 10)),
+                "max_matching_ngram_size": int(options.get("max_ngram", 2)),
+            }
+        else:
+            if draft is None:
+                raise UnknownMethodError("hf-assisted needs a draft model: --draft MODEL")
+            kwargs = {"assistant_model": draft.model}
+        runners[spec] = _peer(model, kwargs)
+    return runners
+
+
+def _prompt(generator: Generator, turns: Sequence[str], answers: Sequence[str]) -> list[int]:
+    tokenizer = generator.model.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        parts = [p for pair in zip(turns, [*answers, ""], strict=False) for p in pair if p]
+        ids: list[int] = tokenizer("\n".join(parts)).input_ids
+        return ids
+    messages = []
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": turn})
+        if i < len(answers):
+            messages.append({"role": "assistant", "content": answers[i]})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def run_bench(
+    generator: Generator,
+    questions: Sequence[Question],
+    config: BenchConfig,
+    *,
+    draft: LoadedModel | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every method on every turn of every question; returns one record per run."""
+    runners = build_runners(generator, config.methods, draft)
+    names = list(runners)
+    tokenizer = generator.model.tokenizer
+    gen = config.generation
+    warm = GenerationConfig(
+        max_new_tokens=config.warmup_tokens, sampling=gen.sampling, seed=gen.seed,
+        eos_token_ids=gen.eos_token_ids,
+    )
+    first = _prompt(generator, questions[0].turns[:1], [])
+    for name in names:
+        runners[name](first, warm)
+
+    records: list[dict[str, Any]] = []
+    total = sum(len(q.turns) for q in questions) * len(names)
+    bar = tqdm(total=total, desc="bench", disable=not progress, unit="run")
+    for index, question in enumerate(questions):
+        order = names[index % len(names) :] + names[: index % len(names)]
+        answers: dict[str, list[str]] = {name: [] for name in names}
+        for turn in range(len(question.turns)):
+            for name in order:
+                prompt_ids = _prompt(generator, question.turns[: turn + 1], answers[name])
+                result = runners[name](prompt_ids, gen)
+                answers[name].append(tokenizer.decode(result["token_ids"], skip_special_tokens=True))
+                records.append(
+                    {
+                        "question_id": question.question_id,
+                        "category": report_category(question.category),
+                        "source_category": question.category,
+                        "turn": turn,
+                        "method": name,
+                        "prompt_tokens": len(prompt_ids),
+                        "greedy": gen.sampling.greedy,
+                        **result,
+                        "tokens_per_s": result["new_tokens"] / result["wall_s"],
+                    }
+                )
+                bar.set_postfix_str(f"{question.question_id} {name}")
+                bar.update()
+    bar.close()
+    return records
+
+
+def environment(model: LoadedModel, draft: LoadedModel | None = None) -> dict[str, Any]:
+    """Versions, threads, CPU and models: enough to tell two runs' machines apart."""
+    import transformers
+
+    import draftwise
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return {
+        "draftwise": draftwise.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "platform": platform.platform(),
+        "model": {"name": model.name, "source": model.source},
+        "draft": None if draft is None else {"name": draft.name, "source": draft.source},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }

@@ -1,0 +1,75 @@
+"""A small end-to-end bench run on a tiny random model folder (no weights downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from draftwise.cli import main
+
+from ..conftest import tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A transformers folder: tiny random Llama + a word-level tokenizer, saved locally."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(62)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                        eos_token="<eos>")
+    model = tiny_hf_model("llama", "sdpa", vocab=64, seed=7).to(torch.float32)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_bench_writes_parseable_outputs(tiny_model_dir: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    questions = tmp_path / "q.jsonl"
+    rows = [
+        {"question_id": 1, "category": "qa", "turns": ["w1 w2 w3 w1 w2"]},
+        {"question_id": 2, "category": "writing", "turns": ["w4 w5 w6", "w4 w5"]},
+    ]
+    questions.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    code = main(["bench", "--model", str(tiny_model_dir), "--questions", str(questions),
+                 "--methods", "pld,pld:budget=2+max_ngram=1,hf-generate", "--max-new-tokens",
+                 "12", "--out", str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "| pld |" in stdout and "| hf-generate |" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("none", "pld", "pld:budget=2,max_ngram=1", "hf-generate"):
+        overall = summary["methods"][name]["overall"]
+        assert {"speedup", "mat", "tokens_per_s", "exact_match", "questions"} <= set(overall)
+        assert overall["exact_match"] == 1.0  # float32 tiny model: greedy identical
+        assert set(summary["methods"][name]["categories"]) == {"qa", "mt_bench"}
+    assert summary["environment"]["torch"]
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 4 * 3  # 4 methods x 3 turns
+    assert (out / "table.md").read_text().startswith("| method |")
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_cost_curve(tiny_model_dir: Path, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", "--model", str(tiny_model_dir), "--cost", "--cost-max", "4",
+                 "--cost-repeats", "2", "--out", str(tmp_path)])
+    assert code == 0
+    curve = json.loads((tmp_path / "cost.json").read_text())["curve"]
+    assert sorted(int(n) for n in curve) == [1, 2, 3, 4]
+    assert curve["1"]["relative"] == 1.0
+
+
+def test_bench_rejects_unknown_method(tiny_model_dir: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--model", str(tiny_model_dir), "--methods", "none,bogus"]) == 1
+    assert "unknown method 'bogus'" in capsys.readouterr().err
