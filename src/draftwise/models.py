@@ -158,7 +158,8 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelError(f"could not load the model in {folder}: {error}") from error
-    return model.eval(), tokenizer
+    model.eval()  # type: ignore[no-untyped-call]
+    return model, tokenizer
 
 
 def _cache_key(path: Path) -> str:
@@ -203,7 +204,7 @@ def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
         stages.set_postfix_str("saving")
         # save_pretrained refuses GGUF-quantized models until the markers are dropped; the
         # weights are already dequantized to fp32.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(temporary)

@@ -46,14 +46,23 @@ def test_every_registered_drafter_equals_plain_greedy(
     assert run.stats.new_tokens == NEW
 
 
-@pytest.mark.parametrize("spec", ["pld:budget=1", "pld:budget=32,depth=16,max_matches=8",
-                                  "pld:max_ngram=1,min_ngram=1", "pld:max_ngram=5,min_ngram=2"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "pld:budget=1",
+        "pld:budget=32,depth=16,max_matches=8",
+        "pld:max_ngram=1,min_ngram=1",
+        "pld:max_ngram=5,min_ngram=2",
+    ],
+)
 def test_pld_settings_stay_exact(
     spec: str, reference_model: ReferenceModel, answers: dict[int, list[int]]
 ) -> None:
     for index, prompt in enumerate(PROMPTS):
         engine = Engine(ReferenceBackend(reference_model), create_drafter(spec))
-        assert engine.generate(prompt, GenerationConfig(max_new_tokens=NEW)).tokens == answers[index]
+        assert (
+            engine.generate(prompt, GenerationConfig(max_new_tokens=NEW)).tokens == answers[index]
+        )
 
 
 @pytest.mark.parametrize("depth", [1, 3, 7])
@@ -74,12 +83,21 @@ def test_perfect_drafter_gets_mat_k_plus_one(
 
 @pytest.mark.parametrize(
     ("wrong_at", "decoys", "accepted"),
-    [((0,), (), 0), ((2,), (), 2), ((4,), (), 4), ((), (0,), 6), ((), (1, 3), 6),
-     ((3,), (0, 2), 3)],
+    [
+        ((0,), (), 0),
+        ((2,), (), 2),
+        ((4,), (), 4),
+        ((), (0,), 6),
+        ((), (1, 3), 6),
+        ((3,), (0, 2), 3),
+    ],
 )
 def test_planted_mistakes_accept_exactly_up_to_them(
-    wrong_at: tuple[int, ...], decoys: tuple[int, ...], accepted: int,
-    reference_model: ReferenceModel, answers: dict[int, list[int]],
+    wrong_at: tuple[int, ...],
+    decoys: tuple[int, ...],
+    accepted: int,
+    reference_model: ReferenceModel,
+    answers: dict[int, list[int]],
 ) -> None:
     vocab = reference_model.config.vocab_size
     drafter = OracleDrafter(answers[0], vocab, 6, wrong_at=wrong_at, decoy_siblings=decoys)
@@ -93,9 +111,7 @@ def test_planted_mistakes_accept_exactly_up_to_them(
 
 
 def test_repetition_penalty_greedy_equals_plain_engine(reference_model: ReferenceModel) -> None:
-    config = GenerationConfig(
-        max_new_tokens=NEW, sampling=SamplingConfig(repetition_penalty=1.3)
-    )
+    config = GenerationConfig(max_new_tokens=NEW, sampling=SamplingConfig(repetition_penalty=1.3))
     plain = Engine(ReferenceBackend(reference_model), create_drafter("none"))
     ids = PROMPTS[2]
     expected = plain.generate(ids, config).tokens
@@ -112,7 +128,9 @@ def test_repetition_penalty_greedy_equals_plain_engine(reference_model: Referenc
     assert spec.generate(ids, config).tokens == expected
 
 
-def test_eos_stops_and_is_kept(reference_model: ReferenceModel, answers: dict[int, list[int]]) -> None:
+def test_eos_stops_and_is_kept(
+    reference_model: ReferenceModel, answers: dict[int, list[int]]
+) -> None:
     eos = answers[0][10]
     first = answers[0].index(eos)
     config = GenerationConfig(max_new_tokens=NEW, eos_token_ids=(eos,))

@@ -56,12 +56,22 @@ class HFBackend(KVBackend):
         logits: torch.Tensor = out.logits[0]  # [T, vocab]
         return logits
 
+    def _layers(self) -> list[Any]:
+        layers: list[Any] = list(self.cache.layers)
+        for layer in layers:
+            if getattr(layer, "keys", None) is None and layer.is_initialized:
+                raise TypeError(
+                    f"{type(layer).__name__} cache layers hold no per-token keys: this model's "
+                    "cache cannot be compacted for tree verification"
+                )
+        return layers
+
     def _keep(self, keep: torch.Tensor) -> None:
-        for layer in self.cache.layers:
+        for layer in self._layers():
             layer.keys = layer.keys.index_select(-2, keep)
             layer.values = layer.values.index_select(-2, keep)
 
     def _crop(self, length: int) -> None:
-        for layer in self.cache.layers:
+        for layer in self._layers():
             layer.keys = layer.keys[..., :length, :]
             layer.values = layer.values[..., :length, :]

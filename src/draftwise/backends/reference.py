@@ -105,7 +105,7 @@ class ReferenceModel(torch.nn.Module):
         """Plain causal forward over ``ids`` with no cache: ``[len(ids), vocab]``."""
         t = len(ids)
         causal = torch.ones(t, t, dtype=torch.bool).tril()
-        logits, _ = self(torch.tensor(ids), torch.arange(t), causal, [])
+        logits: torch.Tensor = self(torch.tensor(ids), torch.arange(t), causal, [])[0]
         return logits
 
 
@@ -131,6 +131,7 @@ class ReferenceBackend(KVBackend):
         if mask is None:
             t = len(ids)
             mask = torch.ones(t, past + t, dtype=torch.bool).tril(diagonal=past)
+        logits: torch.Tensor
         logits, self.cache = self.model(ids, positions, mask, self.cache)
         return logits
 

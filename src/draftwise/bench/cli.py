@@ -48,7 +48,7 @@ def add_bench_parser(commands: Any) -> None:
     bench.add_argument("--cost-repeats", type=positive_int, default=5,
                        help="timed repetitions per n for --cost (default: 5)")
     sampling = bench.add_argument_group("sampling (temperature 0 = greedy)")
-    add_config_flags(sampling, SamplingConfig)  # type: ignore[arg-type]
+    add_config_flags(sampling, SamplingConfig)
     bench.set_defaults(handler=bench_command)
 
 

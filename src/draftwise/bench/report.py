@@ -66,7 +66,7 @@ def _aggregate(records: list[dict[str, Any]], base: list[dict[str, Any]]) -> dic
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{"methods": {name: {"overall": {...}, "categories": {cat: {...}}, "mismatches": [...]}}}``."""
+    """``{"methods": {name: {"overall", "categories": {cat: ...}, "mismatches"}}}``."""
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_method[record["method"]].append(record)

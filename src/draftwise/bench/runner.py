@@ -173,7 +173,8 @@ def run_bench(
             for name in order:
                 prompt_ids = _prompt(generator, question.turns[: turn + 1], answers[name])
                 result = runners[name](prompt_ids, gen)
-                answers[name].append(tokenizer.decode(result["token_ids"], skip_special_tokens=True))
+                answer = tokenizer.decode(result["token_ids"], skip_special_tokens=True)
+                answers[name].append(answer)
                 records.append(
                     {
                         "question_id": question.question_id,
