@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from draftwise.backends.hf import HFBackend
 from draftwise.drafters.base import create_drafter
 from draftwise.engine import Engine, GenerationConfig, Run
 from draftwise.metrics import GenerationStats
-from draftwise.models import LoadedModel, load_model
+from draftwise.models import LoadedModel, default_cache_dir, load_model
 from draftwise.sampling import SamplingConfig
+from draftwise.sizing import CostCurve, SizingConfig, TreeSizer, parse_budget, split_budget
 
 __all__ = ["Completion", "Generator", "TextStream"]
 
@@ -50,20 +52,58 @@ class Generator:
 
     Parameters:
         model: a :class:`LoadedModel` or a spec for :func:`draftwise.load_model`.
-        method: a drafter spec, e.g. ``"pld"`` or ``"pld:budget=16"``.
+        method: a drafter spec, e.g. ``"pld"`` or ``"pld:budget=16"``, optionally followed by
+            ``@auto``, ``@off`` or ``@N`` to set the verification budget for this method.
+        budget: verification budget when the method names none: ``"auto"`` sizes each tree to
+            what pays on this machine (using the step-cost curve, measured once and cached),
+            ``"off"`` verifies the drafter's whole tree, ``N`` keeps the N likeliest nodes.
+        cache_dir: where the step-cost curve is cached (default: ``~/.cache/draftwise``).
     """
 
-    def __init__(self, model: LoadedModel | str = "default", method: str = "pld") -> None:
+    def __init__(
+        self,
+        model: LoadedModel | str = "default",
+        method: str = "pld",
+        *,
+        budget: str | int = "auto",
+        cache_dir: Path | str | None = None,
+    ) -> None:
         self.model = load_model(model) if isinstance(model, str) else model
         self.backend = HFBackend(self.model.model)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.default_budget = budget
+        self._cost: CostCurve | None = None
+        self._set_method(method)
+
+    def _set_method(self, method: str) -> None:
+        spec, at = split_budget(method)
+        drafter = create_drafter(spec)
+        budget = parse_budget(at if at is not None else self.default_budget)
+        sizer = None
+        if spec.split(":")[0] != "none" and budget != "off":
+            if isinstance(budget, int):
+                sizer = TreeSizer(SizingConfig(budget=budget))
+            else:
+                sizer = TreeSizer(SizingConfig(), self.cost_curve())
         self.method = method
-        self.engine = Engine(self.backend, create_drafter(method))
+        self.engine = Engine(self.backend, drafter, sizer)
+
+    def cost_curve(self) -> CostCurve:
+        """This machine's step-cost curve for the model (measured once, then cached)."""
+        if self._cost is None:
+            from draftwise.bench.cost import cached_step_cost
+
+            key = f"{self.model.source}|{self.backend.dtype}"
+            self._cost = CostCurve(cached_step_cost(self.backend, key, self.cache_dir))
+        return self._cost
 
     def with_method(self, method: str) -> Generator:
-        """Another generator on the same loaded model and backend."""
+        """Another generator on the same loaded model, backend and cost curve."""
         other = Generator.__new__(Generator)
-        other.model, other.backend, other.method = self.model, self.backend, method
-        other.engine = Engine(self.backend, create_drafter(method))
+        other.model, other.backend, other.cache_dir = self.model, self.backend, self.cache_dir
+        other.default_budget, other._cost = self.default_budget, self._cost
+        other._set_method(method)
+        self._cost = other._cost
         return other
 
     def encode(self, prompt: str, *, raw: bool = False) -> list[int]:

@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="drafter spec NAME[:key=value,...], e.g. pld:budget=16 (see 'draftwise methods'; "
         "default: pld)",
     )
+    add_budget_flag(gen)
     gen.add_argument("--max-new-tokens", type=positive_int, default=256, help="default: 256")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     gen.add_argument(
@@ -103,10 +104,45 @@ def build_parser() -> argparse.ArgumentParser:
     methods = commands.add_parser("methods", help="list the registered methods (drafters)")
     methods.set_defaults(handler=_methods)
 
+    store = commands.add_parser(
+        "datastore",
+        help="build a retrieval datastore (for --method retrieval:datastore=FILE.npz)",
+        description="Tokenize a corpus once with the model's tokenizer and save it with a suffix "
+        "array. CORPUS: a .jsonl file (each line's 'text', or its 'turns' joined) or a text "
+        "file (paragraphs separated by blank lines).",
+    )
+    store.add_argument("corpus", help="the corpus file")
+    store.add_argument("--out", required=True, help="the datastore file to write (.npz)")
+    store.add_argument("--key-length", type=positive_int, default=8,
+                       help="longest context suffix the datastore can match (default: 8)")
+    add_model_flags(store)
+    store.set_defaults(handler=_datastore)
+
     from draftwise.bench.cli import add_bench_parser
 
     add_bench_parser(commands)
     return parser
+
+
+def add_budget_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--budget", default="auto",
+        help="draft nodes verified per step: 'auto' sizes each tree to what pays on this "
+        "machine (its step-cost curve is measured once and cached), 'off' verifies the "
+        "drafter's whole tree, N keeps the N likeliest nodes; a method spec may override it "
+        "with @auto, @off or @N (default: auto)",
+    )
+
+
+def validate_method(spec: str, budget: str) -> None:
+    """Fail on a bad method spec or budget before any model is loaded."""
+    from draftwise.drafters.base import create_drafter
+    from draftwise.sizing import parse_budget, split_budget
+
+    method, at = split_budget(spec)
+    parse_budget(budget)
+    parse_budget(at)
+    create_drafter(method)
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -124,13 +160,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from draftwise.api import Generator
-    from draftwise.drafters.base import create_drafter
     from draftwise.models import load_model
 
     sampling = config_from_args(args, SamplingConfig)
-    create_drafter(args.method)  # a bad method fails before the model loads
+    validate_method(args.method, args.budget)
     loaded = load_model(args.model, cache_dir=args.cache_dir)
-    generator = Generator(loaded, args.method)
+    generator = Generator(loaded, args.method, budget=args.budget, cache_dir=args.cache_dir)
     prompt_ids = generator.encode(args.prompt, raw=args.raw)
     config = generator.config(
         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
@@ -190,6 +225,27 @@ def compare_runs(tokens: Sequence[int], plain: Sequence[int], plain_stats: Any) 
     if first is not None and first < len(plain_stats.margins):
         margin = plain_stats.margins[first]
     return {"identical": first is None, "first_divergence": first, "margin": margin}
+
+
+def _datastore(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from draftwise.drafters.retrieval import build_datastore, read_corpus
+    from draftwise.models import load_model
+
+    documents = read_corpus(args.corpus)
+    tokenizer = load_model(args.model, cache_dir=args.cache_dir).tokenizer
+    out = Path(args.out)
+    store = build_datastore(
+        tqdm(documents, desc="tokenizing", file=sys.stderr),
+        lambda text: list(tokenizer(text, add_special_tokens=False).input_ids),
+        out,
+        key_length=args.key_length,
+    )
+    print(f"wrote {out}: {len(documents)} documents, {int((store.tokens >= 0).sum())} tokens")
+    return 0
 
 
 def _methods(args: argparse.Namespace) -> int:

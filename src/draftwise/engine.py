@@ -4,7 +4,8 @@ The engine knows nothing about tokenization or about which method drafts: it hol
 :class:`~draftwise.backends.base.Backend` and a :class:`~draftwise.drafters.base.Drafter` and
 repeats, until EOS, the token budget or the context window:
 
-1. ``tree = drafter.propose(context)`` — trimmed so it cannot pass the budget or the window;
+1. ``tree = drafter.propose(context)`` — trimmed so it cannot pass the budget or the window,
+   then (optionally) sized by a :class:`~draftwise.sizing.TreeSizer` to what pays on this machine;
 2. ``logits = backend.forward_tree(tree)`` — root and every node in one forward pass;
 3. ``acceptance = verify(tree, logits)`` — the lossless rule, shared with plain decoding;
 4. ``backend.commit(acceptance.path)`` — keep the accepted path in the KV cache;
@@ -24,6 +25,7 @@ from draftwise.backends.base import Backend
 from draftwise.drafters.base import Drafter, StepResult
 from draftwise.metrics import GenerationStats
 from draftwise.sampling import Sampling, SamplingConfig
+from draftwise.sizing import TreeSizer
 from draftwise.verify import verify
 
 __all__ = ["GenerationConfig", "Engine", "Run"]
@@ -51,9 +53,12 @@ class GenerationConfig:
 class Engine:
     """Runs requests, one at a time, on a backend with a drafter."""
 
-    def __init__(self, backend: Backend, drafter: Drafter) -> None:
+    def __init__(
+        self, backend: Backend, drafter: Drafter, sizer: TreeSizer | None = None
+    ) -> None:
         self.backend = backend
         self.drafter = drafter
+        self.sizer = sizer
 
     def run(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Run:
         """A request; iterate it to decode (each item: the tokens one step committed)."""
@@ -78,9 +83,8 @@ class Run:
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
 
     def __iter__(self) -> Iterator[list[int]]:
-        backend, drafter, cfg, stats = (
-            self.engine.backend, self.engine.drafter, self.config, self.stats
-        )
+        backend, drafter, sizer = self.engine.backend, self.engine.drafter, self.engine.sizer
+        cfg, stats = self.config, self.stats
         sampling = Sampling(cfg.sampling)
         rng = torch.Generator().manual_seed(cfg.seed)
         eos = set(cfg.eos_token_ids)
@@ -104,12 +108,16 @@ class Run:
 
             t0 = time.perf_counter()
             tree = drafter.propose(context, max_depth).truncated(max_depth)  # 1.
+            if sizer is not None:
+                tree = sizer.size(tree)
             t1 = time.perf_counter()
             logits = backend.forward_tree(tree)  # 2. [N + 1, vocab]
             acceptance = verify(tree, logits, sampling, rng, seen)  # 3.
             backend.commit(acceptance.path, acceptance.tokens[-1])  # 4.
             t2 = time.perf_counter()
             drafter.observe(StepResult(tree, acceptance, logits))  # 5.
+            if sizer is not None:
+                sizer.observe(tree, acceptance)
             t3 = time.perf_counter()
 
             emitted = list(acceptance.tokens)

@@ -41,8 +41,8 @@ def test_bench_writes_parseable_outputs(tiny_model_dir: Path, tmp_path: Path,
     questions.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
     code = main(["bench", "--model", str(tiny_model_dir), "--questions", str(questions),
-                 "--methods", "pld,pld:budget=2+max_ngram=1,hf-generate", "--max-new-tokens",
-                 "12", "--out", str(out)])
+                 "--methods", "pld,pld:budget=2,max_ngram=1,hf-generate", "--max-new-tokens",
+                 "12", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     assert code == 0
     stdout = capsys.readouterr().out
     assert "| pld |" in stdout and "| hf-generate |" in stdout

@@ -8,8 +8,10 @@ import torch
 from draftwise.backends.hf import HFBackend
 from draftwise.backends.reference import ReferenceBackend, ReferenceModel
 from draftwise.drafters import available_methods, create_drafter
+from draftwise.drafters.retrieval import Datastore
 from draftwise.engine import Engine, GenerationConfig
 from draftwise.sampling import SamplingConfig
+from draftwise.sizing import CostCurve, SizingConfig, TreeSizer
 
 from ..conftest import OracleDrafter, tiny_hf_model
 
@@ -35,34 +37,67 @@ def answers(reference_model: ReferenceModel) -> dict[int, list[int]]:
     return {i: plain_greedy(reference_model, p, NEW) for i, p in enumerate(PROMPTS)}
 
 
+
+@pytest.fixture(scope="module")
+def datastore(tmp_path_factory: pytest.TempPathFactory, answers: dict[int, list[int]]) -> str:
+    """A datastore holding the prompts and half of each plain answer (partial matches)."""
+    docs = [PROMPTS[i] + answers[i][: NEW // 2] for i in range(len(PROMPTS))]
+    path = tmp_path_factory.mktemp("store") / "store.npz"
+    Datastore.build(docs, key_length=8).save(path)
+    return str(path)
+
+
+def method_specs(datastore: str) -> dict[str, list[str]]:
+    """Specs to test for every registered method (defaults, plus settings that stress trees)."""
+    return {
+        "none": ["none"],
+        "pld": ["pld", "pld:budget=1", "pld:budget=32,depth=16,max_matches=8",
+                "pld:max_ngram=1,min_ngram=1", "pld:max_ngram=5,min_ngram=2"],
+        "recycling": ["recycling", "recycling:k=2,max_nodes=6", "recycling:max_nodes=64"],
+        "aded": ["aded", "aded:budget=4,candidates=2", "aded:budget=32,exploration=0"],
+        "lookahead": ["lookahead", "lookahead:window=7,ngram=2,trie_depth=0",
+                      "lookahead:ngram=5,budget=8"],
+        "retrieval": [f"retrieval:datastore={datastore}",
+                      f"retrieval:datastore={datastore},min_ngram=1,budget=4"],
+        "composite": ["composite", "composite:parts=pld+aded+lookahead,budget=12",
+                      f"composite:parts=recycling+retrieval:datastore={datastore};budget=4"],
+    }
+
+
+def test_every_registered_method_is_covered(datastore: str) -> None:
+    assert set(method_specs(datastore)) == set(available_methods())
+
+
 @pytest.mark.parametrize("method", sorted(available_methods()))
-@pytest.mark.parametrize("prompt_index", range(len(PROMPTS)))
-def test_every_registered_drafter_equals_plain_greedy(
-    method: str, prompt_index: int, reference_model: ReferenceModel, answers: dict[int, list[int]]
+def test_every_drafter_equals_plain_greedy(
+    method: str, datastore: str, reference_model: ReferenceModel,
+    answers: dict[int, list[int]],
 ) -> None:
-    engine = Engine(ReferenceBackend(reference_model), create_drafter(method))
-    run = engine.generate(PROMPTS[prompt_index], GenerationConfig(max_new_tokens=NEW))
-    assert run.tokens == answers[prompt_index]
-    assert run.stats.new_tokens == NEW
-
-
-@pytest.mark.parametrize(
-    "spec",
-    [
-        "pld:budget=1",
-        "pld:budget=32,depth=16,max_matches=8",
-        "pld:max_ngram=1,min_ngram=1",
-        "pld:max_ngram=5,min_ngram=2",
-    ],
-)
-def test_pld_settings_stay_exact(
-    spec: str, reference_model: ReferenceModel, answers: dict[int, list[int]]
-) -> None:
-    for index, prompt in enumerate(PROMPTS):
+    for spec in method_specs(datastore)[method]:
+        # one engine per spec across all prompts: drafters that keep state across requests
+        # (recycling, aded) are exercised with it
         engine = Engine(ReferenceBackend(reference_model), create_drafter(spec))
-        assert (
-            engine.generate(prompt, GenerationConfig(max_new_tokens=NEW)).tokens == answers[index]
-        )
+        for index, prompt in enumerate(PROMPTS):
+            run = engine.generate(prompt, GenerationConfig(max_new_tokens=NEW))
+            assert run.tokens == answers[index], (spec, index)
+            assert run.stats.new_tokens == NEW
+
+
+@pytest.mark.parametrize("method", sorted(available_methods()))
+def test_every_drafter_with_tree_sizing_equals_plain_greedy(
+    method: str, datastore: str, reference_model: ReferenceModel,
+    answers: dict[int, list[int]],
+) -> None:
+    curve = CostCurve({1: 1.0, 2: 1.1, 4: 1.3, 8: 1.6, 16: 2.2, 64: 5.0})
+    for budget in (None, 3):
+        sizer = TreeSizer(SizingConfig(budget=budget), curve)
+        spec = method_specs(datastore)[method][0]
+        engine = Engine(ReferenceBackend(reference_model), create_drafter(spec), sizer)
+        for index, prompt in enumerate(PROMPTS):
+            run = engine.generate(prompt, GenerationConfig(max_new_tokens=NEW))
+            assert run.tokens == answers[index], (spec, budget, index)
+            if budget is not None:
+                assert max(run.stats.tree_sizes) <= budget
 
 
 @pytest.mark.parametrize("depth", [1, 3, 7])

@@ -103,3 +103,14 @@ def test_bad_question_files_are_named_errors(tmp_path) -> None:
     bad.write_text('{"question_id": 1, "category": "qa"}\n')
     with pytest.raises(QuestionFileError, match="line 1"):
         load_questions(bad)
+
+
+def test_method_lists_split_on_commas_between_methods_only() -> None:
+    from draftwise.bench.cli import split_methods
+
+    assert split_methods("none,pld:budget=16,max_ngram=4,hf-pld,recycling@8") == (
+        "none", "pld:budget=16,max_ngram=4", "hf-pld", "recycling@8"
+    )
+    assert split_methods("composite:parts=pld+aded,budget=8@auto") == (
+        "composite:parts=pld+aded,budget=8@auto",
+    )

@@ -13,7 +13,7 @@ __all__ = ["add_bench_parser", "bench_command"]
 
 def add_bench_parser(commands: Any) -> None:
     from draftwise.bench.runner import PEERS
-    from draftwise.cli import add_config_flags, add_model_flags, positive_int
+    from draftwise.cli import add_budget_flag, add_config_flags, add_model_flags, positive_int
     from draftwise.sampling import SamplingConfig
 
     bench = commands.add_parser(
@@ -27,9 +27,10 @@ def add_bench_parser(commands: Any) -> None:
     add_model_flags(bench)
     bench.add_argument(
         "--methods", default="none,pld",
-        help="comma-separated method specs; options after ':' use '+' between them, e.g. "
-        "none,pld:budget=16+max_ngram=4,hf-pld (default: none,pld)",
+        help="comma-separated method specs, each NAME[:key=value,...][@BUDGET], e.g. "
+        "none,pld:max_ngram=4,depth=6,recycling@8,recycling@auto,hf-pld (default: none,pld)",
     )
+    add_budget_flag(bench)
     bench.add_argument("--questions", default=None, metavar="PATH",
                        help="Spec-Bench-format JSONL (default: the packaged question set)")
     bench.add_argument("--limit", type=positive_int, default=None,
@@ -52,22 +53,40 @@ def add_bench_parser(commands: Any) -> None:
     bench.set_defaults(handler=bench_command)
 
 
-def _split_methods(text: str) -> tuple[str, ...]:
-    """``"none,pld:budget=16+depth=4"`` -> ``("none", "pld:budget=16,depth=4")``."""
-    return tuple(m.strip().replace("+", ",") for m in text.split(",") if m.strip())
+def split_methods(text: str) -> tuple[str, ...]:
+    """``"none,pld:budget=16,depth=4,hf-pld"`` -> ``("none", "pld:budget=16,depth=4",
+    "hf-pld")``: a comma starts a new method unless what follows is another ``key=value``."""
+    methods: list[str] = []
+    for segment in (s.strip() for s in text.split(",")):
+        if not segment:
+            continue
+        if methods and "=" in segment and ":" not in segment.split("=")[0]:
+            methods[-1] += "," + segment
+        else:
+            methods.append(segment)
+    return tuple(methods)
 
 
 def bench_command(args: argparse.Namespace) -> int:
     from draftwise.api import Generator
     from draftwise.bench import report
     from draftwise.bench.datasets import load_questions, select
-    from draftwise.bench.runner import BenchConfig, build_runners, environment, run_bench
-    from draftwise.cli import config_from_args
+    from draftwise.bench.runner import (
+        PEERS,
+        BenchConfig,
+        build_runners,
+        environment,
+        run_bench,
+    )
+    from draftwise.cli import config_from_args, validate_method
     from draftwise.models import load_model
     from draftwise.sampling import SamplingConfig
 
     sampling = config_from_args(args, SamplingConfig)
-    methods = _split_methods(args.methods)
+    methods = split_methods(args.methods)
+    for method in methods:
+        if method.split(":")[0].split("@")[0] not in PEERS:
+            validate_method(method, args.budget)
     questions = select(
         load_questions(args.questions),
         categories=[c.strip() for c in args.categories.split(",") if c.strip()],
@@ -78,7 +97,7 @@ def bench_command(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model, cache_dir=args.cache_dir)
     draft = load_model(args.draft, cache_dir=args.cache_dir) if args.draft else None
-    generator = Generator(model, "none")
+    generator = Generator(model, "none", budget=args.budget, cache_dir=args.cache_dir)
 
     if args.cost:
         return _cost(args, generator, questions[0].turns[0], out)
@@ -95,6 +114,7 @@ def bench_command(args: argparse.Namespace) -> int:
         "methods": list(methods), "max_new_tokens": args.max_new_tokens,
         "questions": args.questions or "packaged", "limit": args.limit,
         "categories": args.categories or "all", "sampling": vars(sampling), "seed": args.seed,
+        "budget": args.budget,
     }
     table = report.markdown(summary)
     sys.stdout.write(table)

@@ -8,17 +8,21 @@ measured step commits only its root, so the context grows by one token per measu
 
 from __future__ import annotations
 
+import hashlib
+import platform
 import random
 import statistics
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from tqdm import tqdm
 
 from draftwise.backends.base import Backend
 from draftwise.tree import DraftTree
 
-__all__ = ["measure_step_cost"]
+__all__ = ["CURVE_SIZES", "cached_step_cost", "cpu_name", "measure_step_cost"]
 
 
 def measure_step_cost(
@@ -56,3 +60,46 @@ def measure_step_cost(
         n: {"seconds": statistics.median(times[n]), "relative": statistics.median(times[n]) / one}
         for n in sorted(sizes)
     }
+
+
+CURVE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def cached_step_cost(
+    backend: Backend,
+    model_key: str,
+    cache_dir: Path,
+    *,
+    progress: bool = True,
+) -> dict[int, float]:
+    """``{n: c(n)/c(1)}`` for this machine, model and backend: measured once, then cached.
+
+    The cache file is keyed by the model, the backend class, the CPU, the thread count and the
+    torch version, so a different machine or setting measures its own curve.
+    """
+    import json
+
+    import torch
+
+    machine = f"{cpu_name()}|{torch.get_num_threads()}|{torch.__version__}"
+    ident = f"{model_key}|{type(backend).__name__}|{machine}"
+    path = cache_dir / "cost" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return {int(n): float(v) for n, v in data["relative"].items()}
+    if progress:
+        print("draftwise: measuring this machine's step cost once (cached)", file=sys.stderr)
+    prompt = [(7 * i + 3) % backend.vocab_size for i in range(64)]
+    curve = measure_step_cost(backend, prompt, CURVE_SIZES, repeats=3, progress=progress)
+    relative = {n: v["relative"] for n, v in curve.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"ident": ident, "relative": relative}, indent=1))
+    return relative
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

@@ -199,20 +199,15 @@ def environment(model: LoadedModel, draft: LoadedModel | None = None) -> dict[st
     import transformers
 
     import draftwise
+    from draftwise.bench.cost import cpu_name
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
     return {
         "draftwise": draftwise.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "platform": platform.platform(),
         "model": {"name": model.name, "source": model.source},
         "draft": None if draft is None else {"name": draft.name, "source": draft.source},

@@ -142,7 +142,7 @@ def _coerce(raw: str, hint: Any, where: str) -> Any:
         if hint in (int, float, str):
             return hint(raw)
         if typing.get_origin(hint) is tuple:
-            return tuple(raw.split("+"))
+            return tuple(part for part in raw.split("+") if part)
     except ValueError as error:
         raise UnknownMethodError(f"{where}: cannot read {raw!r} as {hint.__name__}") from error
     raise UnknownMethodError(f"{where}: option of type {hint} cannot be set from text")
@@ -150,4 +150,9 @@ def _coerce(raw: str, hint: Any, where: str) -> Any:
 
 def _load_builtin() -> None:
     """Import the built-in drafter modules so they register themselves."""
+    import draftwise.drafters.aded  # noqa: F401
+    import draftwise.drafters.composite  # noqa: F401
+    import draftwise.drafters.lookahead  # noqa: F401
     import draftwise.drafters.ngram  # noqa: F401
+    import draftwise.drafters.recycling  # noqa: F401
+    import draftwise.drafters.retrieval  # noqa: F401

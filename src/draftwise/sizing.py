@@ -1,0 +1,176 @@
+"""Tree sizing: keep the part of a draft tree worth its verification cost on this machine.
+
+A forward pass over n tokens costs ``c(n)`` (the step-cost curve, measured per machine and model:
+:mod:`draftwise.bench.cost`). A tree of nodes with acceptance probabilities ``P(i)`` (the chance
+node i is on the accepted path) yields ``1 + sum P(i)`` tokens per step in expectation, so the
+best tree is the prefix-closed node set maximizing ``(1 + sum P(i)) / c(1 + |set|)``.
+
+``P(i)`` is the product, down the node's path, of running acceptance rates per *bucket*
+``(depth, rank among siblings)``, learned from every verified step (a node is *offered* when its
+parent was accepted, *accepted* when it is on the accepted path), with a Beta prior. This is
+DySpec's idea — grow the nodes most likely to be accepted — driven by measured statistics
+instead of draft-model probabilities, so it works for every drafter without its cooperation.
+Drafters list better candidates first; the rank is their order among siblings.
+
+The sizer never changes which tokens are accepted, only how many nodes are verified.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from draftwise.tree import DraftTree
+from draftwise.verify import Acceptance
+
+__all__ = ["CostCurve", "SizingConfig", "TreeSizer", "parse_budget", "split_budget"]
+
+_MAX_DEPTH_BUCKET = 15
+_MAX_RANK_BUCKET = 7
+
+
+class CostCurve:
+    """``c(n)/c(1)``: relative cost of a forward pass over n tokens, interpolated linearly."""
+
+    def __init__(self, relative: Mapping[int, float]) -> None:
+        if 1 not in relative:
+            raise ValueError("a cost curve needs c(1)")
+        self.sizes = sorted(int(n) for n in relative)
+        self.values = [float(relative[n]) / float(relative[1]) for n in self.sizes]
+
+    def __call__(self, n: int) -> float:
+        sizes, values = self.sizes, self.values
+        if n <= sizes[0]:
+            return values[0]
+        if n >= sizes[-1]:
+            if len(sizes) == 1:
+                return values[-1] * n / sizes[-1]
+            slope = (values[-1] - values[-2]) / (sizes[-1] - sizes[-2])
+            return values[-1] + max(slope, 0.0) * (n - sizes[-1])
+        i = bisect.bisect_right(sizes, n)
+        a, b = sizes[i - 1], sizes[i]
+        return values[i - 1] + (values[i] - values[i - 1]) * (n - a) / (b - a)
+
+    @classmethod
+    def flat(cls) -> CostCurve:
+        """Verification as cheap as one token (an idealized accelerator)."""
+        return cls({1: 1.0, 1024: 1.0})
+
+
+@dataclass(frozen=True)
+class SizingConfig:
+    """Attributes:
+    budget: pin the node count (the most likely nodes); None = cost-optimal (auto).
+    prior: prior acceptance rate of a bucket before it has been observed.
+    prior_weight: strength of the prior, in pseudo-observations.
+    """
+
+    budget: int | None = None
+    prior: float = 0.3
+    prior_weight: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget must be >= 0 (or None for auto), got {self.budget}")
+        if not 0.0 < self.prior < 1.0:
+            raise ValueError(f"prior must be in (0, 1), got {self.prior}")
+        if self.prior_weight <= 0.0:
+            raise ValueError(f"prior_weight must be > 0, got {self.prior_weight}")
+
+
+def _buckets(tree: DraftTree) -> list[tuple[int, int]]:
+    """``(depth, rank among siblings)`` of each node, both capped."""
+    depths = tree.depths
+    seen: dict[int, int] = {}
+    result = []
+    for i, parent in enumerate(tree.parents):
+        rank = seen.get(parent, 0)
+        seen[parent] = rank + 1
+        result.append((min(depths[i], _MAX_DEPTH_BUCKET), min(rank, _MAX_RANK_BUCKET)))
+    return result
+
+
+class TreeSizer:
+    """Prunes each proposed tree to its most valuable nodes; learns acceptance rates."""
+
+    def __init__(self, config: SizingConfig, cost: CostCurve | None = None) -> None:
+        if config.budget is None and cost is None:
+            raise ValueError("auto sizing needs a cost curve (or pin a budget)")
+        self.config = config
+        self.cost = cost
+        self._accepted: dict[tuple[int, int], float] = {}
+        self._offered: dict[tuple[int, int], float] = {}
+        self._pending: list[tuple[int, int]] = []  # buckets of the nodes of the last sized tree
+
+    def rate(self, bucket: tuple[int, int]) -> float:
+        cfg = self.config
+        accepted = self._accepted.get(bucket, 0.0)
+        offered = self._offered.get(bucket, 0.0)
+        return (accepted + cfg.prior * cfg.prior_weight) / (offered + cfg.prior_weight)
+
+    def node_probabilities(self, tree: DraftTree) -> list[float]:
+        """Estimated probability that each node is on the accepted path."""
+        probs: list[float] = []
+        for parent, bucket in zip(tree.parents, _buckets(tree), strict=True):
+            reach = 1.0 if parent < 0 else probs[parent]
+            probs.append(reach * self.rate(bucket))
+        return probs
+
+    def size(self, tree: DraftTree) -> DraftTree:
+        """The subset of ``tree`` to verify this step."""
+        buckets = _buckets(tree)
+        self._pending = buckets
+        if len(tree) == 0:
+            return tree
+        probs = self.node_probabilities(tree)
+        # Children never score above their parent, and ties keep index order, so every prefix
+        # of this order is closed under parents.
+        order = sorted(range(len(tree)), key=lambda i: (-probs[i], i))
+        if self.config.budget is not None:
+            count = min(self.config.budget, len(order))
+        else:
+            assert self.cost is not None
+            best, count, expected = 1.0 / self.cost(1), 0, 1.0
+            for n, node in enumerate(order, start=1):
+                expected += probs[node]
+                value = expected / self.cost(n + 1)
+                if value > best:
+                    best, count = value, n
+        if count == len(tree):
+            return tree
+        keep = sorted(order[:count])
+        self._pending = [buckets[i] for i in keep]  # buckets as proposed, not as pruned
+        return tree.subset(keep)
+
+    def observe(self, tree: DraftTree, acceptance: Acceptance) -> None:
+        """Learn from a verified step: which offered nodes were accepted."""
+        on_path = set(acceptance.path)
+        buckets = self._pending if len(self._pending) == len(tree) else _buckets(tree)
+        for node, (parent, bucket) in enumerate(zip(tree.parents, buckets, strict=True)):
+            if parent < 0 or parent in on_path:
+                self._offered[bucket] = self._offered.get(bucket, 0.0) + 1.0
+                if node in on_path:
+                    self._accepted[bucket] = self._accepted.get(bucket, 0.0) + 1.0
+
+    def expected_tokens(self, tree: DraftTree) -> float:
+        """``1 + sum P(i)``: expected tokens committed by verifying ``tree``."""
+        return 1.0 + sum(self.node_probabilities(tree))
+
+
+def split_budget(spec: str) -> tuple[str, str | None]:
+    """``"recycling:k=4@8"`` -> ``("recycling:k=4", "8")``; no ``@`` -> ``(spec, None)``."""
+    method, sep, budget = spec.rpartition("@")
+    return (method, budget) if sep else (spec, None)
+
+
+def parse_budget(text: str | int | None) -> int | str:
+    """``"auto"`` (cost-optimal), ``"off"`` (verify the drafter's whole tree) or a node count."""
+    if text is None:
+        return "auto"
+    if isinstance(text, int) or text.strip().isdigit():
+        return int(text)
+    value = text.strip().lower()
+    if value not in ("auto", "off"):
+        raise ValueError(f"budget must be 'auto', 'off' or a node count, got {text!r}")
+    return value

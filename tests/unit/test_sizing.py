@@ -1,0 +1,62 @@
+"""Tree sizing: cost curve, cost-optimal node count, pinned budgets, learned rates."""
+
+import pytest
+
+from draftwise.sizing import CostCurve, SizingConfig, TreeSizer, parse_budget, split_budget
+from draftwise.tree import DraftTree
+from draftwise.verify import Acceptance
+
+
+def test_cost_curve_interpolates_and_extrapolates() -> None:
+    curve = CostCurve({1: 2.0, 3: 4.0, 5: 5.0})
+    assert curve(1) == 1.0 and curve(2) == 1.5 and curve(3) == 2.0
+    assert curve(7) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="c\\(1\\)"):
+        CostCurve({2: 1.0})
+
+
+def test_auto_size_maximizes_expected_tokens_per_cost() -> None:
+    chain = DraftTree.chain([1, 2, 3, 4])
+    # prior rate 0.5 per level: P = .5, .25, .125, .0625
+    sizer = TreeSizer(SizingConfig(prior=0.5), CostCurve({1: 1.0, 2: 1.1, 3: 1.7, 5: 4.0}))
+    # expected/cost: n=0: 1; n=1: 1.5/1.1=1.36; n=2: 1.75/1.7=1.03; ...
+    assert sizer.size(chain).tokens == (1,)
+    flat = TreeSizer(SizingConfig(prior=0.5), CostCurve.flat())
+    assert flat.size(chain).tokens == (1, 2, 3, 4)
+    steep = TreeSizer(SizingConfig(prior=0.5), CostCurve({1: 1.0, 2: 2.0}))
+    assert len(steep.size(chain)) == 0
+
+
+def test_pinned_budget_keeps_the_likeliest_prefix_closed_nodes() -> None:
+    tree = DraftTree((1, 2, 3, 4), (-1, 0, -1, 2))  # two chains
+    sizer = TreeSizer(SizingConfig(budget=3, prior=0.5))
+    kept = sizer.size(tree)
+    assert len(kept) == 3
+    assert all(p < i for i, p in enumerate(kept.parents))
+    assert kept.tokens[:2] == (1, 2) or kept.tokens[0] == 1
+
+
+def test_rates_learn_from_accepted_and_rejected_offers() -> None:
+    sizer = TreeSizer(SizingConfig(budget=10, prior=0.5, prior_weight=2.0))
+    tree = DraftTree((1, 2, 9), (-1, 0, -1))
+    for _ in range(8):
+        sizer.size(tree)
+        sizer.observe(tree, Acceptance((0,), (1, 5), bonus=False))
+    # depth 0 rank 0: accepted 8 of 8; depth 1 rank 0: rejected 8 of 8; depth 0 rank 1: 0 of 8
+    assert sizer.rate((0, 0)) == pytest.approx(9 / 10)
+    assert sizer.rate((1, 0)) == pytest.approx(1 / 10)
+    assert sizer.rate((0, 1)) == pytest.approx(1 / 10)
+    assert sizer.expected_tokens(tree) == pytest.approx(1 + 0.9 + 0.09 + 0.1)
+
+
+def test_budget_parsing() -> None:
+    assert split_budget("recycling:k=4@8") == ("recycling:k=4", "8")
+    assert split_budget("pld") == ("pld", None)
+    assert parse_budget("auto") == "auto" and parse_budget(None) == "auto"
+    assert parse_budget("12") == 12 and parse_budget(" off ") == "off"
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget("lots")
+    with pytest.raises(ValueError, match="budget"):
+        SizingConfig(budget=-1)
+    with pytest.raises(ValueError, match="cost curve"):
+        TreeSizer(SizingConfig())
