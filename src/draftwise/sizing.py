@@ -7,7 +7,10 @@ best tree is the prefix-closed node set maximizing ``(1 + sum P(i)) / c(1 + |set
 
 ``P(i)`` is the product, down the node's path, of running acceptance rates per *bucket*
 ``(depth, rank among siblings)``, learned from every verified step (a node is *offered* when its
-parent was accepted, *accepted* when it is on the accepted path), with a Beta prior. This is
+parent was accepted, *accepted* when it is on the accepted path), with a Beta prior whose mean
+falls with the rank (``prior / (1 + rank)``). A sizer that verified nothing would learn nothing,
+so when the best choice is no draft at all, every ``explore_every``-th such step verifies the
+``explore_nodes`` likeliest nodes anyway, keeping the rates current. This is
 DySpec's idea — grow the nodes most likely to be accepted — driven by measured statistics
 instead of draft-model probabilities, so it works for every drafter without its cooperation.
 Drafters list better candidates first; the rank is their order among siblings.
@@ -62,13 +65,17 @@ class CostCurve:
 class SizingConfig:
     """Attributes:
     budget: pin the node count (the most likely nodes); None = cost-optimal (auto).
-    prior: prior acceptance rate of a bucket before it has been observed.
+    prior: prior acceptance rate of a rank-0 bucket before it has been observed.
     prior_weight: strength of the prior, in pseudo-observations.
+    explore_every: when auto sizing would verify nothing, verify anyway every n-th such step.
+    explore_nodes: nodes verified by such an exploring step.
     """
 
     budget: int | None = None
     prior: float = 0.3
     prior_weight: float = 4.0
+    explore_every: int = 8
+    explore_nodes: int = 8
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.budget < 0:
@@ -77,6 +84,8 @@ class SizingConfig:
             raise ValueError(f"prior must be in (0, 1), got {self.prior}")
         if self.prior_weight <= 0.0:
             raise ValueError(f"prior_weight must be > 0, got {self.prior_weight}")
+        if self.explore_every < 1 or self.explore_nodes < 0:
+            raise ValueError("explore_every must be >= 1 and explore_nodes >= 0")
 
 
 def _buckets(tree: DraftTree) -> list[tuple[int, int]]:
@@ -102,12 +111,14 @@ class TreeSizer:
         self._accepted: dict[tuple[int, int], float] = {}
         self._offered: dict[tuple[int, int], float] = {}
         self._pending: list[tuple[int, int]] = []  # buckets of the nodes of the last sized tree
+        self._idle = 0  # consecutive steps auto sizing chose no draft
 
     def rate(self, bucket: tuple[int, int]) -> float:
         cfg = self.config
         accepted = self._accepted.get(bucket, 0.0)
         offered = self._offered.get(bucket, 0.0)
-        return (accepted + cfg.prior * cfg.prior_weight) / (offered + cfg.prior_weight)
+        prior = cfg.prior / (1 + bucket[1])
+        return (accepted + prior * cfg.prior_weight) / (offered + cfg.prior_weight)
 
     def node_probabilities(self, tree: DraftTree) -> list[float]:
         """Estimated probability that each node is on the accepted path."""
@@ -137,6 +148,12 @@ class TreeSizer:
                 value = expected / self.cost(n + 1)
                 if value > best:
                     best, count = value, n
+            if count == 0:
+                self._idle += 1
+                if self._idle % self.config.explore_every == 0:
+                    count = min(self.config.explore_nodes, len(order))
+            else:
+                self._idle = 0
         if count == len(tree):
             return tree
         keep = sorted(order[:count])

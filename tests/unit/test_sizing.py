@@ -23,8 +23,10 @@ def test_auto_size_maximizes_expected_tokens_per_cost() -> None:
     assert sizer.size(chain).tokens == (1,)
     flat = TreeSizer(SizingConfig(prior=0.5), CostCurve.flat())
     assert flat.size(chain).tokens == (1, 2, 3, 4)
-    steep = TreeSizer(SizingConfig(prior=0.5), CostCurve({1: 1.0, 2: 2.0}))
-    assert len(steep.size(chain)) == 0
+    steep = TreeSizer(SizingConfig(prior=0.5, explore_every=3, explore_nodes=2),
+                      CostCurve({1: 1.0, 2: 2.0}))
+    sizes = [len(steep.size(chain)) for _ in range(6)]
+    assert sizes == [0, 0, 2, 0, 0, 2]  # no draft pays, but every 3rd idle step explores
 
 
 def test_pinned_budget_keeps_the_likeliest_prefix_closed_nodes() -> None:
@@ -43,10 +45,11 @@ def test_rates_learn_from_accepted_and_rejected_offers() -> None:
         sizer.size(tree)
         sizer.observe(tree, Acceptance((0,), (1, 5), bonus=False))
     # depth 0 rank 0: accepted 8 of 8; depth 1 rank 0: rejected 8 of 8; depth 0 rank 1: 0 of 8
+    # (rank 1's prior mean is 0.5 / 2)
     assert sizer.rate((0, 0)) == pytest.approx(9 / 10)
     assert sizer.rate((1, 0)) == pytest.approx(1 / 10)
-    assert sizer.rate((0, 1)) == pytest.approx(1 / 10)
-    assert sizer.expected_tokens(tree) == pytest.approx(1 + 0.9 + 0.09 + 0.1)
+    assert sizer.rate((0, 1)) == pytest.approx(0.5 / 10)
+    assert sizer.expected_tokens(tree) == pytest.approx(1 + 0.9 + 0.09 + 0.05)
 
 
 def test_budget_parsing() -> None:
