@@ -13,6 +13,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from draftwise.backends.base import KVBackend
 from draftwise.backends.hf import HFBackend
 from draftwise.drafters.base import create_drafter
 from draftwise.engine import Engine, GenerationConfig, Run
@@ -58,6 +61,10 @@ class Generator:
             what pays on this machine (using the step-cost curve, measured once and cached),
             ``"off"`` verifies the drafter's whole tree, ``N`` keeps the N likeliest nodes.
         cache_dir: where the step-cost curve is cached (default: ``~/.cache/draftwise``).
+        backend: ``"hf"`` (transformers, any model) or ``"fast"`` (compact Llama/Qwen2
+            implementation with kernels chosen by shape for this machine).
+        exact: fast backend only: verify with plain decoding's one-row kernel, so output is
+            bit-identical to plain decoding on this backend (slower verification).
     """
 
     def __init__(
@@ -67,10 +74,13 @@ class Generator:
         *,
         budget: str | int = "auto",
         cache_dir: Path | str | None = None,
+        backend: str = "hf",
+        exact: bool = False,
     ) -> None:
         self.model = load_model(model) if isinstance(model, str) else model
-        self.backend = HFBackend(self.model.model)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.backend_name = backend
+        self.backend: KVBackend = make_backend(self.model, backend, self.cache_dir, exact=exact)
         self.default_budget = budget
         self._cost: CostCurve | None = None
         self._set_method(method)
@@ -93,7 +103,9 @@ class Generator:
         if self._cost is None:
             from draftwise.bench.cost import cached_step_cost
 
-            key = f"{self.model.source}|{self.backend.dtype}"
+            key = f"{self.model.source}|{self.model.model.dtype}|{self.backend_name}"
+            if getattr(self.backend, "exact", False):
+                key += "|exact"
             self._cost = CostCurve(cached_step_cost(self.backend, key, self.cache_dir))
         return self._cost
 
@@ -101,6 +113,7 @@ class Generator:
         """Another generator on the same loaded model, backend and cost curve."""
         other = Generator.__new__(Generator)
         other.model, other.backend, other.cache_dir = self.model, self.backend, self.cache_dir
+        other.backend_name = self.backend_name
         other.default_budget, other._cost = self.default_budget, self._cost
         other._set_method(method)
         self._cost = other._cost
@@ -190,3 +203,36 @@ class Generator:
             pass
         run = stream.run
         return Completion(stream.text, list(run.tokens), prompt_ids, run.stats, self.method)
+
+
+BACKENDS = ("hf", "fast")
+
+
+def make_backend(
+    model: LoadedModel, name: str, cache_dir: Path, *, exact: bool = False, progress: bool = True
+) -> KVBackend:
+    """The backend ``name`` for ``model``; the fast one tunes its kernels once per machine."""
+    if name == "hf":
+        if exact:
+            raise ValueError("exact verification is a fast-backend mode: add --backend fast")
+        return HFBackend(model.model)
+    if name != "fast":
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    import hashlib
+    import sys
+
+    from draftwise.backends.fast import FastBackend
+    from draftwise.backends.kernels import KernelChoice
+    from draftwise.bench.cost import cpu_name
+
+    ident = f"{model.source}|{model.model.dtype}|{cpu_name()}|{torch.get_num_threads()}"
+    path = cache_dir / "kernels" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        return FastBackend(model.model, kernels=KernelChoice.load(path), exact=exact)
+    choice = KernelChoice()
+    backend = FastBackend(model.model, kernels=choice, exact=exact)
+    if progress:
+        print("draftwise: choosing matrix kernels for this machine once (cached)", file=sys.stderr)
+    backend.tune(progress=progress)
+    choice.save(path)
+    return backend

@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default: pld)",
     )
     add_budget_flag(gen)
+    add_backend_flags(gen)
     gen.add_argument("--max-new-tokens", type=positive_int, default=256, help="default: 256")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     gen.add_argument(
@@ -122,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(commands)
     return parser
+
+
+def add_backend_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend", choices=("hf", "fast"), default="hf",
+        help="hf: transformers, any model; fast: compact Llama/Qwen2 forward with matrix "
+        "kernels chosen by shape for this machine (tuned once, cached) (default: hf)",
+    )
+    parser.add_argument(
+        "--exact", action="store_true",
+        help="fast backend: verify with plain decoding's one-row kernels so the output is "
+        "bit-identical to plain decoding on this backend (verification costs more)",
+    )
 
 
 def add_budget_flag(parser: argparse.ArgumentParser) -> None:
@@ -165,7 +179,8 @@ def _generate(args: argparse.Namespace) -> int:
     sampling = config_from_args(args, SamplingConfig)
     validate_method(args.method, args.budget)
     loaded = load_model(args.model, cache_dir=args.cache_dir)
-    generator = Generator(loaded, args.method, budget=args.budget, cache_dir=args.cache_dir)
+    generator = Generator(loaded, args.method, budget=args.budget, cache_dir=args.cache_dir,
+                          backend=args.backend, exact=args.exact)
     prompt_ids = generator.encode(args.prompt, raw=args.raw)
     config = generator.config(
         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
@@ -180,6 +195,7 @@ def _generate(args: argparse.Namespace) -> int:
         "text": stream.text,
         "model": loaded.name,
         "method": args.method,
+        "backend": args.backend,
         "new_tokens": stats.new_tokens,
         "tokens_per_s": stats.tokens_per_s,
         "mat": stats.mat,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from draftwise.backends.base import KVBackend, PromptTooLongError
+from draftwise.backends.fast import FastBackend
 from draftwise.backends.hf import HFBackend
 from draftwise.backends.reference import ReferenceBackend, ReferenceModel
 from draftwise.tree import DraftTree
@@ -18,21 +19,28 @@ PROMPT = [3, 17, 5, 9, 22, 1, 30]
 #             -> 5
 TREE = DraftTree((4, 8, 15, 16, 23, 42 % 32), (-1, 0, 1, -1, 3, 3))
 
-BACKENDS = ["reference", "llama-eager", "llama-sdpa", "qwen2-sdpa"]
+BACKENDS = ["reference", "llama-eager", "llama-sdpa", "qwen2-sdpa", "fast-llama", "fast-qwen2",
+            "exact-llama"]
 
 
 def make_backend(kind: str, reference_model: ReferenceModel) -> tuple[KVBackend, object]:
     """The backend and a function ``ids -> [len(ids), vocab]`` plain causal logits."""
     if kind == "reference":
         return ReferenceBackend(reference_model), reference_model.full_forward
-    family, attn = kind.split("-")
-    model = tiny_hf_model(family, attn, vocab=32)
+    variant, family = kind.split("-")
+    if variant in ("fast", "exact"):
+        model = tiny_hf_model(family, "sdpa", vocab=32)
+        backend: KVBackend = FastBackend(model, exact=variant == "exact")
+    else:
+        family, attn = kind.split("-")
+        model = tiny_hf_model(family, attn, vocab=32)
+        backend = HFBackend(model)
 
     @torch.inference_mode()
     def full(ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0]
 
-    return HFBackend(model), full
+    return backend, full
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

@@ -13,7 +13,13 @@ __all__ = ["add_bench_parser", "bench_command"]
 
 def add_bench_parser(commands: Any) -> None:
     from draftwise.bench.runner import PEERS
-    from draftwise.cli import add_budget_flag, add_config_flags, add_model_flags, positive_int
+    from draftwise.cli import (
+        add_backend_flags,
+        add_budget_flag,
+        add_config_flags,
+        add_model_flags,
+        positive_int,
+    )
     from draftwise.sampling import SamplingConfig
 
     bench = commands.add_parser(
@@ -31,6 +37,7 @@ def add_bench_parser(commands: Any) -> None:
         "none,pld:max_ngram=4,depth=6,recycling@8,recycling@auto,hf-pld (default: none,pld)",
     )
     add_budget_flag(bench)
+    add_backend_flags(bench)
     bench.add_argument("--questions", default=None, metavar="PATH",
                        help="Spec-Bench-format JSONL (default: the packaged question set)")
     bench.add_argument("--limit", type=positive_int, default=None,
@@ -97,7 +104,8 @@ def bench_command(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model, cache_dir=args.cache_dir)
     draft = load_model(args.draft, cache_dir=args.cache_dir) if args.draft else None
-    generator = Generator(model, "none", budget=args.budget, cache_dir=args.cache_dir)
+    generator = Generator(model, "none", budget=args.budget, cache_dir=args.cache_dir,
+                          backend=args.backend, exact=args.exact)
 
     if args.cost:
         return _cost(args, generator, questions[0].turns[0], out)
@@ -114,7 +122,7 @@ def bench_command(args: argparse.Namespace) -> int:
         "methods": list(methods), "max_new_tokens": args.max_new_tokens,
         "questions": args.questions or "packaged", "limit": args.limit,
         "categories": args.categories or "all", "sampling": vars(sampling), "seed": args.seed,
-        "budget": args.budget,
+        "budget": args.budget, "backend": args.backend, "exact": args.exact,
     }
     table = report.markdown(summary)
     sys.stdout.write(table)
@@ -142,7 +150,8 @@ def _cost(args: argparse.Namespace, generator: Any, prompt: str, out: Path | Non
     sys.stdout.write(table)
     if out is not None:
         (out / "cost.json").write_text(json.dumps(
-            {"model": generator.model.name, "backend": "hf", "curve": curve}, indent=2
+            {"model": generator.model.name, "backend": args.backend, "exact": args.exact,
+             "curve": curve}, indent=2
         ), encoding="utf-8")
         (out / "cost.md").write_text(table, encoding="utf-8")
     return 0
