@@ -204,3 +204,18 @@ def test_transformers_backend_pld_equals_plain(family: str) -> None:
             prompt, GenerationConfig(max_new_tokens=48)
         )
         assert run.tokens == plain.tokens
+
+
+@pytest.mark.parametrize("method", sorted(available_methods()))
+def test_every_drafter_on_the_fast_backend_equals_plain_greedy(
+    method: str, datastore: str
+) -> None:
+    from draftwise.backends.fast import FastBackend
+
+    model = tiny_hf_model("llama", "sdpa", vocab=32, seed=1)  # float64
+    plain = Engine(FastBackend(model), create_drafter("none"))
+    spec = method_specs(datastore)[method][0]
+    engine = Engine(FastBackend(model), create_drafter(spec))
+    for prompt in PROMPTS:
+        expected = plain.generate(prompt, GenerationConfig(max_new_tokens=NEW)).tokens
+        assert engine.generate(prompt, GenerationConfig(max_new_tokens=NEW)).tokens == expected

@@ -113,3 +113,48 @@ def test_cli_errors_are_one_line(args: list[str], code: int, message: str) -> No
     assert done.returncode == code
     lines = [line for line in done.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_fast_backend_matches_transformers_on_the_real_model(generator: Generator) -> None:
+    """Logits within float32 tolerance; greedy output identical or diverging only at a
+    near-tie of the transformers model (different kernels may round a tie differently)."""
+    from draftwise.backends.fast import FastBackend
+    from draftwise.bench.report import first_divergence
+    from draftwise.drafters import create_drafter
+    from draftwise.engine import Engine
+    from draftwise.tree import DraftTree
+
+    model = generator.model.model
+    fast = FastBackend(model)  # untuned: default kernels
+    ids = generator.encode(PROMPTS[0])
+    fast.prefill(ids)
+    tree = DraftTree.chain([ids[3], ids[4], ids[5]])
+    logits = fast.forward_tree(tree)
+    with torch.inference_mode():
+        expected = model(input_ids=torch.tensor([ids + [ids[3], ids[4], ids[5]]])).logits[0]
+    torch.testing.assert_close(logits, expected[-4:], rtol=1e-3, atol=1e-3)
+    engine = Engine(fast, create_drafter("pld"))
+    for prompt in PROMPTS[:4]:
+        ids = generator.encode(prompt)
+        run = engine.generate(ids, generator.config(max_new_tokens=32))
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                eos_token_id=list(generator.model.eos_token_ids), output_scores=True,
+                return_dict_in_generate=True,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            )
+        reference = out.sequences[0, len(ids) :].tolist()
+        first = first_divergence(run.tokens, reference)
+        if first is not None:
+            top2 = torch.topk(out.scores[first][0], 2).values
+            assert float(top2[0] - top2[1]) < 1e-3, (prompt, first)
+
+
+def test_cli_fast_backend_compare() -> None:
+    done = cli("generate", "Repeat: one two three, one two three.", "--max-new-tokens", "24",
+               "--backend", "fast", "--compare", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["backend"] == "fast" and result["new_tokens"] > 0
+    assert isinstance(result["identical"], bool)
