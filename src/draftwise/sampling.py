@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingConfig", "Sampling"]
+__all__ = ["GREEDY", "SamplingConfig", "Sampling"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+GREEDY = SamplingConfig()
 
 
 class Sampling:

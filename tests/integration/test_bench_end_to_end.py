@@ -9,26 +9,13 @@ import pytest
 
 from draftwise.cli import main
 
-from ..conftest import tiny_hf_model
+from ..conftest import save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A transformers folder: tiny random Llama + a word-level tokenizer, saved locally."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(62)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                                        eos_token="<eos>")
-    model = tiny_hf_model("llama", "sdpa", vocab=64, seed=7).to(torch.float32)
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), seed=7)
 
 
 def test_bench_writes_parseable_outputs(tiny_model_dir: Path, tmp_path: Path,

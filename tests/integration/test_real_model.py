@@ -27,7 +27,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def generator() -> Generator:
-    return Generator(load_model("default", progress=False), "pld")
+    return Generator(load_model("default", progress=False), "pld", backend="hf")
 
 
 def test_greedy_pld_equals_transformers_generate(generator: Generator) -> None:
@@ -156,5 +156,5 @@ def test_cli_fast_backend_compare() -> None:
                "--backend", "fast", "--compare", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["backend"] == "fast" and result["new_tokens"] > 0
+    assert result["backend"] == "FastBackend" and result["new_tokens"] > 0
     assert isinstance(result["identical"], bool)

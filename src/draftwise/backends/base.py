@@ -136,6 +136,19 @@ class KVBackend(ABC):
             mask = torch.cat([past, tree.ancestor_mask()], dim=1)  # [T, past + T]
         return self._forward(ids, positions, mask)
 
+    def discard(self) -> None:
+        """Forget the last :meth:`forward_tree` (its root and nodes leave the cache)."""
+        self._crop(self._past)
+
+    def rewind(self, length: int, root: int) -> None:
+        """Keep the first ``length`` committed tokens, the last of which, ``root``, becomes
+        the root again (a drafter following another model's commits uses this)."""
+        if not 1 <= length <= self.length:
+            raise ValueError(f"cannot rewind to {length} of {self.length} committed tokens")
+        self._crop(length - 1)
+        self._past = length - 1
+        self._root = int(root)
+
     @torch.inference_mode()
     def commit(self, path: Sequence[int], next_root: int) -> None:
         """Keep the root and the accepted ``path`` in the cache; ``next_root`` becomes the root."""

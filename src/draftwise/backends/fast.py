@@ -17,6 +17,7 @@ costs about n times more). Prefill is shared by all methods and stays batched.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 import time
@@ -31,13 +32,23 @@ from draftwise.backends.base import KVBackend
 from draftwise.backends.kernels import BUCKETS, KERNELS, KernelChoice, Linear, available
 from draftwise.tree import DraftTree
 
-__all__ = ["FastBackend", "UnsupportedModelError"]
+__all__ = ["FastBackend", "UnsupportedModelError", "supports"]
 
 _SUPPORTED = {"llama": False, "qwen2": True}  # model_type -> q/k/v projections have a bias
 
 
 class UnsupportedModelError(ValueError):
     """The fast backend does not implement this model family."""
+
+
+def supports(model: Any) -> bool:
+    """Whether :class:`FastBackend` implements ``model`` (family and rotary type)."""
+    config = model.config
+    rope = getattr(config, "rope_parameters", None) or {}
+    return (
+        getattr(config, "model_type", "") in _SUPPORTED
+        and rope.get("rope_type", "default") == "default"
+    )
 
 
 class FastBackend(KVBackend):
@@ -151,6 +162,20 @@ class FastBackend(KVBackend):
         self._reset_cache()
         self._past, self._root = 0, None
         return result
+
+    def skipping(self, skip: set[int] | frozenset[int]) -> FastBackend:
+        """A backend over the same weights that skips the layers in ``skip`` (a shallow
+        sub-network of this model, for self-speculation), with its own KV cache."""
+        if any(not 0 <= i < len(self.layers) for i in skip):
+            raise ValueError(f"layers to skip must be in 0..{len(self.layers) - 1}")
+        other = copy.copy(self)
+        other.layers = [layer for i, layer in enumerate(self.layers) if i not in skip]
+        shape = (len(other.layers), self.kv_heads, self._max_length, self.head_dim)
+        other.keys = torch.zeros(shape, dtype=self.dtype)
+        other.values = torch.zeros(shape, dtype=self.dtype)
+        other._cached, other._past, other._root = 0, 0, None
+        other.exact = False
+        return other
 
     def linears(self) -> list[Linear]:
         """Every weight's matrix product (for kernel tuning)."""

@@ -47,7 +47,8 @@ def add_bench_parser(commands: Any) -> None:
     bench.add_argument("--max-new-tokens", type=positive_int, default=256, help="default: 256")
     bench.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     bench.add_argument("--draft", default=None, metavar="MODEL",
-                       help="draft model for hf-assisted (same spec forms as --model)")
+                       help="draft model for the draft method and hf-assisted (same spec forms "
+                       "as --model)")
     bench.add_argument("--out", default=None, metavar="DIR", help="write result files here")
     bench.add_argument("--cost", action="store_true",
                        help="measure the step-cost curve c(n)/c(1) instead of questions")
@@ -85,12 +86,12 @@ def bench_command(args: argparse.Namespace) -> int:
         environment,
         run_bench,
     )
-    from draftwise.cli import config_from_args, validate_method
+    from draftwise.cli import config_from_args, validate_method, with_draft
     from draftwise.models import load_model
     from draftwise.sampling import SamplingConfig
 
     sampling = config_from_args(args, SamplingConfig)
-    methods = split_methods(args.methods)
+    methods = tuple(with_draft(m, args.draft) for m in split_methods(args.methods))
     for method in methods:
         if method.split(":")[0].split("@")[0] not in PEERS:
             validate_method(method, args.budget)

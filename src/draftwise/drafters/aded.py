@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from draftwise.drafters.base import StepResult, register
+from draftwise.sampling import GREEDY, SamplingConfig
 from draftwise.tree import DraftTree
 
 __all__ = ["AdedConfig", "AdedDrafter", "TrigramModel"]
@@ -96,7 +97,9 @@ class AdedDrafter:
         self.model = TrigramModel(config.decay)
         self._previous = (-1, -1)  # (token before the root, root) of the current step
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
+    def begin(
+        self, prompt_ids: Sequence[int], sampling: SamplingConfig = GREEDY
+    ) -> None:
         self.model.observe_sequence(prompt_ids)
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:

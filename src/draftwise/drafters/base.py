@@ -16,16 +16,18 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from draftwise.sampling import GREEDY, SamplingConfig
 from draftwise.tree import DraftTree
 from draftwise.verify import Acceptance
 
 __all__ = [
     "Drafter",
     "StepResult",
+    "TargetBound",
     "UnknownMethodError",
     "register",
     "create_drafter",
@@ -56,8 +58,9 @@ class StepResult:
 class Drafter(Protocol):
     """Proposes draft trees; learns from verified steps."""
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
-        """Start a request whose committed tokens are ``prompt_ids``."""
+    def begin(self, prompt_ids: Sequence[int], sampling: SamplingConfig = GREEDY) -> None:
+        """Start a request whose committed tokens are ``prompt_ids``, decoded with
+        ``sampling`` (model drafters draft with the same transforms as the target)."""
         ...
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
@@ -67,6 +70,16 @@ class Drafter(Protocol):
 
     def observe(self, step: StepResult) -> None:
         """Called after each verified step, with the tokens it committed."""
+        ...
+
+
+@runtime_checkable
+class TargetBound(Protocol):
+    """A drafter that needs the target before its first request (model drafters)."""
+
+    def attach(self, target: Any, target_backend: Any) -> None:
+        """Receive the target's :class:`~draftwise.models.LoadedModel` and backend; raise
+        if the drafter cannot serve this target (e.g. another vocabulary)."""
         ...
 
 
@@ -156,3 +169,4 @@ def _load_builtin() -> None:
     import draftwise.drafters.ngram  # noqa: F401
     import draftwise.drafters.recycling  # noqa: F401
     import draftwise.drafters.retrieval  # noqa: F401
+    import draftwise.drafters.self_spec  # noqa: F401

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from draftwise.drafters.base import Drafter, StepResult, create_drafter, register
+from draftwise.sampling import GREEDY, SamplingConfig
 from draftwise.tree import DraftTree, TreeBuilder
 
 __all__ = ["CompositeConfig", "CompositeDrafter"]
@@ -58,9 +59,11 @@ class CompositeDrafter:
         self.stats: dict[str, PartStats] = {name: PartStats() for name, _ in self.parts}
         self._paths: dict[tuple[int, ...], set[str]] = {}
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
+    def begin(
+        self, prompt_ids: Sequence[int], sampling: SamplingConfig = GREEDY
+    ) -> None:
         for _, part in self.parts:
-            part.begin(prompt_ids)
+            part.begin(prompt_ids, sampling)
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
         trees = [(name, part.propose(context, max_depth)) for name, part in self.parts]

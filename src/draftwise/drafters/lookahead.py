@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from draftwise.drafters.base import StepResult, register
 from draftwise.drafters.trie import CountingTrie
+from draftwise.sampling import GREEDY, SamplingConfig
 from draftwise.tree import DraftTree, TreeBuilder
 
 __all__ = ["LookaheadConfig", "LookaheadDrafter"]
@@ -80,7 +81,9 @@ class LookaheadDrafter:
         self._guesses: list[int] = []  # the next window, for positions root + 1, root + 2, ...
         self._root_position = 0
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
+    def begin(
+        self, prompt_ids: Sequence[int], sampling: SamplingConfig = GREEDY
+    ) -> None:
         self._context = [int(t) for t in prompt_ids]
         self._levels = []
         self._guesses = []

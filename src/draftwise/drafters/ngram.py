@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from draftwise.drafters.base import StepResult, register
+from draftwise.sampling import GREEDY, SamplingConfig
 from draftwise.tree import DraftTree, TreeBuilder
 
 __all__ = ["NoDraftConfig", "NoDrafter", "PromptLookupConfig", "PromptLookupDrafter"]
@@ -31,7 +32,9 @@ class NoDrafter:
     def __init__(self, config: NoDraftConfig) -> None:
         self.config = config
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
+    def begin(
+        self, prompt_ids: Sequence[int], sampling: SamplingConfig = GREEDY
+    ) -> None:
         pass
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
@@ -77,7 +80,9 @@ class PromptLookupDrafter:
         self._tokens: list[int] = []
         self._ends: dict[tuple[int, ...], list[int]] = {}  # n-gram -> end positions (exclusive)
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
+    def begin(
+        self, prompt_ids: Sequence[int], sampling: SamplingConfig = GREEDY
+    ) -> None:
         self._tokens = []
         self._ends = {}
         self._extend(prompt_ids)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from draftwise.drafters.base import StepResult, register
+from draftwise.sampling import GREEDY, SamplingConfig
 from draftwise.tree import DraftTree
 
 __all__ = ["RecyclingConfig", "TokenRecyclingDrafter", "rank_template"]
@@ -77,7 +78,9 @@ class TokenRecyclingDrafter:
         self.table: np.ndarray | None = None  # [vocab, k] successor ids, -1 = unknown
         self._root = -1
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
+    def begin(
+        self, prompt_ids: Sequence[int], sampling: SamplingConfig = GREEDY
+    ) -> None:
         pass  # the table is kept across requests
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:

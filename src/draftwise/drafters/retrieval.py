@@ -22,6 +22,7 @@ import numpy as np
 
 from draftwise.drafters.base import StepResult, register
 from draftwise.drafters.trie import CountingTrie
+from draftwise.sampling import GREEDY, SamplingConfig
 from draftwise.tree import DraftTree
 
 __all__ = ["Datastore", "RetrievalConfig", "RetrievalDrafter", "build_datastore", "read_corpus"]
@@ -135,7 +136,9 @@ class RetrievalDrafter:
                 f"{self.store.key_length}"
             )
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
+    def begin(
+        self, prompt_ids: Sequence[int], sampling: SamplingConfig = GREEDY
+    ) -> None:
         pass
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
