@@ -176,13 +176,13 @@ def with_draft(spec: str, draft: str | None) -> str:
 
 def validate_method(spec: str, budget: str) -> None:
     """Fail on a bad method spec or budget before any model is loaded."""
-    from draftwise.drafters.base import create_drafter
+    from draftwise.drafters.base import drafter_config
     from draftwise.sizing import parse_budget, split_budget
 
     method, at = split_budget(spec)
     parse_budget(budget)
     parse_budget(at)
-    create_drafter(method)
+    drafter_config(method)
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:

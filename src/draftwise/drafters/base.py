@@ -31,6 +31,7 @@ __all__ = [
     "UnknownMethodError",
     "register",
     "create_drafter",
+    "drafter_config",
     "available_methods",
     "parse_method",
 ]
@@ -121,12 +122,19 @@ def parse_method(spec: str) -> tuple[str, dict[str, str]]:
 
 def create_drafter(spec: str, **overrides: Any) -> Drafter:
     """Build the drafter a method spec names, e.g. ``"pld"`` or ``"pld:budget=16"``."""
+    config = drafter_config(spec, **overrides)  # validates the name and the options first
+    return _REGISTRY[parse_method(spec)[0]][1](config)
+
+
+def drafter_config(spec: str, **overrides: Any) -> Any:
+    """The validated config a method spec describes, without building the drafter (which
+    may load a model)."""
     _load_builtin()
     name, options = parse_method(spec)
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         raise UnknownMethodError(f"unknown method {name!r}; available: {known}")
-    config_class, factory, _ = _REGISTRY[name]
+    config_class = _REGISTRY[name][0]
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     hints = typing.get_type_hints(config_class)
     values: dict[str, Any] = {}
@@ -137,7 +145,7 @@ def create_drafter(spec: str, **overrides: Any) -> Drafter:
             )
         values[key] = _coerce(raw, hints[key], f"{name}:{key}")
     values.update(overrides)
-    return factory(config_class(**values))
+    return config_class(**values)
 
 
 def _coerce(raw: str, hint: Any, where: str) -> Any:
