@@ -125,7 +125,7 @@ class FastBackend(KVBackend):
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
         return Linear(weight.detach().contiguous(), None if bias is None else bias.detach(),
-                      self.kernels, exact_rows=False)
+                      self.kernels)
 
     def tune(
         self, buckets: Sequence[int] = BUCKETS, repeats: int = 3, progress: bool = True

@@ -45,7 +45,6 @@ class Linear:
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         choice: KernelChoice,
-        exact_rows: bool = False,
     ) -> None:
         self.weight = weight  # [out, in]
         self.bias = bias
