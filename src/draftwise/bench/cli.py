@@ -49,7 +49,9 @@ def add_bench_parser(commands: Any) -> None:
     bench.add_argument("--draft", default=None, metavar="MODEL",
                        help="draft model for the draft method and hf-assisted (same spec forms "
                        "as --model)")
-    bench.add_argument("--out", default=None, metavar="DIR", help="write result files here")
+    bench.add_argument("--out", default=None, metavar="DIR",
+                       help="write result files here (records.partial.jsonl grows during the run, "
+                       "so an interrupted run keeps what it measured)")
     bench.add_argument("--cost", action="store_true",
                        help="measure the step-cost curve c(n)/c(1) instead of questions")
     bench.add_argument("--cost-max", type=positive_int, default=64,
@@ -111,11 +113,22 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.cost:
         return _cost(args, generator, questions[0].turns[0], out)
 
-    build_runners(generator, methods, draft)  # bad method specs fail before any run
+    runners = build_runners(generator, methods, draft)  # bad peers fail before any run
     config = BenchConfig(methods, generator.config(
         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
     ))
-    records = run_bench(generator, questions, config, draft=draft)
+    partial = None if out is None else open(out / "records.partial.jsonl", "w", encoding="utf-8")
+
+    def keep(record: dict[str, Any]) -> None:
+        if partial is not None:
+            partial.write(json.dumps(record) + "\n")
+            partial.flush()
+
+    try:
+        records = run_bench(generator, questions, config, runners, on_record=keep)
+    finally:
+        if partial is not None:
+            partial.close()
     report.mark_exactness(records)
     summary = report.summarize(records)
     summary["environment"] = environment(model, draft)
@@ -128,9 +141,7 @@ def bench_command(args: argparse.Namespace) -> int:
     table = report.markdown(summary)
     sys.stdout.write(table)
     if out is not None:
-        with open(out / "records.jsonl", "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        (out / "records.partial.jsonl").rename(out / "records.jsonl")
         (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         (out / "table.md").write_text(table, encoding="utf-8")
         report.chart(summary, out / "chart.png")

@@ -146,12 +146,14 @@ def run_bench(
     generator: Generator,
     questions: Sequence[Question],
     config: BenchConfig,
+    runners: dict[str, Runner],
     *,
-    draft: LoadedModel | None = None,
     progress: bool = True,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every method on every turn of every question; returns one record per run."""
-    runners = build_runners(generator, config.methods, draft)
+    """Run every method (``runners``, from :func:`build_runners`) on every turn of every
+    question; returns one record per run, each also passed to ``on_record`` as it is made (so
+    an interrupted run keeps what it measured)."""
     names = list(runners)
     tokenizer = generator.model.tokenizer
     gen = config.generation
@@ -175,8 +177,7 @@ def run_bench(
                 result = runners[name](prompt_ids, gen)
                 answer = tokenizer.decode(result["token_ids"], skip_special_tokens=True)
                 answers[name].append(answer)
-                records.append(
-                    {
+                record = {
                         "question_id": question.question_id,
                         "category": report_category(question.category),
                         "source_category": question.category,
@@ -186,8 +187,10 @@ def run_bench(
                         "greedy": gen.sampling.greedy,
                         **result,
                         "tokens_per_s": result["new_tokens"] / result["wall_s"],
-                    }
-                )
+                }
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
                 bar.set_postfix_str(f"{question.question_id} {name}")
                 bar.update()
     bar.close()
