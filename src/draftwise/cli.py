@@ -212,6 +212,11 @@ def _generate(args: argparse.Namespace) -> int:
     config = generator.config(
         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
     )
+    plain_generator = generator.with_method("none") if args.compare else None
+    if plain_generator is not None:  # warm both up, so neither pays the first-call costs
+        warm = generator.config(max_new_tokens=2, sampling=sampling, seed=args.seed)
+        generator.engine.generate(prompt_ids, warm)
+        plain_generator.engine.generate(prompt_ids, warm)
     stream = generator.stream_ids(prompt_ids, config, args.stop)
     for piece in stream:
         if not args.json:
@@ -231,8 +236,8 @@ def _generate(args: argparse.Namespace) -> int:
         "finish_reason": stats.finish_reason,
     }
     line = stats.summary()
-    if args.compare:
-        plain = generator.with_method("none").stream_ids(prompt_ids, config, args.stop)
+    if plain_generator is not None:
+        plain = plain_generator.stream_ids(prompt_ids, config, args.stop)
         for _ in plain:
             pass
         comparison = compare_runs(stream.run.tokens, plain.run.tokens, plain.run.stats)
