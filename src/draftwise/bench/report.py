@@ -144,7 +144,8 @@ def chart(summary: dict[str, Any], path: Path) -> None:
 
     methods = summary["methods"]
     categories = sorted({c for d in methods.values() for c in d["categories"]}) + ["overall"]
-    figure, axes = plt.subplots(2, 1, figsize=(max(8, 1.3 * len(categories)), 7), sharex=True)
+    figure, axes = plt.subplots(2, 1, figsize=(max(8, 1.3 * len(categories)) + 4, 7),
+                                sharex=True)
     width = 0.8 / max(len(methods), 1)
     for i, (name, data) in enumerate(methods.items()):
         cells = [data["categories"].get(c, data["overall"] if c == "overall" else {})
@@ -157,7 +158,7 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     axes[1].set_ylabel("MAT (tokens / step)")
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(categories))], categories,
                        rotation=30, ha="right")
-    axes[0].legend()
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

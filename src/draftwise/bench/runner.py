@@ -48,10 +48,14 @@ Runner = Callable[[list[int], GenerationConfig], dict[str, Any]]
 
 
 def _ours(generator: Generator) -> Runner:
+    # drafters that keep their own statistics (composite: per part) expose them as report()
+    report = getattr(generator.engine.drafter, "report", None)
+
     def run(prompt_ids: list[int], config: GenerationConfig) -> dict[str, Any]:
         done = generator.engine.generate(prompt_ids, config)
         stats = done.stats
         return {
+            **({"drafter_report": report()} if report is not None else {}),
             "token_ids": list(done.tokens),
             "new_tokens": stats.new_tokens,
             "wall_s": stats.total_s,

@@ -87,6 +87,13 @@ class CompositeDrafter:
         self._paths = {tuple(merged.path_tokens(i)): owners[i] for i in range(len(merged))}
         return merged
 
+    def report(self) -> dict[str, dict[str, float]]:
+        """Per-part counts of verified and accepted nodes (cumulative)."""
+        return {
+            name: {"proposed": s.proposed, "accepted": s.accepted, "acceptance": s.acceptance}
+            for name, s in self.stats.items()
+        }
+
     def observe(self, step: StepResult) -> None:
         tree, accepted = step.tree, set(step.acceptance.path)
         for node in range(len(tree)):
