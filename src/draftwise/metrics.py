@@ -64,19 +64,3 @@ class GenerationStats:
             f" | draft {self.draft_s:.2f} s, verify {self.verify_s:.2f} s,"
             f" prefill {self.prefill_s:.2f} s | finish: {self.finish_reason}"
         )
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "new_tokens": self.new_tokens,
-            "steps": self.steps,
-            "mat": self.mat,
-            "tokens_per_s": self.tokens_per_s,
-            "histogram": self.histogram,
-            "mean_tree_size": self.mean_tree_size,
-            "prefill_s": self.prefill_s,
-            "draft_s": self.draft_s,
-            "verify_s": self.verify_s,
-            "total_s": self.total_s,
-            "finish_reason": self.finish_reason,
-        }

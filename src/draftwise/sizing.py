@@ -120,10 +120,12 @@ class TreeSizer:
         prior = cfg.prior / (1 + bucket[1])
         return (accepted + prior * cfg.prior_weight) / (offered + cfg.prior_weight)
 
-    def node_probabilities(self, tree: DraftTree) -> list[float]:
+    def node_probabilities(
+        self, tree: DraftTree, buckets: list[tuple[int, int]] | None = None
+    ) -> list[float]:
         """Estimated probability that each node is on the accepted path."""
         probs: list[float] = []
-        for parent, bucket in zip(tree.parents, _buckets(tree), strict=True):
+        for parent, bucket in zip(tree.parents, buckets or _buckets(tree), strict=True):
             reach = 1.0 if parent < 0 else probs[parent]
             probs.append(reach * self.rate(bucket))
         return probs
@@ -134,7 +136,7 @@ class TreeSizer:
         self._pending = buckets
         if len(tree) == 0:
             return tree
-        probs = self.node_probabilities(tree)
+        probs = self.node_probabilities(tree, buckets)
         # Children never score above their parent, and ties keep index order, so every prefix
         # of this order is closed under parents.
         order = sorted(range(len(tree)), key=lambda i: (-probs[i], i))

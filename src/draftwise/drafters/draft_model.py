@@ -201,10 +201,11 @@ class ModelDrafter:
         parents: list[int] = []
         rows: list[torch.Tensor] = []
         frontier = [(-1, logits)]  # (node, logits after it)
+        tree = DraftTree.empty()  # the tree so far, as of the last draft pass
         for level in range(depth):
             new: list[int] = []
             for node, node_logits in frontier:
-                path = [] if node < 0 else [tokens[i] for i in _path(parents, node)]
+                path = tree.path_tokens(node)
                 for token, q in self._children(self._distribution(node_logits, path)):
                     tokens.append(token)
                     parents.append(node)
@@ -236,10 +237,3 @@ class ModelDrafter:
             self._accepted[b] += node in accepted
         self._confidence.clear()
 
-
-def _path(parents: list[int], node: int) -> list[int]:
-    path = []
-    while node >= 0:
-        path.append(node)
-        node = parents[node]
-    return path[::-1]
