@@ -13,8 +13,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from draftwise.backends.base import KVBackend
 from draftwise.backends.hf import HFBackend
 from draftwise.drafters.base import TargetBound, create_drafter
@@ -232,9 +230,9 @@ def make_backend(
 
     from draftwise.backends.fast import FastBackend
     from draftwise.backends.kernels import KernelChoice
-    from draftwise.bench.cost import cpu_name
+    from draftwise.machine import machine_key
 
-    ident = f"{model.source}|{model.model.dtype}|{cpu_name()}|{torch.get_num_threads()}"
+    ident = f"{model.source}|{model.model.dtype}|{machine_key()}"
     path = cache_dir / "kernels" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         return FastBackend(model.model, kernels=KernelChoice.load(path), exact=exact)

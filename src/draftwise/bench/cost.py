@@ -9,7 +9,6 @@ measured step commits only its root, so the context grows by one token per measu
 from __future__ import annotations
 
 import hashlib
-import platform
 import random
 import statistics
 import sys
@@ -20,9 +19,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from draftwise.backends.base import Backend
+from draftwise.machine import machine_key
 from draftwise.tree import DraftTree
 
-__all__ = ["CURVE_SIZES", "cached_step_cost", "cpu_name", "measure_step_cost"]
+__all__ = ["CURVE_SIZES", "cached_step_cost", "measure_step_cost"]
 
 
 def measure_step_cost(
@@ -79,10 +79,8 @@ def cached_step_cost(
     """
     import json
 
-    import torch
 
-    machine = f"{cpu_name()}|{torch.get_num_threads()}|{torch.__version__}"
-    ident = f"{model_key}|{type(backend).__name__}|{machine}"
+    ident = f"{model_key}|{type(backend).__name__}|{machine_key()}"
     path = cache_dir / "cost" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         data = json.loads(path.read_text())
@@ -96,10 +94,3 @@ def cached_step_cost(
     path.write_text(json.dumps({"ident": ident, "relative": relative}, indent=1))
     return relative
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()

@@ -206,7 +206,7 @@ def environment(model: LoadedModel, draft: LoadedModel | None = None) -> dict[st
     import transformers
 
     import draftwise
-    from draftwise.bench.cost import cpu_name
+    from draftwise.machine import cpu_name
 
     return {
         "draftwise": draftwise.__version__,
