@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from draftwise.backends.base import KVBackend
 from draftwise.backends.hf import HFBackend
+from draftwise.constraints import Compiler, Constraint, ConstraintSpec, ConstraintStats, constraint_spec
 from draftwise.drafters.base import TargetBound, create_drafter
 from draftwise.engine import Engine, GenerationConfig, Run
 from draftwise.metrics import GenerationStats
@@ -34,6 +36,7 @@ class Completion:
     prompt_ids: list[int]
     stats: GenerationStats
     method: str = ""
+    constraint: ConstraintStats | None = None
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Generator:
         self.backend_name = type(self.backend).__name__
         self.default_budget = budget
         self._cost: CostCurve | None = None
+        self._compiler: Compiler | None = None
         self._set_method(method)
 
     def _set_method(self, method: str) -> None:
@@ -116,9 +120,23 @@ class Generator:
         other.model, other.backend, other.cache_dir = self.model, self.backend, self.cache_dir
         other.backend_name = self.backend_name
         other.default_budget, other._cost = self.default_budget, self._cost
+        other._compiler = self.compiler
         other._set_method(method)
         self._cost = other._cost
         return other
+
+    @property
+    def compiler(self) -> Compiler:
+        """Grammar compiler for this model's tokenizer (compiled grammars are cached here)."""
+        if self._compiler is None:
+            self._compiler = Compiler(
+                self.model.tokenizer, self.backend.vocab_size, self.model.eos_token_ids
+            )
+        return self._compiler
+
+    def constrain(self, spec: ConstraintSpec) -> Constraint:
+        """A fresh grammar state for one request (compiled once per spec, then cached)."""
+        return self.compiler.compile(spec)
 
     def encode(self, prompt: str, *, raw: bool = False) -> list[int]:
         """Prompt ids: through the model's chat template unless ``raw`` or it has none."""
@@ -153,9 +171,12 @@ class Generator:
         prompt_ids: Sequence[int],
         config: GenerationConfig,
         stop: Sequence[str] = (),
+        constraint: Constraint | None = None,
     ) -> TextStream:
-        """Start a request on ids; iterate the result for new text pieces as they decode."""
-        run = self.engine.run(prompt_ids, config)
+        """Start a request on ids; iterate the result for new text pieces as they decode.
+
+        ``constraint``: a fresh state from :meth:`constrain` the output must follow."""
+        run = self.engine.run(prompt_ids, config, constraint)
         stream = TextStream(run, iter(()))
         stream.pieces = self._texts(stream, tuple(s for s in stop if s))
         return stream
@@ -195,15 +216,32 @@ class Generator:
         seed: int = 0,
         stop: Sequence[str] = (),
         raw: bool = False,
+        json_schema: dict[str, Any] | bool | str | Path | None = None,
+        regex: str | None = None,
+        grammar: str | Path | None = None,
+        whitespace: str = "compact",
     ) -> Completion:
-        """Generate a completion of ``prompt`` (chat template applied unless ``raw``)."""
+        """Generate a completion of ``prompt`` (chat template applied unless ``raw``).
+
+        Structured output (at most one): ``json_schema`` (a dict, JSON text or a file),
+        ``regex``, or ``grammar`` (Lark or GBNF text, or a file). ``whitespace``: JSON only,
+        ``compact`` (default) or ``flexible``. Invalid or unsupported ones raise
+        :class:`~draftwise.constraints.GrammarError` before any token is generated.
+        """
+        spec = constraint_spec(
+            json_schema=json_schema, regex=regex, grammar=grammar, whitespace=whitespace
+        )
+        constraint = self.constrain(spec) if spec is not None else None
         prompt_ids = self.encode(prompt, raw=raw)
         config = self.config(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
-        stream = self.stream_ids(prompt_ids, config, stop)
+        stream = self.stream_ids(prompt_ids, config, stop, constraint)
         for _ in stream:
             pass
         run = stream.run
-        return Completion(stream.text, list(run.tokens), prompt_ids, run.stats, self.method)
+        return Completion(
+            stream.text, list(run.tokens), prompt_ids, run.stats, self.method,
+            constraint.stats if constraint is not None else None,
+        )
 
 
 BACKENDS = ("auto", "hf", "fast")

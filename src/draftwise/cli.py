@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run plain decoding; print the speedup and whether the outputs are identical",
     )
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_constraint_flags(gen)
     sampling = gen.add_argument_group("sampling (temperature 0 = greedy)")
     add_config_flags(sampling, SamplingConfig)  # type: ignore[arg-type]
     gen.set_defaults(handler=_generate)
@@ -154,6 +155,29 @@ def add_backend_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_constraint_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "structured output (at most one; output is identical to constrained plain decoding)"
+    )
+    group.add_argument("--json-schema", default=None, metavar="FILE|JSON",
+                       help="the output is JSON valid for this JSON Schema (a file or inline)")
+    group.add_argument("--regex", default=None, help="the output matches this regex")
+    group.add_argument("--grammar", default=None, metavar="FILE",
+                       help="the output follows this Lark (or GBNF) grammar file")
+    group.add_argument(
+        "--whitespace", choices=("compact", "flexible"), default="compact",
+        help="JSON whitespace: compact = one space after ':' and ',' only, so a small model "
+        "cannot loop on newlines; flexible = any (default: compact)",
+    )
+
+
+def constraint_from_args(args: argparse.Namespace) -> Any:
+    from draftwise.constraints import constraint_spec
+
+    return constraint_spec(json_schema=args.json_schema, regex=args.regex,
+                           grammar=args.grammar, whitespace=args.whitespace)
+
+
 def add_budget_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budget", default="auto",
@@ -205,9 +229,12 @@ def _generate(args: argparse.Namespace) -> int:
     sampling = config_from_args(args, SamplingConfig)
     args.method = with_draft(args.method, args.draft)
     validate_method(args.method, args.budget)
+    spec = constraint_from_args(args)
     loaded = load_model(args.model, cache_dir=args.cache_dir)
     generator = Generator(loaded, args.method, budget=args.budget, cache_dir=args.cache_dir,
                           backend=args.backend, exact=args.exact)
+    constrain = (lambda: generator.constrain(spec)) if spec is not None else (lambda: None)
+    constraint = constrain()  # compiles now: a bad grammar fails before any decoding
     prompt_ids = generator.encode(args.prompt, raw=args.raw)
     config = generator.config(
         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
@@ -215,9 +242,9 @@ def _generate(args: argparse.Namespace) -> int:
     plain_generator = generator.with_method("none") if args.compare else None
     if plain_generator is not None:  # warm both up, so neither pays the first-call costs
         warm = generator.config(max_new_tokens=2, sampling=sampling, seed=args.seed)
-        generator.engine.generate(prompt_ids, warm)
-        plain_generator.engine.generate(prompt_ids, warm)
-    stream = generator.stream_ids(prompt_ids, config, args.stop)
+        generator.engine.generate(prompt_ids, warm, constrain())
+        plain_generator.engine.generate(prompt_ids, warm, constrain())
+    stream = generator.stream_ids(prompt_ids, config, args.stop, constraint)
     for piece in stream:
         if not args.json:
             sys.stdout.write(piece)
@@ -236,8 +263,24 @@ def _generate(args: argparse.Namespace) -> int:
         "finish_reason": stats.finish_reason,
     }
     line = stats.summary()
+    if constraint is not None:
+        from draftwise.constraints import check_output
+
+        complete = stats.finish_reason == "eos" or constraint.is_accepting()
+        valid, why = check_output(spec, stream.text, complete)
+        cs = constraint.stats
+        result["constraint"] = {
+            "kind": spec.kind, "valid": valid, "invalid_reason": why or None,
+            "compile_ms": 1e3 * cs.compile_s, "mask_us": cs.mask_us, "masks": cs.masks,
+            "forced_tokens": cs.forced, "pruned_nodes": cs.pruned,
+        }
+        line += (
+            f"\n{spec.kind.replace('_', ' ')}: {'valid' if valid else 'INVALID (' + why + ')'}"
+            f" | compile {1e3 * cs.compile_s:.1f} ms, {cs.masks} masks at {cs.mask_us:.0f} us,"
+            f" {cs.forced} forced tokens, {cs.pruned} draft nodes pruned"
+        )
     if plain_generator is not None:
-        plain = plain_generator.stream_ids(prompt_ids, config, args.stop)
+        plain = plain_generator.stream_ids(prompt_ids, config, args.stop, constrain())
         for _ in plain:
             pass
         comparison = compare_runs(stream.run.tokens, plain.run.tokens, plain.run.stats)

@@ -11,6 +11,13 @@ repeats, until EOS, the token budget or the context window:
 4. ``backend.commit(acceptance.path)`` — keep the accepted path in the KV cache;
 5. ``drafter.observe(step)`` — feedback for adaptive drafters;
 6. yield the committed tokens (the caller may stop early; see :class:`Run`).
+
+Under a :class:`~draftwise.constraints.Constraint` (structured output) the same loop also: puts
+the tokens the grammar forces at the top of the tree as free drafts (or emits them without a model
+step when they end the generation), prunes the draft nodes the grammar forbids before sizing,
+masks the logits of the root and every node, and advances the grammar by committed tokens only.
+Masking is one more transform before :class:`~draftwise.sampling.Sampling`, the same in plain and
+speculative decoding, so output stays identical to constrained plain decoding.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ from dataclasses import dataclass, field
 import torch
 
 from draftwise.backends.base import Backend
+from draftwise.constraints.base import Constraint, apply_mask
 from draftwise.drafters.base import Drafter, StepResult
 from draftwise.metrics import GenerationStats
 from draftwise.sampling import Sampling, SamplingConfig
 from draftwise.sizing import TreeSizer
-from draftwise.verify import verify
+from draftwise.tree import DraftTree
+from draftwise.verify import Acceptance, verify
 
 __all__ = ["GenerationConfig", "Engine", "Run"]
 
@@ -60,13 +69,25 @@ class Engine:
         self.drafter = drafter
         self.sizer = sizer
 
-    def run(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Run:
-        """A request; iterate it to decode (each item: the tokens one step committed)."""
-        return Run(self, list(prompt_ids), config)
+    def run(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        constraint: Constraint | None = None,
+    ) -> Run:
+        """A request; iterate it to decode (each item: the tokens one step committed).
 
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Run:
+        ``constraint``: a fresh grammar state the output must follow (see module docstring)."""
+        return Run(self, list(prompt_ids), config, constraint)
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        constraint: Constraint | None = None,
+    ) -> Run:
         """Decode to the end and return the finished :class:`Run`."""
-        run = self.run(prompt_ids, config)
+        run = self.run(prompt_ids, config, constraint)
         for _ in run:
             pass
         return run
@@ -75,16 +96,23 @@ class Engine:
 class Run:
     """One request: iterate to decode; ``tokens`` and ``stats`` fill in as it goes."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], config: GenerationConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_ids: list[int],
+        config: GenerationConfig,
+        constraint: Constraint | None = None,
+    ) -> None:
         self.engine = engine
         self.prompt_ids = prompt_ids
         self.config = config
+        self.constraint = constraint
         self.tokens: list[int] = []  # committed new tokens
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
 
     def __iter__(self) -> Iterator[list[int]]:
         backend, drafter, sizer = self.engine.backend, self.engine.drafter, self.engine.sizer
-        cfg, stats = self.config, self.stats
+        cfg, stats, constraint = self.config, self.stats, self.constraint
         sampling = Sampling(cfg.sampling)
         rng = torch.Generator().manual_seed(cfg.seed)
         eos = set(cfg.eos_token_ids)
@@ -107,23 +135,56 @@ class Run:
             max_depth = min(remaining, room) - 1
 
             t0 = time.perf_counter()
-            tree = drafter.propose(context, max_depth).truncated(max_depth)  # 1.
+            forced: list[int] = []
+            if constraint is not None:
+                limit = min(remaining, room)
+                forced = constraint.forced(limit)
+                if forced and (forced[-1] in eos or len(forced) == limit):
+                    # The grammar alone ends the generation: emit without a model step.
+                    emitted = forced
+                    constraint.commit(emitted)
+                    constraint.stats.forced += len(emitted)
+                    context.extend(emitted)
+                    self.tokens.extend(emitted)
+                    stats.new_tokens += len(emitted)
+                    stats.draft_s += time.perf_counter() - t0
+                    stats.total_s = time.perf_counter() - start
+                    yield emitted
+                    stats.finish_reason = (
+                        "eos" if emitted[-1] in eos else "length" if limit == remaining
+                        else "context"
+                    )
+                    break
+                forced = forced[:max_depth]
+            depth = max_depth - len(forced)
+            tree = drafter.propose(context + forced, depth).truncated(depth)  # 1.
+            if constraint is not None:
+                tree = constraint.prune(tree)
             if sizer is not None:
                 tree = sizer.size(tree)
+            full, masks = _graft(forced, tree), None
+            if constraint is not None:
+                full, masks = constraint.tree_masks(full)
             t1 = time.perf_counter()
-            logits = backend.forward_tree(tree)  # 2. [N + 1, vocab]
-            acceptance = verify(tree, logits, sampling, rng, seen)  # 3.
+            logits = backend.forward_tree(full)  # 2. [N + 1, vocab]
+            if masks is not None:
+                logits = apply_mask(logits, masks)
+            acceptance = verify(full, logits, sampling, rng, seen)  # 3.
             backend.commit(acceptance.path, acceptance.tokens[-1])  # 4.
             t2 = time.perf_counter()
-            drafter.observe(StepResult(tree, acceptance, logits))  # 5.
+            own = _ungraft(len(forced), tree, acceptance)
+            drafter.observe(StepResult(tree, own, logits[len(forced) :]))  # 5.
             if sizer is not None:
-                sizer.observe(tree, acceptance)
+                sizer.observe(tree, own)
             t3 = time.perf_counter()
 
             emitted = list(acceptance.tokens)
             hit = next((i for i, token in enumerate(emitted) if token in eos), None)
             if hit is not None:
                 emitted = emitted[: hit + 1]
+            if constraint is not None:
+                constraint.commit(emitted)
+                constraint.stats.forced += len(forced)
             context.extend(emitted)
             self.tokens.extend(emitted)
             if seen is not None:
@@ -131,7 +192,7 @@ class Run:
             stats.steps += 1
             stats.new_tokens += len(emitted)
             stats.step_tokens.append(len(emitted))
-            stats.tree_sizes.append(len(tree))
+            stats.tree_sizes.append(len(full))
             stats.margins.extend(acceptance.margins[: len(emitted)])
             stats.draft_s += (t1 - t0) + (t3 - t2)
             stats.verify_s += t2 - t1
@@ -141,3 +202,26 @@ class Run:
                 stats.finish_reason = "eos"
                 break
         stats.total_s = time.perf_counter() - start
+
+
+def _graft(forced: list[int], tree: DraftTree) -> DraftTree:
+    """``tree`` hung below a chain of ``forced`` tokens (forced drafts carry a one-hot
+    ``draft_probs`` row when the tree has them: a certain draft of a certain token)."""
+    if not forced:
+        return tree
+    k = len(forced)
+    parents = tuple(range(-1, k - 1)) + tuple(p + k if p >= 0 else k - 1 for p in tree.parents)
+    probs = None
+    if tree.draft_probs is not None:
+        certain = torch.zeros(k, tree.draft_probs.shape[1], dtype=tree.draft_probs.dtype)
+        certain[torch.arange(k), torch.tensor(forced)] = 1.0
+        probs = torch.cat([certain, tree.draft_probs])
+    return DraftTree(tuple(forced) + tree.tokens, parents, probs)
+
+
+def _ungraft(k: int, tree: DraftTree, acceptance: Acceptance) -> Acceptance:
+    """The step as the drafter saw it: acceptance within ``tree``, below ``k`` forced tokens."""
+    if k == 0:
+        return acceptance
+    path = tuple(n - k for n in acceptance.path if n >= k)
+    return Acceptance(path, acceptance.tokens[k:], acceptance.bonus, acceptance.margins[k:])

@@ -1,0 +1,295 @@
+"""Constraint: a grammar's state over the committed tokens, and its masks over a draft tree.
+
+A constraint limits which tokens may come next (a JSON Schema, a regex, a Lark grammar). The engine
+treats it as one more transform of the logits, applied identically in plain and speculative
+decoding, so output under a constraint is identical to constrained plain decoding (greedy) or
+distributed identically (sampling):
+
+* :meth:`Constraint.forced` — tokens the grammar allows exactly one of, in a row, from the
+  committed state. Plain constrained decoding would emit each of them whatever the model says,
+  so the engine puts them at the top of the tree as free drafts (always accepted) or, when they
+  end the generation, emits them without a model step.
+* :meth:`Constraint.tree_masks` — walks the tree from the committed state, giving the mask of
+  allowed tokens at the root and at every node (the bonus position included) and pruning nodes the
+  grammar forbids. Walking uses consume-then-rollback, so the committed state is unchanged after.
+* :meth:`Constraint.commit` — advances the state by the tokens a step emitted; only committed
+  tokens ever advance it, so a rejected branch never touches it.
+
+An adapter (one per grammar engine) supplies four primitives over the matcher state: fill a
+packed mask, consume one token, roll back, and report errors. Everything else lives here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from draftwise.tree import DraftTree
+
+__all__ = [
+    "Constraint",
+    "ConstraintError",
+    "ConstraintSpec",
+    "ConstraintStats",
+    "ConstraintTimeout",
+    "GrammarError",
+    "apply_mask",
+    "unpack_masks",
+]
+
+KINDS = ("json_schema", "regex", "grammar")
+WHITESPACE = ("compact", "flexible")
+
+
+class ConstraintError(ValueError):
+    """A constraint could not be built or followed (the message quotes the grammar engine)."""
+
+
+class GrammarError(ConstraintError):
+    """The grammar, regex or schema is invalid, or uses a feature the engine does not support."""
+
+
+class ConstraintTimeout(ConstraintError):
+    """Compiling the grammar took longer than the allowed time."""
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """What output must match.
+
+    Attributes:
+        kind: ``json_schema``, ``regex`` or ``grammar`` (Lark/EBNF text).
+        source: the schema (JSON text), regex or grammar text.
+        whitespace: JSON only: ``compact`` (the default) emits ``{"a": 1, "b": [2, 3]}`` with
+            exactly one space after ``:`` and ``,`` and nowhere else, so a small model cannot loop
+            on newlines; ``flexible`` allows any JSON whitespace.
+    """
+
+    kind: str
+    source: str
+    whitespace: str = "compact"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConstraintError(f"unknown constraint kind {self.kind!r}; one of {KINDS}")
+        if self.whitespace not in WHITESPACE:
+            raise ConstraintError(f"whitespace must be one of {WHITESPACE}, got {self.whitespace!r}")
+
+
+@dataclass
+class ConstraintStats:
+    """Attributes:
+    compile_s: grammar compilation (0 when it came from the cache).
+    masks: token masks computed; mask_s: their wall time.
+    forced: tokens emitted because the grammar allowed only them.
+    pruned: draft nodes removed because the grammar forbids them.
+    """
+
+    compile_s: float = 0.0
+    cached: bool = False
+    masks: int = 0
+    mask_s: float = 0.0
+    forced: int = 0
+    pruned: int = 0
+
+    @property
+    def mask_us(self) -> float:
+        """Mean microseconds per mask."""
+        return 1e6 * self.mask_s / self.masks if self.masks else 0.0
+
+
+class Constraint(ABC):
+    """One request's grammar state; see the module docstring for the contract."""
+
+    def __init__(self, vocab_size: int, eos_token_ids: Sequence[int] = ()) -> None:
+        self.vocab_size = vocab_size
+        self.eos = frozenset(int(t) for t in eos_token_ids)
+        self.words = (vocab_size + 31) // 32
+        self.finished = False  # an EOS was committed
+        self.stats = ConstraintStats()
+
+    # the part an adapter supplies ---------------------------------------------------------------
+
+    @abstractmethod
+    def _fill(self, row: torch.Tensor) -> None:
+        """Write the packed mask (``int32[words]``, bit ``t % 32`` of word ``t // 32``) of the
+        current state into ``row``."""
+
+    @abstractmethod
+    def _consume(self, token: int) -> None:
+        """Advance by ``token`` (already known to be allowed)."""
+
+    @abstractmethod
+    def _rollback(self, count: int) -> None:
+        """Undo the last ``count`` consumed tokens."""
+
+    @abstractmethod
+    def _valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of ``tokens`` the grammar accepts in a row from the current state (no
+        state change)."""
+
+    @abstractmethod
+    def error(self) -> str:
+        """The engine's error message, or "" when the state is healthy."""
+
+    @abstractmethod
+    def is_accepting(self) -> bool:
+        """The tokens so far form a complete match (EOS may come next)."""
+
+    # the contract -------------------------------------------------------------------------------
+
+    def _masks(self, rows: int) -> torch.Tensor:
+        return torch.zeros(rows, self.words, dtype=torch.int32)
+
+    def _timed_fill(self, row: torch.Tensor) -> None:
+        import time
+
+        start = time.perf_counter()
+        self._fill(row)
+        self.stats.mask_s += time.perf_counter() - start
+        self.stats.masks += 1
+        self._check()
+
+    def _check(self) -> None:
+        message = self.error()
+        if message:
+            raise ConstraintError(f"the grammar engine stopped: {message}")
+
+    def mask(self) -> torch.Tensor:
+        """``[vocab]`` bool: tokens allowed next after the committed tokens."""
+        packed = self._masks(1)
+        self._timed_fill(packed[0])
+        return unpack_masks(packed, self.vocab_size)[0]
+
+    def allows(self, packed_row: torch.Tensor, token: int) -> bool:
+        return 0 <= token < self.vocab_size and bool(
+            (int(packed_row[token >> 5]) >> (token & 31)) & 1
+        )
+
+    def forced(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens that are, one after another, the only token the grammar allows."""
+        tokens: list[int] = []
+        row = self._masks(1)[0]
+        while len(tokens) < limit:
+            self._timed_fill(row)
+            nonzero = torch.nonzero(row).flatten()
+            if len(nonzero) != 1:
+                break
+            word = int(nonzero[0])
+            bits = int(row[word]) & 0xFFFFFFFF
+            if bits & (bits - 1):
+                break  # more than one bit set in that word
+            token = word * 32 + bits.bit_length() - 1
+            if token >= self.vocab_size:
+                break
+            tokens.append(token)
+            if token in self.eos:
+                break  # the end: never consumed (see _advance)
+            self._consume(token)
+            if self.error():
+                break
+        self._rollback(len(tokens) - (bool(tokens) and tokens[-1] in self.eos))
+        self._check()
+        return tokens
+
+    def prune(self, tree: DraftTree) -> DraftTree:
+        """Drop the draft nodes the grammar forbids (cheap: no masks), with their subtrees and
+        everything after an EOS; forbidden nodes carrying ``draft_probs`` stay, as leaves (see
+        :meth:`tree_masks`)."""
+        if len(tree) == 0:
+            return tree
+        valid = [False] * len(tree)
+        for leaf in tree.leaves():
+            path = tree.path_to(leaf)
+            tokens = [tree.tokens[n] for n in path]
+            end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos), len(tokens))
+            count = self._valid_prefix(tokens[:end])
+            for node in path[:count]:
+                valid[node] = True
+        self._check()
+        def reachable(node: int) -> bool:  # the verifier may visit it: its parent was kept
+            parent = tree.parents[node]
+            return parent < 0 or (valid[parent] and tree.tokens[parent] not in self.eos)
+
+        sampled = tree.draft_probs is not None
+        keep = [i for i in range(len(tree)) if valid[i] or (sampled and reachable(i))]
+        self.stats.pruned += len(tree) - len(keep)
+        return tree if len(keep) == len(tree) else tree.subset(keep)
+
+    def tree_masks(self, tree: DraftTree) -> tuple[DraftTree, torch.Tensor]:
+        """Prune ``tree`` to what the grammar allows; masks of the root and each kept node.
+
+        Returns ``(kept tree, masks: [kept + 1, vocab] bool)``: row 0 is the root's mask, row
+        ``i + 1`` the mask after kept node ``i``. A forbidden node that carries ``draft_probs`` is
+        kept as a leaf (its row allows everything and is never used): the rejection rule must still
+        reject it and take its residual, or later siblings drawn from the draft would be verified
+        against the wrong distribution. Every other forbidden node goes, with its subtree.
+        """
+        children = tree.children_map()
+        packed = self._masks(len(tree) + 1)
+        keep: list[int] = []
+        forbidden: set[int] = set()
+
+        def walk(node: int) -> None:
+            self._timed_fill(packed[node + 1])
+            row = packed[node + 1]
+            for child in children.get(node, ()):
+                token = tree.tokens[child]
+                if self.allows(row, token):
+                    keep.append(child)
+                    if token in self.eos:
+                        packed[child + 1] = -1  # nothing follows EOS; its row is never used
+                        continue  # and its subtree is dropped
+                    self._consume(token)
+                    walk(child)
+                    self._rollback(1)
+                elif tree.draft_probs is not None:
+                    keep.append(child)
+                    forbidden.add(child)
+
+        walk(-1)
+        self._check()
+        keep.sort()
+        masks = unpack_masks(packed[[0] + [k + 1 for k in keep]], self.vocab_size)
+        for i, node in enumerate(keep):
+            if node in forbidden:
+                masks[i + 1] = True
+        kept = tree if len(keep) == len(tree) else tree.subset(keep)
+        return kept, masks
+
+    def commit(self, tokens: Sequence[int]) -> None:
+        """Advance the committed state by ``tokens`` (each must be allowed)."""
+        row = self._masks(1)[0]
+        for token in tokens:
+            self._timed_fill(row)
+            if not self.allows(row, int(token)):
+                raise ConstraintError(f"token {token} is not allowed by the grammar here")
+            if int(token) in self.eos:
+                self.finished = True  # EOS is checked, never consumed: matchers disagree on
+                return  # whether consuming it is undoable, and nothing may follow it anyway
+            self._consume(int(token))
+            self._check()
+
+    def rollback(self, count: int) -> None:
+        """Undo the last ``count`` committed tokens."""
+        self._rollback(count)
+        self._check()
+
+
+def unpack_masks(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``int32[rows, words]`` packed masks -> ``bool[rows, vocab_size]``."""
+    bits = torch.arange(32, dtype=torch.int32)
+    unpacked = (packed.unsqueeze(-1) >> bits) & 1  # [rows, words, 32]
+    return unpacked.reshape(packed.shape[0], -1)[:, :vocab_size].bool()
+
+
+def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Forbidden tokens get logit ``-inf``; ``allowed`` may be narrower than ``logits`` (model
+    vocabularies are often padded past the tokenizer's), the extra columns are forbidden."""
+    if allowed.shape[-1] < logits.shape[-1]:
+        pad = torch.zeros(*allowed.shape[:-1], logits.shape[-1] - allowed.shape[-1], dtype=torch.bool)
+        allowed = torch.cat([allowed, pad], dim=-1)
+    return logits.masked_fill(~allowed, float("-inf"))
