@@ -16,7 +16,13 @@ from typing import Any
 
 from draftwise.backends.base import KVBackend
 from draftwise.backends.hf import HFBackend
-from draftwise.constraints import Compiler, Constraint, ConstraintSpec, ConstraintStats, constraint_spec
+from draftwise.constraints import (
+    Compiler,
+    Constraint,
+    ConstraintSpec,
+    ConstraintStats,
+    constraint_spec,
+)
 from draftwise.drafters.base import TargetBound, create_drafter
 from draftwise.engine import Engine, GenerationConfig, Run
 from draftwise.metrics import GenerationStats

@@ -172,10 +172,13 @@ def add_constraint_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def constraint_from_args(args: argparse.Namespace) -> Any:
-    from draftwise.constraints import constraint_spec
+    from draftwise.constraints import check_grammar, constraint_spec
 
-    return constraint_spec(json_schema=args.json_schema, regex=args.regex,
+    spec = constraint_spec(json_schema=args.json_schema, regex=args.regex,
                            grammar=args.grammar, whitespace=args.whitespace)
+    if spec is not None:
+        check_grammar(spec)  # fail before the model loads
+    return spec
 
 
 def add_budget_flag(parser: argparse.ArgumentParser) -> None:

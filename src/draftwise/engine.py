@@ -159,7 +159,7 @@ class Run:
             depth = max_depth - len(forced)
             tree = drafter.propose(context + forced, depth).truncated(depth)  # 1.
             if constraint is not None:
-                tree = constraint.prune(tree)
+                tree = constraint.prune(tree, after=forced)
             if sizer is not None:
                 tree = sizer.size(tree)
             full, masks = _graft(forced, tree), None

@@ -158,3 +158,65 @@ def test_cli_fast_backend_compare() -> None:
     result = json.loads(done.stdout)
     assert result["backend"] == "FastBackend" and result["new_tokens"] > 0
     assert isinstance(result["identical"], bool)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 20},
+                    "maxItems": 3},
+    },
+    "required": ["name", "age", "hobbies"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("method", ["pld", "recycling", "composite"])
+def test_structured_output_equals_constrained_plain(generator: Generator, method: str) -> None:
+    from draftwise.constraints import check_output, constraint_spec
+
+    spec = constraint_spec(json_schema=SCHEMA)
+    other = generator.with_method(method)
+    plain = generator.with_method("none")
+    prompt = "Describe a person named Ada who is 36 and likes chess, as JSON."
+    a = other.generate(prompt, max_new_tokens=96, json_schema=SCHEMA)
+    b = plain.generate(prompt, max_new_tokens=96, json_schema=SCHEMA)
+    assert a.token_ids == b.token_ids
+    assert a.stats.finish_reason == "eos"
+    assert check_output(spec, a.text, complete=True) == (True, "")
+    assert a.constraint is not None and a.constraint.forced > 0
+
+
+def test_cli_structured_json_compare(tmp_path: Path) -> None:
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(SCHEMA))
+    out = subprocess.run(
+        [sys.executable, "-m", "draftwise.cli", "generate", "A person named Bo, as JSON.",
+         "--json-schema", str(schema), "--compare", "--json", "--max-new-tokens", "80"],
+        capture_output=True, text=True, check=True,
+    )
+    result = json.loads(out.stdout)
+    assert result["identical"] is True
+    assert result["constraint"]["valid"] is True, result
+    assert json.loads(result["text"])["name"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--regex", "a(b"], "unclosed group"),
+        (["--json-schema", '{"type": "string", "format": "nope"}'], "Unknown format"),
+        (["--json-schema", "missing-file.json"], "JSON schema file not found"),
+        (["--regex", "a", "--grammar", "start: a"], "at most one"),
+    ],
+)
+def test_cli_constraint_errors_are_one_line(args: list[str], message: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "draftwise.cli", "generate", "hi", *args],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 1
+    assert message in out.stderr and out.stdout == ""
+    assert out.stderr.startswith("draftwise: error:")

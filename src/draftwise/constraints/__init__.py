@@ -10,7 +10,7 @@ from draftwise.constraints.base import (
     apply_mask,
     unpack_masks,
 )
-from draftwise.constraints.llg import Compiler, byte_tokenizer
+from draftwise.constraints.llg import Compiler, byte_tokenizer, check_grammar
 from draftwise.constraints.spec import check_output, constraint_spec
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "GrammarError",
     "apply_mask",
     "byte_tokenizer",
+    "check_grammar",
     "check_output",
     "constraint_spec",
     "unpack_masks",

@@ -76,7 +76,9 @@ class ConstraintSpec:
         if self.kind not in KINDS:
             raise ConstraintError(f"unknown constraint kind {self.kind!r}; one of {KINDS}")
         if self.whitespace not in WHITESPACE:
-            raise ConstraintError(f"whitespace must be one of {WHITESPACE}, got {self.whitespace!r}")
+            raise ConstraintError(
+                f"whitespace must be one of {WHITESPACE}, got {self.whitespace!r}"
+            )
 
 
 @dataclass
@@ -195,12 +197,15 @@ class Constraint(ABC):
         self._check()
         return tokens
 
-    def prune(self, tree: DraftTree) -> DraftTree:
+    def prune(self, tree: DraftTree, after: Sequence[int] = ()) -> DraftTree:
         """Drop the draft nodes the grammar forbids (cheap: no masks), with their subtrees and
         everything after an EOS; forbidden nodes carrying ``draft_probs`` stay, as leaves (see
-        :meth:`tree_masks`)."""
+        :meth:`tree_masks`). ``after``: tokens (allowed, no EOS) between the committed state
+        and the tree's root, e.g. forced tokens."""
         if len(tree) == 0:
             return tree
+        for token in after:
+            self._consume(int(token))
         valid = [False] * len(tree)
         for leaf in tree.leaves():
             path = tree.path_to(leaf)
@@ -209,6 +214,7 @@ class Constraint(ABC):
             count = self._valid_prefix(tokens[:end])
             for node in path[:count]:
                 valid[node] = True
+        self._rollback(len(after))
         self._check()
         def reachable(node: int) -> bool:  # the verifier may visit it: its parent was kept
             parent = tree.parents[node]
@@ -290,6 +296,7 @@ def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Forbidden tokens get logit ``-inf``; ``allowed`` may be narrower than ``logits`` (model
     vocabularies are often padded past the tokenizer's), the extra columns are forbidden."""
     if allowed.shape[-1] < logits.shape[-1]:
-        pad = torch.zeros(*allowed.shape[:-1], logits.shape[-1] - allowed.shape[-1], dtype=torch.bool)
+        extra = logits.shape[-1] - allowed.shape[-1]
+        pad = torch.zeros(*allowed.shape[:-1], extra, dtype=torch.bool)
         allowed = torch.cat([allowed, pad], dim=-1)
     return logits.masked_fill(~allowed, float("-inf"))

@@ -31,7 +31,7 @@ from draftwise.constraints.base import (
     GrammarError,
 )
 
-__all__ = ["Compiler", "LLGuidanceConstraint", "byte_tokenizer"]
+__all__ = ["Compiler", "LLGuidanceConstraint", "byte_tokenizer", "check_grammar"]
 
 COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 FLEXIBLE = {"whitespace_flexible": True}
@@ -45,6 +45,55 @@ def _llguidance() -> Any:
             "structured output needs the llguidance package: pip install llguidance"
         ) from error
     return llguidance
+
+
+def _one_line(message: str) -> str:
+    """llguidance's messages draw carets over several lines; errors here are one line."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _refusal(spec: ConstraintSpec, message: str) -> GrammarError:
+    what = {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}[spec.kind]
+    return GrammarError(f"invalid or unsupported {what}: llguidance says: {_one_line(message)}")
+
+
+def check_grammar(spec: ConstraintSpec) -> None:
+    """Raise :class:`GrammarError` for a spec that cannot compile for any tokenizer (syntax,
+    unsupported keywords) — cheap, so callers can fail before loading a model."""
+    llg = _llguidance()
+    failed, messages = llg.LLMatcher.validate_grammar_with_warnings(_grammar(spec))
+    if failed:
+        raise _refusal(spec, "; ".join(messages))
+
+
+def _grammar(spec: ConstraintSpec) -> str:
+    """llguidance's grammar text for ``spec`` (not yet validated)."""
+    llg = _llguidance()
+    if spec.kind == "json_schema":
+        try:
+            schema = json.loads(spec.source)
+        except json.JSONDecodeError as error:
+            raise GrammarError(f"the JSON schema is not valid JSON: {error}") from None
+        if not isinstance(schema, dict | bool):
+            raise GrammarError("a JSON schema must be an object or a boolean")
+        options = COMPACT if spec.whitespace == "compact" else FLEXIBLE
+        try:
+            return str(llg.LLMatcher.grammar_from_json_schema(schema, defaults=options))
+        except ValueError as error:
+            raise GrammarError(f"llguidance: {_one_line(str(error))}") from None
+    if spec.kind == "regex":
+        return str(llg.LLMatcher.grammar_from_regex(spec.source))
+    source = spec.source
+    if "::=" in source:  # GBNF (llama.cpp's EBNF dialect): llguidance converts it to Lark
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+
+        try:
+            source = gbnf_to_lark(source)
+        except Exception as error:  # noqa: BLE001 - quoted to the user
+            raise GrammarError(
+                f"llguidance could not read the GBNF grammar: {_one_line(str(error))}"
+            ) from None
+    return str(llg.LLMatcher.grammar_from_lark(source))
 
 
 class LLGuidanceConstraint(Constraint):
@@ -107,49 +156,30 @@ class Compiler:
             llg = _llguidance()
             tok = self.source_tokenizer
             eos = list(self.eos_token_ids) or None
-            if isinstance(tok, llg.LLTokenizer):
-                self._tokenizer = tok
-            elif hasattr(tok, "backend_tokenizer"):
-                from llguidance.hf import from_tokenizer
+            try:
+                if isinstance(tok, llg.LLTokenizer):
+                    self._tokenizer = tok
+                elif hasattr(tok, "backend_tokenizer"):
+                    from llguidance.hf import from_tokenizer
 
-                self._tokenizer = from_tokenizer(tok, n_vocab=self.vocab_size, eos_token=eos)
-            else:
-                self._tokenizer = llg.LLTokenizer(
-                    llg.TokenizerWrapper(tok), n_vocab=self.vocab_size, eos_token=eos
-                )
-        return self._tokenizer
-
-    def grammar(self, spec: ConstraintSpec) -> str:
-        """llguidance's grammar text for ``spec`` (not yet validated)."""
-        llg = _llguidance()
-        if spec.kind == "json_schema":
-            try:
-                schema = json.loads(spec.source)
-            except json.JSONDecodeError as error:
-                raise GrammarError(f"the JSON schema is not valid JSON: {error}") from None
-            if not isinstance(schema, dict | bool):
-                raise GrammarError("a JSON schema must be an object or a boolean")
-            options = COMPACT if spec.whitespace == "compact" else FLEXIBLE
-            try:
-                return str(llg.LLMatcher.grammar_from_json_schema(schema, defaults=options))
-            except ValueError as error:
-                raise GrammarError(f"llguidance: {error}") from None
-        if spec.kind == "regex":
-            return str(llg.LLMatcher.grammar_from_regex(spec.source))
-        source = spec.source
-        if "::=" in source:  # GBNF (llama.cpp's EBNF dialect): llguidance converts it to Lark
-            try:
-                source = llg.gbnf_to_lark(source)
+                    self._tokenizer = from_tokenizer(tok, n_vocab=self.vocab_size, eos_token=eos)
+                else:
+                    self._tokenizer = llg.LLTokenizer(
+                        llg.TokenizerWrapper(tok), n_vocab=self.vocab_size, eos_token=eos
+                    )
             except Exception as error:  # noqa: BLE001 - quoted to the user
-                raise GrammarError(f"llguidance could not read the GBNF grammar: {error}") from None
-        return str(llg.LLMatcher.grammar_from_lark(source))
+                raise ConstraintError(
+                    f"llguidance cannot read this model's tokenizer (it needs each token's "
+                    f"bytes): {_one_line(str(error))}"
+                ) from None
+        return self._tokenizer
 
     def compile(self, spec: ConstraintSpec) -> LLGuidanceConstraint:
         """A fresh constraint for one request (compiled once per spec, then copied)."""
         template = self._cache.get(spec)
         elapsed, cached = 0.0, template is not None
         if template is None:
-            self.tokenizer  # built once per compiler; not part of a grammar's compile time
+            _ = self.tokenizer  # built once per compiler; not part of a grammar's compile time
             start = time.perf_counter()
             template = self._compile(spec)
             elapsed = time.perf_counter() - start
@@ -162,7 +192,7 @@ class Compiler:
 
     def _compile(self, spec: ConstraintSpec) -> Any:
         llg = _llguidance()
-        grammar = self.grammar(spec)
+        grammar = _grammar(spec)
         tokenizer = self.tokenizer
         outcome: dict[str, Any] = {}
 
@@ -189,8 +219,7 @@ class Compiler:
                 f"{self.timeout_s:g} s; simplify it or raise the timeout"
             )
         if "error" in outcome:
-            what = {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}[spec.kind]
-            raise GrammarError(f"invalid or unsupported {what}: llguidance says: {outcome['error']}")
+            raise _refusal(spec, outcome["error"])
         return outcome["matcher"]
 
 
