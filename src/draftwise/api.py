@@ -30,7 +30,7 @@ from draftwise.models import LoadedModel, default_cache_dir, load_model
 from draftwise.sampling import SamplingConfig
 from draftwise.sizing import CostCurve, SizingConfig, TreeSizer, parse_budget, split_budget
 
-__all__ = ["Completion", "Generator", "TextStream"]
+__all__ = ["AlignedCompletion", "Completion", "Generator", "TextStream"]
 
 
 @dataclass
@@ -248,6 +248,64 @@ class Generator:
             stream.text, list(run.tokens), prompt_ids, run.stats, self.method,
             constraint.stats if constraint is not None else None,
         )
+
+
+    def sample_aligned(
+        self,
+        prompt: str,
+        n: int,
+        *,
+        sampling: SamplingConfig,
+        max_new_tokens: int = 256,
+        seed: int = 0,
+        raw: bool = False,
+        json_schema: dict[str, Any] | bool | str | Path | None = None,
+        regex: str | None = None,
+        grammar: str | Path | None = None,
+        whitespace: str = "compact",
+    ) -> list[AlignedCompletion]:
+        """``n`` grammar-aligned samples of ``prompt`` (ASAp; see
+        :mod:`draftwise.constraints.aligned`): they converge to the model's distribution
+        conditioned on the grammar, where ``n`` independent constrained samples would follow
+        the distorted masked distribution. Needs a constraint and ``temperature > 0``."""
+        from draftwise.constraints.aligned import AlignedSampler
+
+        spec = constraint_spec(
+            json_schema=json_schema, regex=regex, grammar=grammar, whitespace=whitespace
+        )
+        if spec is None:
+            raise ValueError("grammar-aligned sampling needs a JSON schema, regex or grammar")
+        prompt_ids = self.encode(prompt, raw=raw)
+        sampler = AlignedSampler(
+            self.backend, self.constrain(spec), prompt_ids, sampling,
+            self.model.eos_token_ids, max_new_tokens, seed,
+        )
+        tokenizer = self.model.tokenizer
+        return [
+            AlignedCompletion(
+                tokenizer.decode(s.tokens, skip_special_tokens=True), s.tokens, s.complete,
+                sampler.grammaticality, sampler.model_calls,
+            )
+            for s in (sampler.sample() for _ in range(n))
+        ]
+
+
+@dataclass
+class AlignedCompletion:
+    """One grammar-aligned sample.
+
+    Attributes:
+        complete: ended with EOS inside the grammar.
+        grammaticality: the sampler's estimate, after this sample, of P(valid | prompt).
+        model_calls: model forward passes the sampler had made so far (shared prefixes are
+            computed once).
+    """
+
+    text: str
+    token_ids: list[int]
+    complete: bool
+    grammaticality: float
+    model_calls: int
 
 
 BACKENDS = ("auto", "hf", "fast")

@@ -165,6 +165,16 @@ def add_constraint_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grammar", default=None, metavar="FILE",
                        help="the output follows this Lark (or GBNF) grammar file")
     group.add_argument(
+        "--samples", type=positive_int, default=1, metavar="N",
+        help="draw N samples of the prompt (needs --temperature > 0; default: 1)",
+    )
+    group.add_argument(
+        "--aligned", action="store_true",
+        help="with --samples: grammar-aligned sampling (ASAp): the samples converge to the "
+        "model's distribution conditioned on the grammar instead of the distorted one of "
+        "masked sampling; no drafting (the trie of earlier samples replaces it)",
+    )
+    group.add_argument(
         "--whitespace", choices=("compact", "flexible"), default="compact",
         help="JSON whitespace: compact = one space after ':' and ',' only, so a small model "
         "cannot loop on newlines; flexible = any (default: compact)",
@@ -238,6 +248,8 @@ def _generate(args: argparse.Namespace) -> int:
                           backend=args.backend, exact=args.exact)
     constrain = (lambda: generator.constrain(spec)) if spec is not None else (lambda: None)
     constraint = constrain()  # compiles now: a bad grammar fails before any decoding
+    if args.samples > 1 or args.aligned:
+        return _generate_samples(args, generator, spec, sampling)
     prompt_ids = generator.encode(args.prompt, raw=args.raw)
     config = generator.config(
         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
@@ -306,6 +318,50 @@ def _generate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print("\n" + line)
+    return 0
+
+
+def _generate_samples(args: argparse.Namespace, generator: Any, spec: Any, sampling: Any) -> int:
+    """``--samples N``: N samples, independent or grammar-aligned (``--aligned``)."""
+    from draftwise.constraints import check_output
+
+    if sampling.greedy:
+        raise ValueError("--samples needs --temperature > 0 (greedy samples are all the same)")
+    if args.aligned and spec is None:
+        raise ValueError("--aligned needs --json-schema, --regex or --grammar")
+    if args.compare:
+        raise ValueError("--compare runs one sample; drop --samples/--aligned")
+    kwargs = dict(json_schema=args.json_schema, regex=args.regex, grammar=args.grammar,
+                  whitespace=args.whitespace)
+    results: list[dict[str, Any]] = []
+    if args.aligned:
+        for sample in generator.sample_aligned(
+            args.prompt, args.samples, sampling=sampling, max_new_tokens=args.max_new_tokens,
+            seed=args.seed, raw=args.raw, **kwargs,
+        ):
+            results.append({"text": sample.text, "complete": sample.complete,
+                            "grammaticality": sample.grammaticality,
+                            "model_calls": sample.model_calls})
+    else:
+        for i in range(args.samples):
+            done = generator.generate(
+                args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                seed=args.seed + i, stop=args.stop, raw=args.raw, **kwargs,
+            )
+            results.append({"text": done.text, "complete": done.stats.finish_reason == "eos",
+                            "tokens_per_s": done.stats.tokens_per_s, "mat": done.stats.mat})
+    for result in results:
+        if spec is not None:
+            result["valid"] = check_output(spec, result["text"], result["complete"])[0]
+    if args.json:
+        print(json.dumps({"samples": results, "aligned": args.aligned, "method": args.method}))
+        return 0
+    for i, result in enumerate(results):
+        extra = f" valid: {'yes' if result.get('valid') else 'NO'}" if spec is not None else ""
+        print(f"--- sample {i + 1}{extra}\n{result['text']}")
+    if args.aligned and results:
+        print(f"--- estimated P(valid) of plain sampling: {results[-1]['grammaticality']:.4f}, "
+              f"{results[-1]['model_calls']} model calls for {len(results)} samples")
     return 0
 
 

@@ -220,3 +220,22 @@ def test_cli_constraint_errors_are_one_line(args: list[str], message: str) -> No
     assert out.returncode == 1
     assert message in out.stderr and out.stdout == ""
     assert out.stderr.startswith("draftwise: error:")
+
+
+def test_cli_aligned_samples() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "draftwise.cli", "generate", "Pick a color.", "--regex",
+         "(red|green|blue)", "--samples", "5", "--aligned", "--temperature", "1.0",
+         "--max-new-tokens", "8", "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    result = json.loads(out.stdout)
+    assert result["aligned"] and len(result["samples"]) == 5
+    for sample in result["samples"]:
+        assert sample["valid"] and sample["text"] in ("red", "green", "blue")
+    assert 0.0 < result["samples"][-1]["grammaticality"] <= 1.0
+    bad = subprocess.run(
+        [sys.executable, "-m", "draftwise.cli", "generate", "x", "--samples", "2", "--aligned"],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 1 and "temperature" in bad.stderr
