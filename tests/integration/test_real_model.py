@@ -239,3 +239,29 @@ def test_cli_aligned_samples() -> None:
         capture_output=True, text=True,
     )
     assert bad.returncode == 1 and "temperature" in bad.stderr
+
+
+def test_bench_structured_mode(tmp_path: Path) -> None:
+    schemas = tmp_path / "schemas.jsonl"
+    rows = [
+        {"name": "person", "schema": SCHEMA},
+        {"name": "refused", "schema": {"type": "string", "format": "no-such-format"}},
+        {"name": "flag", "schema": {"type": "object", "properties": {"on": {"type": "boolean"}},
+                                    "required": ["on"], "additionalProperties": False}},
+    ]
+    schemas.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "draftwise.cli", "bench", "--structured", str(schemas),
+         "--methods", "none,pld", "--max-new-tokens", "48", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, check=True,
+    )
+    assert "| pld | 2 |" in out.stdout
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["compiled"] == 2 and summary["refused"] == 1
+    assert "Unknown format" in summary["refusals"]["refused"]
+    for method in ("none", "pld"):
+        m = summary["methods"][method]
+        assert m["schemas"] == 2 and m["identical"] == 2 and m["forced_share"] > 0
+    records = [json.loads(line) for line in (tmp_path / "o" / "records.jsonl").open()]
+    assert {r["method"] for r in records} == {"none", "pld"}
+    assert all(r["valid"] or r["finish_reason"] == "length" for r in records)

@@ -52,6 +52,14 @@ def add_bench_parser(commands: Any) -> None:
     bench.add_argument("--out", default=None, metavar="DIR",
                        help="write result files here (records.partial.jsonl grows during the run, "
                        "so an interrupted run keeps what it measured)")
+    bench.add_argument(
+        "--structured", default=None, metavar="PATH",
+        help="structured mode: JSON Schemas from a folder of MaskBench-style files (or a JSONL "
+        "of objects with a 'schema'); --limit caps the number of schemas. Reports compile and "
+        "mask times, forced-token share, speedup over constrained plain decoding, validity",
+    )
+    bench.add_argument("--whitespace", choices=("compact", "flexible"), default="compact",
+                       help="JSON whitespace in --structured mode (default: compact)")
     bench.add_argument("--cost", action="store_true",
                        help="measure the step-cost curve c(n)/c(1) instead of questions")
     bench.add_argument("--cost-max", type=positive_int, default=64,
@@ -97,6 +105,12 @@ def bench_command(args: argparse.Namespace) -> int:
     for method in methods:
         if method.split(":")[0].split("@")[0] not in PEERS:
             validate_method(method, args.budget)
+    if args.structured:
+        from draftwise.bench.structured import load_schemas
+
+        load_schemas(args.structured, args.limit)  # a bad path fails before the model loads
+        if any(m.split(":")[0].split("@")[0] in PEERS for m in methods):
+            raise ValueError("--structured runs draftwise methods only (no transformers peers)")
     questions = select(
         load_questions(args.questions),
         categories=[c.strip() for c in args.categories.split(",") if c.strip()],
@@ -112,6 +126,8 @@ def bench_command(args: argparse.Namespace) -> int:
 
     if args.cost:
         return _cost(args, generator, questions[0].turns[0], out)
+    if args.structured:
+        return _structured(args, generator, methods, sampling, out)
 
     runners = build_runners(generator, methods, draft)  # bad peers fail before any run
     config = BenchConfig(methods, generator.config(
@@ -146,6 +162,52 @@ def bench_command(args: argparse.Namespace) -> int:
         (out / "table.md").write_text(table, encoding="utf-8")
         report.chart(summary, out / "chart.png")
         print(f"\nwrote {out}/records.jsonl, summary.json, table.md, chart.png", file=sys.stderr)
+    return 0
+
+
+def _structured(args: argparse.Namespace, generator: Any, methods: tuple[str, ...],
+                sampling: Any, out: Path | None) -> int:
+    from draftwise.bench.runner import environment
+    from draftwise.bench.structured import (
+        load_schemas,
+        markdown,
+        run_structured,
+        summarize_structured,
+    )
+
+    schemas = load_schemas(args.structured, args.limit)
+    config = generator.config(max_new_tokens=args.max_new_tokens, sampling=sampling,
+                              seed=args.seed)
+    partial = None if out is None else open(out / "records.partial.jsonl", "w", encoding="utf-8")
+
+    def keep(record: dict[str, Any]) -> None:
+        if partial is not None:
+            partial.write(json.dumps(record) + "\n")
+            partial.flush()
+
+    try:
+        runs, schema_records = run_structured(generator, schemas, methods, config,
+                                              whitespace=args.whitespace, on_record=keep)
+    finally:
+        if partial is not None:
+            partial.close()
+    summary = summarize_structured(runs, schema_records)
+    summary["environment"] = environment(generator.model)
+    summary["settings"] = {
+        "structured": args.structured, "methods": list(methods), "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens, "sampling": vars(sampling), "seed": args.seed,
+        "budget": args.budget, "backend": args.backend, "whitespace": args.whitespace,
+    }
+    table = markdown(summary)
+    sys.stdout.write(table)
+    if out is not None:
+        (out / "records.partial.jsonl").rename(out / "records.jsonl")
+        with open(out / "schemas.jsonl", "w", encoding="utf-8") as file:
+            file.writelines(json.dumps(s) + "\n" for s in schema_records)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        (out / "table.md").write_text(table, encoding="utf-8")
+        print(f"\nwrote {out}/records.jsonl, schemas.jsonl, summary.json, table.md",
+              file=sys.stderr)
     return 0
 
 
