@@ -267,17 +267,31 @@ class Constraint(ABC):
         return kept, masks
 
     def commit(self, tokens: Sequence[int]) -> None:
-        """Advance the committed state by ``tokens`` (each must be allowed)."""
-        row = self._masks(1)[0]
-        for token in tokens:
-            self._timed_fill(row)
-            if not self.allows(row, int(token)):
-                raise ConstraintError(f"token {token} is not allowed by the grammar here")
-            if int(token) in self.eos:
-                self.finished = True  # EOS is checked, never consumed: matchers disagree on
-                return  # whether consuming it is undoable, and nothing may follow it anyway
-            self._consume(int(token))
-            self._check()
+        """Advance the committed state by ``tokens``; each must be allowed (checked without
+        computing masks). An EOS ends the grammar's part: it is checked, never consumed."""
+        tokens = [int(t) for t in tokens]
+        end = next((i for i, t in enumerate(tokens) if t in self.eos), len(tokens))
+        body = tokens[:end]
+        valid = self._valid_prefix(body)
+        if valid < len(body):
+            raise ConstraintError(f"token {body[valid]} is not allowed by the grammar here")
+        if end < len(tokens):
+            row = self._masks(1)[0]
+            if body:  # look at the mask after the body without keeping it
+                for token in body:
+                    self._consume(token)
+                self._timed_fill(row)
+                self._rollback(len(body))
+            else:
+                self._timed_fill(row)
+            if not self.allows(row, tokens[end]):
+                raise ConstraintError("the grammar does not allow the output to end here")
+        for token in body:
+            self._consume(token)
+        self._check()
+        if end < len(tokens):
+            # EOS is never consumed: matchers disagree on whether consuming it can be undone
+            self.finished = True
 
     def rollback(self, count: int) -> None:
         """Undo the last ``count`` committed tokens."""
