@@ -172,6 +172,9 @@ class Run:
             acceptance = verify(full, logits, sampling, rng, seen)  # 3.
             backend.commit(acceptance.path, acceptance.tokens[-1])  # 4.
             t2 = time.perf_counter()
+            # The masks may prune more than prune() did (llguidance's masks also insist on
+            # canonical tokenizations of forced text): the drafter sees the tree verified.
+            tree = _below(len(forced), full)
             own = _ungraft(len(forced), tree, acceptance)
             drafter.observe(StepResult(tree, own, logits[len(forced) :]))  # 5.
             if sizer is not None:
@@ -217,6 +220,15 @@ def _graft(forced: list[int], tree: DraftTree) -> DraftTree:
         certain[torch.arange(k), torch.tensor(forced)] = 1.0
         probs = torch.cat([certain, tree.draft_probs])
     return DraftTree(tuple(forced) + tree.tokens, parents, probs)
+
+
+def _below(k: int, full: DraftTree) -> DraftTree:
+    """The part of ``full`` below its first ``k`` (forced, chained) nodes, renumbered."""
+    if k == 0:
+        return full
+    parents = tuple(p - k if p >= k else -1 for p in full.parents[k:])
+    probs = None if full.draft_probs is None else full.draft_probs[k:]
+    return DraftTree(full.tokens[k:], parents, probs)
 
 
 def _ungraft(k: int, tree: DraftTree, acceptance: Acceptance) -> Acceptance:

@@ -265,3 +265,24 @@ def test_bench_structured_mode(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "o" / "records.jsonl").open()]
     assert {r["method"] for r in records} == {"none", "pld"}
     assert all(r["valid"] or r["finish_reason"] == "length" for r in records)
+
+
+MASKBENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "maskbench"
+
+
+@pytest.mark.skipif(not MASKBENCH.is_dir(), reason="../shared/data/maskbench is not present")
+def test_maskbench_schemas_with_drafters_equal_constrained_plain(generator: Generator) -> None:
+    """Regression: llguidance's masks also forbid non-canonical tokenizations that its
+    validate_tokens accepts; the drafter must be shown the tree the masks left."""
+    from draftwise.bench.structured import PROMPT, load_schemas
+    from draftwise.constraints import ConstraintSpec
+
+    plain = generator.with_method("none")
+    others = [generator.with_method(m) for m in ("recycling", "composite")]
+    for item in load_schemas(MASKBENCH, 2):
+        spec = ConstraintSpec("json_schema", json.dumps(item.schema))
+        ids = generator.encode(PROMPT.format(schema=json.dumps(item.schema)))
+        config = generator.config(max_new_tokens=96)
+        expected = plain.engine.generate(ids, config, generator.constrain(spec)).tokens
+        for other in others:
+            assert other.engine.generate(ids, config, generator.constrain(spec)).tokens == expected

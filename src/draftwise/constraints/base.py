@@ -200,8 +200,10 @@ class Constraint(ABC):
     def prune(self, tree: DraftTree, after: Sequence[int] = ()) -> DraftTree:
         """Drop the draft nodes the grammar forbids (cheap: no masks), with their subtrees and
         everything after an EOS; forbidden nodes carrying ``draft_probs`` stay, as leaves (see
-        :meth:`tree_masks`). ``after``: tokens (allowed, no EOS) between the committed state
-        and the tree's root, e.g. forced tokens."""
+        :meth:`tree_masks`). A pre-filter: a mask may still forbid a node this keeps (e.g. a
+        non-canonical tokenization of text the grammar forces), so :meth:`tree_masks` decides.
+        ``after``: tokens (allowed, no EOS) between the committed state and the tree's root,
+        e.g. forced tokens."""
         if len(tree) == 0:
             return tree
         for token in after:
