@@ -73,6 +73,7 @@ class Generator:
             supports the model, else hf).
         exact: fast backend only: verify with plain decoding's one-row kernel, so output is
             bit-identical to plain decoding on this backend (slower verification).
+        compile_timeout_s: the most seconds compiling one grammar or schema may take.
     """
 
     def __init__(
@@ -84,8 +85,10 @@ class Generator:
         cache_dir: Path | str | None = None,
         backend: str = "auto",
         exact: bool = False,
+        compile_timeout_s: float = 10.0,
     ) -> None:
         self.model = load_model(model) if isinstance(model, str) else model
+        self.compile_timeout_s = compile_timeout_s
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.backend: KVBackend = make_backend(self.model, backend, self.cache_dir, exact=exact)
         self.backend_name = type(self.backend).__name__
@@ -124,6 +127,7 @@ class Generator:
         """Another generator on the same loaded model, backend and cost curve."""
         other = Generator.__new__(Generator)
         other.model, other.backend, other.cache_dir = self.model, self.backend, self.cache_dir
+        other.compile_timeout_s = self.compile_timeout_s
         other.backend_name = self.backend_name
         other.default_budget, other._cost = self.default_budget, self._cost
         other._compiler = self.compiler
@@ -136,7 +140,8 @@ class Generator:
         """Grammar compiler for this model's tokenizer (compiled grammars are cached here)."""
         if self._compiler is None:
             self._compiler = Compiler(
-                self.model.tokenizer, self.backend.vocab_size, self.model.eos_token_ids
+                self.model.tokenizer, self.backend.vocab_size, self.model.eos_token_ids,
+                timeout_s=self.compile_timeout_s,
             )
         return self._compiler
 

@@ -165,6 +165,10 @@ def add_constraint_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grammar", default=None, metavar="FILE",
                        help="the output follows this Lark (or GBNF) grammar file")
     group.add_argument(
+        "--compile-timeout", type=float, default=10.0, metavar="SECONDS",
+        help="the most time compiling the grammar may take (default: 10)",
+    )
+    group.add_argument(
         "--samples", type=positive_int, default=1, metavar="N",
         help="draw N samples of the prompt (needs --temperature > 0; default: 1)",
     )
@@ -245,7 +249,8 @@ def _generate(args: argparse.Namespace) -> int:
     spec = constraint_from_args(args)
     loaded = load_model(args.model, cache_dir=args.cache_dir)
     generator = Generator(loaded, args.method, budget=args.budget, cache_dir=args.cache_dir,
-                          backend=args.backend, exact=args.exact)
+                          backend=args.backend, exact=args.exact,
+                          compile_timeout_s=args.compile_timeout)
     constrain = (lambda: generator.constrain(spec)) if spec is not None else (lambda: None)
     constraint = constrain()  # compiles now: a bad grammar fails before any decoding
     if args.samples > 1 or args.aligned:

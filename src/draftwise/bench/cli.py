@@ -55,8 +55,9 @@ def add_bench_parser(commands: Any) -> None:
     bench.add_argument(
         "--structured", default=None, metavar="PATH",
         help="structured mode: JSON Schemas from a folder of MaskBench-style files (or a JSONL "
-        "of objects with a 'schema'); --limit caps the number of schemas. Reports compile and "
-        "mask times, forced-token share, speedup over constrained plain decoding, validity",
+        "of objects with a 'schema'); --limit N takes N spread evenly over them. Reports "
+        "compile and mask times, forced-token share, speedup over constrained plain decoding, "
+        "validity",
     )
     bench.add_argument("--whitespace", choices=("compact", "flexible"), default="compact",
                        help="JSON whitespace in --structured mode (default: compact)")

@@ -46,7 +46,8 @@ class Schema:
 
 
 def load_schemas(path: str | Path, limit: int | None = None) -> list[Schema]:
-    """Schemas from a folder of ``*.json`` MaskBench files or a JSONL file, in name order."""
+    """Schemas from a folder of ``*.json`` MaskBench files or a JSONL file, in name order;
+    ``limit``: that many, spread evenly over them (MaskBench's files are grouped by source)."""
     path = Path(path)
     items: list[Schema] = []
     if path.is_dir():
@@ -62,7 +63,9 @@ def load_schemas(path: str | Path, limit: int | None = None) -> list[Schema]:
         raise FileNotFoundError(f"no schema folder or JSONL file at {path}")
     if not items:
         raise ValueError(f"{path} holds no schemas")
-    return items[:limit] if limit else items
+    if limit and limit < len(items):  # spread evenly: the files are grouped by source
+        items = [items[i * len(items) // limit] for i in range(limit)]
+    return items
 
 
 def _schema_of(data: Any, where: str) -> Any:

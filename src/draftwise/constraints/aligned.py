@@ -102,7 +102,7 @@ class AlignedSampler:
 
     Parameters:
         backend: the target model's KV backend.
-        constraint: a fresh grammar state (it is advanced and rolled back while walking).
+        constraint: a fresh grammar state (left as is: each sample walks a fork of it).
         prompt_ids: the prompt.
         sampling: the model's sampling transforms (temperature > 0).
         eos_token_ids: tokens that end a sample.
@@ -132,15 +132,15 @@ class AlignedSampler:
         self.max_new_tokens = max_new_tokens
         self.rng = torch.Generator().manual_seed(seed)
         self.model_calls = 0
-        self.root = self._node([])
+        self.root = self._node([], constraint)
 
     @property
     def grammaticality(self) -> float:
         """The current estimate of P(L | prompt): the chance a plain model sample is valid."""
         return self.root.value
 
-    def _node(self, path: list[int]) -> _Node:
-        """A new trie node for ``prompt + path`` (the constraint is at that state)."""
+    def _node(self, path: list[int], state: Constraint) -> _Node:
+        """A new trie node for ``prompt + path`` (``state``: the grammar after ``path``)."""
         logits = self.cache.logits_after(self.prompt + path)[None]
         self.model_calls += 1
         seen = None
@@ -150,7 +150,7 @@ class AlignedSampler:
             seen = seen[None]
         probs = self.sampling.probs(logits, seen)[0]
         allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
-        mask = self.constraint.mask()
+        mask = state.mask()
         allowed[: mask.shape[0]] = mask
         if len(path) == self.max_new_tokens - 1:  # the length cap is part of the language
             cap = torch.zeros_like(allowed)
@@ -168,25 +168,23 @@ class AlignedSampler:
             )
         path: list[int] = []
         nodes = [self.root]
+        walker = self.constraint.fork()
         complete = False
-        try:
-            while True:
-                node = nodes[-1]
-                weights = node.weights()
-                if float(weights.sum()) <= 0.0:
-                    break  # a dead end: its value is now 0, and the next samples avoid it
-                token = int(torch.multinomial(weights, 1, generator=self.rng))
-                path.append(token)
-                if token in self.eos:
-                    complete = True
-                    break
-                self.constraint.commit([token])
-                child = node.children.get(token)
-                if child is None:
-                    child = node.children[token] = self._node(path)
-                nodes.append(child)
-        finally:
-            self.constraint.rollback(len(path) - complete)
+        while True:
+            node = nodes[-1]
+            weights = node.weights()
+            if float(weights.sum()) <= 0.0:
+                break  # a dead end: its value is now 0, and the next samples avoid it
+            token = int(torch.multinomial(weights, 1, generator=self.rng))
+            path.append(token)
+            if token in self.eos:
+                complete = True
+                break
+            walker.commit([token])
+            child = node.children.get(token)
+            if child is None:
+                child = node.children[token] = self._node(path, walker)
+            nodes.append(child)
         for node in reversed(nodes):
             node.refresh()
         return AlignedSample(path, complete)

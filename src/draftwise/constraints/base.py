@@ -11,12 +11,18 @@ distributed identically (sampling):
   end the generation, emits them without a model step.
 * :meth:`Constraint.tree_masks` — walks the tree from the committed state, giving the mask of
   allowed tokens at the root and at every node (the bonus position included) and pruning nodes the
-  grammar forbids. Walking uses consume-then-rollback, so the committed state is unchanged after.
+  grammar forbids.
 * :meth:`Constraint.commit` — advances the state by the tokens a step emitted; only committed
   tokens ever advance it, so a rejected branch never touches it.
 
-An adapter (one per grammar engine) supplies four primitives over the matcher state: fill a
-packed mask, consume one token, roll back, and report errors. Everything else lives here.
+Exploration (forced tokens, pruning, tree walks) runs on *forks* — copies of the committed state —
+never by consuming and rolling back the committed state itself: the committed matcher only ever
+consumes committed tokens, exactly like constrained plain decoding's. (llguidance 1.9's rollback
+can leave a matcher whose masks differ from a fresh replay of the same tokens after a long
+history of walks; the MaskBench regression test caught it.)
+
+An adapter (one per grammar engine) supplies the primitives: fill a packed mask, consume one
+token, count the valid prefix of a token list, fork, roll back, and report errors.
 """
 
 from __future__ import annotations
@@ -129,6 +135,10 @@ class Constraint(ABC):
         """Undo the last ``count`` consumed tokens."""
 
     @abstractmethod
+    def _fork(self) -> Constraint:
+        """An independent copy of the current state (sharing ``stats``)."""
+
+    @abstractmethod
     def _valid_prefix(self, tokens: Sequence[int]) -> int:
         """How many of ``tokens`` the grammar accepts in a row from the current state (no
         state change)."""
@@ -175,8 +185,9 @@ class Constraint(ABC):
         """Up to ``limit`` tokens that are, one after another, the only token the grammar allows."""
         tokens: list[int] = []
         row = self._masks(1)[0]
+        state: Constraint | None = None
         while len(tokens) < limit:
-            self._timed_fill(row)
+            (state or self)._timed_fill(row)
             nonzero = torch.nonzero(row).flatten()
             if len(nonzero) != 1:
                 break
@@ -189,12 +200,11 @@ class Constraint(ABC):
                 break
             tokens.append(token)
             if token in self.eos:
-                break  # the end: never consumed (see _advance)
-            self._consume(token)
-            if self.error():
+                break  # the end: never consumed (see commit)
+            state = state or self._fork()
+            state._consume(token)
+            if state.error():
                 break
-        self._rollback(len(tokens) - (bool(tokens) and tokens[-1] in self.eos))
-        self._check()
         return tokens
 
     def prune(self, tree: DraftTree, after: Sequence[int] = ()) -> DraftTree:
@@ -206,18 +216,21 @@ class Constraint(ABC):
         e.g. forced tokens."""
         if len(tree) == 0:
             return tree
-        for token in after:
-            self._consume(int(token))
+        state: Constraint = self
+        if after:
+            state = self._fork()
+            for token in after:
+                state._consume(int(token))
         valid = [False] * len(tree)
         for leaf in tree.leaves():
             path = tree.path_to(leaf)
             tokens = [tree.tokens[n] for n in path]
             end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos), len(tokens))
-            count = self._valid_prefix(tokens[:end])
+            count = state._valid_prefix(tokens[:end])
             for node in path[:count]:
                 valid[node] = True
-        self._rollback(len(after))
-        self._check()
+        state._check()
+
         def reachable(node: int) -> bool:  # the verifier may visit it: its parent was kept
             parent = tree.parents[node]
             return parent < 0 or (valid[parent] and tree.tokens[parent] not in self.eos)
@@ -241,24 +254,28 @@ class Constraint(ABC):
         keep: list[int] = []
         forbidden: set[int] = set()
 
-        def walk(node: int) -> None:
-            self._timed_fill(packed[node + 1])
+        def walk(node: int, state: Constraint) -> None:
+            state._timed_fill(packed[node + 1])
             row = packed[node + 1]
+            allowed: list[int] = []
             for child in children.get(node, ()):
                 token = tree.tokens[child]
                 if self.allows(row, token):
                     keep.append(child)
                     if token in self.eos:
                         packed[child + 1] = -1  # nothing follows EOS; its row is never used
-                        continue  # and its subtree is dropped
-                    self._consume(token)
-                    walk(child)
-                    self._rollback(1)
+                    else:
+                        allowed.append(child)  # its subtree is walked below
                 elif tree.draft_probs is not None:
                     keep.append(child)
                     forbidden.add(child)
+            for i, child in enumerate(allowed):
+                # the last child may take the node's own state: nobody needs it after
+                branch = state if i == len(allowed) - 1 else state._fork()
+                branch._consume(tree.tokens[child])
+                walk(child, branch)
 
-        walk(-1)
+        walk(-1, self._fork())
         self._check()
         keep.sort()
         masks = unpack_masks(packed[[0] + [k + 1 for k in keep]], self.vocab_size)
@@ -278,14 +295,11 @@ class Constraint(ABC):
         if valid < len(body):
             raise ConstraintError(f"token {body[valid]} is not allowed by the grammar here")
         if end < len(tokens):
+            state = self._fork()
+            for token in body:
+                state._consume(token)
             row = self._masks(1)[0]
-            if body:  # look at the mask after the body without keeping it
-                for token in body:
-                    self._consume(token)
-                self._timed_fill(row)
-                self._rollback(len(body))
-            else:
-                self._timed_fill(row)
+            state._timed_fill(row)
             if not self.allows(row, tokens[end]):
                 raise ConstraintError("the grammar does not allow the output to end here")
         for token in body:
@@ -295,8 +309,13 @@ class Constraint(ABC):
             # EOS is never consumed: matchers disagree on whether consuming it can be undone
             self.finished = True
 
+    def fork(self) -> Constraint:
+        """An independent copy of this state (e.g. to explore continuations)."""
+        return self._fork()
+
     def rollback(self, count: int) -> None:
-        """Undo the last ``count`` committed tokens."""
+        """Undo the last ``count`` committed tokens (the engine never needs this: it explores
+        on forks)."""
         self._rollback(count)
         self._check()
 

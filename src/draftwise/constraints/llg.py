@@ -114,6 +114,11 @@ class LLGuidanceConstraint(Constraint):
         if count and not self.matcher.rollback(count):
             raise ConstraintError(f"llguidance could not roll back {count} tokens")
 
+    def _fork(self) -> LLGuidanceConstraint:
+        fork = LLGuidanceConstraint(self.matcher.deep_copy(), self.vocab_size, sorted(self.eos))
+        fork.stats = self.stats
+        return fork
+
     def _valid_prefix(self, tokens: Sequence[int]) -> int:
         return int(self.matcher.validate_tokens(list(tokens))) if tokens else 0
 
@@ -142,6 +147,8 @@ class Compiler:
         eos_token_ids: Sequence[int],
         timeout_s: float = 10.0,
     ) -> None:
+        if not timeout_s > 0:
+            raise ConstraintError(f"the compile timeout must be > 0 seconds, got {timeout_s}")
         self.source_tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
