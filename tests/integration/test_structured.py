@@ -235,3 +235,37 @@ def test_a_tokenizer_llguidance_cannot_read_is_a_named_error(tmp_path: Path) -> 
     gen = Generator(str(folder), "pld", budget=4, backend="hf", cache_dir=tmp_path)
     with pytest.raises(ConstraintError, match="cannot read this model's tokenizer"):
         gen.generate("w3 w4", max_new_tokens=4, regex="w1+", raw=True)
+
+
+@pytest.mark.parametrize("options", ["trial_steps=3", "trial_steps=3,width=2,depth=3"])
+def test_self_speculation_under_a_constraint(compiler: Compiler, options: str) -> None:
+    """The ``self`` drafter (fast backend, layers skipped) on a float64 tiny Llama."""
+    from types import SimpleNamespace
+
+    from draftwise.backends.fast import FastBackend
+
+    from ..conftest import tiny_hf_model
+
+    hf = tiny_hf_model("llama", vocab=EOS + 1, seed=5, layers=6)
+    spec = SPECS["records"]
+
+    def plain(prompt: list[int]) -> list[int]:
+        constraint, ids, out = compiler.compile(spec), list(prompt), []
+        for _ in range(NEW):
+            with torch.inference_mode():
+                logits = hf(torch.tensor([ids])).logits[0, -1:]
+            token = int(torch.argmax(apply_mask(logits, constraint.mask()[None])[0]))
+            out.append(token)
+            if token == EOS:
+                break
+            constraint.commit([token])
+            ids.append(token)
+        return out
+
+    backend = FastBackend(hf)
+    drafter = create_drafter(f"self:{options}")
+    drafter.attach(SimpleNamespace(model=hf), backend)
+    engine = Engine(backend, drafter)
+    config = GenerationConfig(max_new_tokens=NEW, eos_token_ids=(EOS,))
+    for prompt in PROMPTS:
+        assert engine.generate(prompt, config, compiler.compile(spec)).tokens == plain(prompt)

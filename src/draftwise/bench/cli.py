@@ -202,7 +202,9 @@ def _structured(args: argparse.Namespace, generator: Any, methods: tuple[str, ..
     table = markdown(summary)
     sys.stdout.write(table)
     if out is not None:
-        (out / "records.partial.jsonl").rename(out / "records.jsonl")
+        with open(out / "records.jsonl", "w", encoding="utf-8") as file:  # with exactness
+            file.writelines(json.dumps(r) + "\n" for r in runs)
+        (out / "records.partial.jsonl").unlink()
         with open(out / "schemas.jsonl", "w", encoding="utf-8") as file:
             file.writelines(json.dumps(s) + "\n" for s in schema_records)
         (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
