@@ -62,11 +62,14 @@ def compiler() -> Compiler:
     return Compiler(byte_tokenizer(), vocab_size=EOS + 1, eos_token_ids=[EOS])
 
 
-def constrained_plain(model: ReferenceModel, constraint, prompt: list[int], new: int) -> list[int]:
-    """The definition: at each position, mask the logits, take the argmax."""
+def constrained_plain(model, constraint, prompt: list[int], new: int) -> list[int]:
+    """The definition: at each position, mask the logits, take the argmax (``model``: a
+    reference model, or any callable from ids to ``[1, vocab]`` next-token logits)."""
+    forward = model if callable(model) and not isinstance(model, ReferenceModel) else (
+        lambda ids: model.full_forward(ids)[-1:])
     ids, out = list(prompt), []
     for _ in range(new):
-        logits = apply_mask(model.full_forward(ids)[-1:], constraint.mask()[None])
+        logits = apply_mask(forward(ids), constraint.mask()[None])
         token = int(torch.argmax(logits[0]))
         out.append(token)
         if token == EOS:
@@ -249,18 +252,9 @@ def test_self_speculation_under_a_constraint(compiler: Compiler, options: str) -
     hf = tiny_hf_model("llama", vocab=EOS + 1, seed=5, layers=6)
     spec = SPECS["records"]
 
-    def plain(prompt: list[int]) -> list[int]:
-        constraint, ids, out = compiler.compile(spec), list(prompt), []
-        for _ in range(NEW):
-            with torch.inference_mode():
-                logits = hf(torch.tensor([ids])).logits[0, -1:]
-            token = int(torch.argmax(apply_mask(logits, constraint.mask()[None])[0]))
-            out.append(token)
-            if token == EOS:
-                break
-            constraint.commit([token])
-            ids.append(token)
-        return out
+    @torch.inference_mode()
+    def forward(ids: list[int]) -> torch.Tensor:
+        return hf(torch.tensor([ids])).logits[0, -1:]
 
     backend = FastBackend(hf)
     drafter = create_drafter(f"self:{options}")
@@ -268,4 +262,5 @@ def test_self_speculation_under_a_constraint(compiler: Compiler, options: str) -
     engine = Engine(backend, drafter)
     config = GenerationConfig(max_new_tokens=NEW, eos_token_ids=(EOS,))
     for prompt in PROMPTS:
-        assert engine.generate(prompt, config, compiler.compile(spec)).tokens == plain(prompt)
+        expected = constrained_plain(forward, compiler.compile(spec), prompt, NEW)
+        assert engine.generate(prompt, config, compiler.compile(spec)).tokens == expected

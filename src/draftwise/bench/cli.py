@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,22 @@ def add_bench_parser(commands: Any) -> None:
     bench.set_defaults(handler=bench_command)
 
 
+@contextlib.contextmanager
+def _partial_records(out: Path | None) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A callback that appends each record to ``out/records.partial.jsonl`` as it is made, so
+    an interrupted run keeps what it measured (a no-op without ``out``)."""
+    if out is None:
+        yield lambda record: None
+        return
+    with open(out / "records.partial.jsonl", "w", encoding="utf-8") as partial:
+
+        def keep(record: dict[str, Any]) -> None:
+            partial.write(json.dumps(record) + "\n")
+            partial.flush()
+
+        yield keep
+
+
 def split_methods(text: str) -> tuple[str, ...]:
     """``"none,pld:budget=16,depth=4,hf-pld"`` -> ``("none", "pld:budget=16,depth=4",
     "hf-pld")``: a comma starts a new method unless what follows is another ``key=value``."""
@@ -134,18 +152,8 @@ def bench_command(args: argparse.Namespace) -> int:
     config = BenchConfig(methods, generator.config(
         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
     ))
-    partial = None if out is None else open(out / "records.partial.jsonl", "w", encoding="utf-8")
-
-    def keep(record: dict[str, Any]) -> None:
-        if partial is not None:
-            partial.write(json.dumps(record) + "\n")
-            partial.flush()
-
-    try:
+    with _partial_records(out) as keep:
         records = run_bench(generator, questions, config, runners, on_record=keep)
-    finally:
-        if partial is not None:
-            partial.close()
     report.mark_exactness(records)
     summary = report.summarize(records)
     summary["environment"] = environment(model, draft)
@@ -179,19 +187,9 @@ def _structured(args: argparse.Namespace, generator: Any, methods: tuple[str, ..
     schemas = load_schemas(args.structured, args.limit)
     config = generator.config(max_new_tokens=args.max_new_tokens, sampling=sampling,
                               seed=args.seed)
-    partial = None if out is None else open(out / "records.partial.jsonl", "w", encoding="utf-8")
-
-    def keep(record: dict[str, Any]) -> None:
-        if partial is not None:
-            partial.write(json.dumps(record) + "\n")
-            partial.flush()
-
-    try:
+    with _partial_records(out) as keep:
         runs, schema_records = run_structured(generator, schemas, methods, config,
                                               whitespace=args.whitespace, on_record=keep)
-    finally:
-        if partial is not None:
-            partial.close()
     summary = summarize_structured(runs, schema_records)
     summary["environment"] = environment(generator.model)
     summary["settings"] = {
