@@ -117,6 +117,7 @@ class Constraint(ABC):
         self.eos = frozenset(int(t) for t in eos_token_ids)
         self.words = (vocab_size + 31) // 32
         self.finished = False  # an EOS was committed
+        self._here: torch.Tensor | None = None  # packed mask of the committed state, once known
         self.stats = ConstraintStats()
 
     # the part an adapter supplies ---------------------------------------------------------------
@@ -170,11 +171,17 @@ class Constraint(ABC):
         if message:
             raise ConstraintError(f"the grammar engine stopped: {message}")
 
+    def _committed_row(self) -> torch.Tensor:
+        """The packed mask of the committed state, computed once per state (each step needs it
+        in :meth:`forced` and again as the root row of :meth:`tree_masks`)."""
+        if self._here is None:
+            self._here = self._masks(1)[0]
+            self._timed_fill(self._here)
+        return self._here
+
     def mask(self) -> torch.Tensor:
         """``[vocab]`` bool: tokens allowed next after the committed tokens."""
-        packed = self._masks(1)
-        self._timed_fill(packed[0])
-        return unpack_masks(packed, self.vocab_size)[0]
+        return unpack_masks(self._committed_row()[None], self.vocab_size)[0]
 
     def allows(self, packed_row: torch.Tensor, token: int) -> bool:
         return 0 <= token < self.vocab_size and bool(
@@ -184,10 +191,13 @@ class Constraint(ABC):
     def forced(self, limit: int) -> list[int]:
         """Up to ``limit`` tokens that are, one after another, the only token the grammar allows."""
         tokens: list[int] = []
-        row = self._masks(1)[0]
         state: Constraint | None = None
         while len(tokens) < limit:
-            (state or self)._timed_fill(row)
+            if state is None:
+                row = self._committed_row()
+            else:
+                row = self._masks(1)[0]
+                state._timed_fill(row)
             nonzero = torch.nonzero(row).flatten()
             if len(nonzero) != 1:
                 break
@@ -255,7 +265,10 @@ class Constraint(ABC):
         forbidden: set[int] = set()
 
         def walk(node: int, state: Constraint) -> None:
-            state._timed_fill(packed[node + 1])
+            if node < 0:
+                packed[0] = self._committed_row()
+            else:
+                state._timed_fill(packed[node + 1])
             row = packed[node + 1]
             allowed: list[int] = []
             for child in children.get(node, ()):
@@ -302,6 +315,8 @@ class Constraint(ABC):
             state._timed_fill(row)
             if not self.allows(row, tokens[end]):
                 raise ConstraintError("the grammar does not allow the output to end here")
+        if body:
+            self._here = None
         for token in body:
             self._consume(token)
         self._check()
@@ -316,6 +331,7 @@ class Constraint(ABC):
     def rollback(self, count: int) -> None:
         """Undo the last ``count`` committed tokens (the engine never needs this: it explores
         on forks)."""
+        self._here = None
         self._rollback(count)
         self._check()
 
