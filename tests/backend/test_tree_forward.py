@@ -43,6 +43,27 @@ def make_backend(kind: str, reference_model: ReferenceModel) -> tuple[KVBackend,
     return backend, full
 
 
+# Every backend here computes in float64 except one step: transformers' eager attention takes
+# its softmax in float32 (``softmax(..., dtype=torch.float32)``) and casts back. Each attention
+# probability then carries a relative error of up to one float32 unit roundoff (2**-24), and
+# the tree forward and the path forward round differently (different masked lengths, different
+# summation order on different SIMD widths). Through the value sum, the output projection and
+# the remaining layers that error reaches the logits scaled by the logits' own size; 64 unit
+# roundoffs of that size is a bound with room for the two layers and the sums in between,
+# independent of which CPU rounds. Everything else is float64 end to end: 1e-9.
+FLOAT32_SOFTMAX = {"llama-eager"}
+
+
+def tolerance(kind: str, expected: torch.Tensor) -> float:
+    if kind in FLOAT32_SOFTMAX:
+        return 64 * 2.0**-24 * max(1.0, expected.abs().max().item())
+    return 1e-9
+
+
+def assert_logits_close(kind: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance(kind, expected))
+
+
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_every_node_matches_its_path(kind: str, reference_model: ReferenceModel) -> None:
     backend, full = make_backend(kind, reference_model)
@@ -50,10 +71,10 @@ def test_every_node_matches_its_path(kind: str, reference_model: ReferenceModel)
     logits = backend.forward_tree(TREE)  # [N + 1, vocab]
     assert logits.shape == (len(TREE) + 1, backend.vocab_size)
     expected_root = full(PROMPT)[-1]
-    torch.testing.assert_close(logits[0], expected_root, rtol=0, atol=1e-9)
+    assert_logits_close(kind, logits[0], expected_root)
     for node in range(len(TREE)):
         path_ids = PROMPT + TREE.path_tokens(node)
-        torch.testing.assert_close(logits[node + 1], full(path_ids)[-1], rtol=0, atol=1e-9)
+        assert_logits_close(kind, logits[node + 1], full(path_ids)[-1])
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -70,8 +91,8 @@ def test_commit_then_next_step_matches_recompute(
     assert backend.length == len(committed)
     follow = DraftTree((2, 6), (-1, -1))
     logits = backend.forward_tree(follow)
-    torch.testing.assert_close(logits[0], full(committed)[-1], rtol=0, atol=1e-9)
-    torch.testing.assert_close(logits[2], full(committed + [6])[-1], rtol=0, atol=1e-9)
+    assert_logits_close(kind, logits[0], full(committed)[-1])
+    assert_logits_close(kind, logits[2], full(committed + [6])[-1])
 
 
 def test_prompt_longer_than_window_is_refused(reference_model: ReferenceModel) -> None:
