@@ -13,7 +13,7 @@ import json
 import re
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from draftwise.backends.base import PromptTooLongError
@@ -385,8 +385,6 @@ def compare_runs(tokens: Sequence[int], plain: Sequence[int], plain_stats: Any) 
 def _datastore(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from draftwise.drafters.retrieval import build_datastore, read_corpus
     from draftwise.models import load_model
 
@@ -394,13 +392,23 @@ def _datastore(args: argparse.Namespace) -> int:
     tokenizer = load_model(args.model, cache_dir=args.cache_dir).tokenizer
     out = Path(args.out)
     store = build_datastore(
-        tqdm(documents, desc="tokenizing", file=sys.stderr),
+        _with_progress(documents, "tokenizing"),
         lambda text: list(tokenizer(text, add_special_tokens=False).input_ids),
         out,
         key_length=args.key_length,
     )
     print(f"wrote {out}: {len(documents)} documents, {int((store.tokens >= 0).sum())} tokens")
     return 0
+
+
+def _with_progress(items: Sequence[Any], desc: str) -> Iterator[Any]:
+    from draftwise.progress import progress_bar
+
+    bar = progress_bar(len(items), desc, unit="document")
+    for item in items:
+        yield item
+        bar.update()
+    bar.close()
 
 
 def _assemble(args: argparse.Namespace) -> int:

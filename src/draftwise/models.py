@@ -18,7 +18,6 @@ import hashlib
 import importlib.util
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,46 +178,45 @@ def _cached_conversion(path: Path, cache_root: Path, progress: bool) -> tuple[Pa
 
 
 def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
-    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stages = tqdm(
-        total=3,
-        desc=f"converting {path.name} once into {target.parent}",
-        disable=not progress,
-        file=sys.stderr,
-        bar_format="{desc}: {n}/{total} {postfix}",
+    from draftwise.progress import progress_bar, quiet_transformers
+
+    stages = progress_bar(
+        3, f"converting {path.name} once into {target.parent}", enabled=progress,
+        unit="stage", bar_format="{desc}: {n}/{total} {postfix}",
     )
     temporary = target.with_name(target.name + ".partial")
     shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        stages.set_postfix_str("tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(
-            path.parent, gguf_file=path.name, local_files_only=True
-        )
-        stages.update()
-        stages.set_postfix_str("weights (dequantizing)")
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True
-        )
-        stages.update()
-        stages.set_postfix_str("saving")
-        # save_pretrained refuses GGUF-quantized models until the markers are dropped; the
-        # weights are already dequantized to fp32.
-        model.hf_quantizer = None  # type: ignore[assignment]
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(temporary)
-        tokenizer.save_pretrained(temporary)
-        (temporary / "draftwise.json").write_text(
-            json.dumps({"source": str(path.resolve()), "size": path.stat().st_size})
-        )
-        stages.update()
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise ModelError(f"could not convert {path}: {error}") from error
-    finally:
-        stages.close()
+    with quiet_transformers():
+        try:
+            stages.set_postfix_str("tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(
+                path.parent, gguf_file=path.name, local_files_only=True
+            )
+            stages.update()
+            stages.set_postfix_str("weights (dequantizing)")
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True
+            )
+            stages.update()
+            stages.set_postfix_str("saving")
+            # save_pretrained refuses GGUF-quantized models until the markers are dropped; the
+            # weights are already dequantized to fp32.
+            model.hf_quantizer = None  # type: ignore[assignment]
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(temporary)
+            tokenizer.save_pretrained(temporary)
+            (temporary / "draftwise.json").write_text(
+                json.dumps({"source": str(path.resolve()), "size": path.stat().st_size})
+            )
+            stages.update()
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise ModelError(f"could not convert {path}: {error}") from error
+        finally:
+            stages.close()
     shutil.rmtree(target, ignore_errors=True)
     temporary.rename(target)
 

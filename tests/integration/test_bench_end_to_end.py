@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,27 @@ def test_bench_writes_parseable_outputs(tiny_model_dir: Path, tmp_path: Path,
     assert len(records) == 4 * 3  # 4 methods x 3 turns
     assert (out / "table.md").read_text().startswith("| method |")
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_without_matplotlib_keeps_its_figures(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The chart is optional: without matplotlib the run says so once, before it starts, and
+    still writes its records, summary and table and exits 0."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["w1 w2 w1"]}))
+    out = tmp_path / "out"
+    code = main(["bench", "--model", str(tiny_model_dir), "--questions", str(questions),
+                 "--methods", "pld", "--max-new-tokens", "6", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0
+    stderr = capsys.readouterr().err
+    assert "no chart.png this run" in stderr and "matplotlib" in stderr
+    assert (out / "records.jsonl").exists() and (out / "table.md").exists()
+    assert json.loads((out / "summary.json").read_text())["methods"]["pld"]
+    assert not (out / "chart.png").exists() and not (out / "records.partial.jsonl").exists()
 
 
 def test_bench_cost_curve(tiny_model_dir: Path, tmp_path: Path,

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import copy
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from draftwise.backends.base import KVBackend
 from draftwise.backends.kernels import BUCKETS, KERNELS, KernelChoice, Linear, available
+from draftwise.progress import progress_bar
 from draftwise.tree import DraftTree
 
 __all__ = ["FastBackend", "UnsupportedModelError", "supports"]
@@ -140,8 +139,8 @@ class FastBackend(KVBackend):
         names = [n for n in KERNELS if all(available(n, linear) for linear in linears)]
         samples: dict[int, dict[str, list[float]]] = {b: {n: [] for n in names} for b in buckets}
         self.prefill([(7 * i + 3) % self.vocab_size for i in range(64)])
-        bar = tqdm(total=(repeats + 1) * len(buckets) * len(names), desc="tuning kernels",
-                   disable=not progress, file=sys.stderr)
+        bar = progress_bar((repeats + 1) * len(buckets) * len(names), "tuning kernels",
+                           enabled=progress, unit="pass")
         for repeat in range(repeats + 1):
             for bucket in buckets:
                 tree = DraftTree.chain([(5 * i + 1) % self.vocab_size for i in range(bucket - 1)])

@@ -136,8 +136,12 @@ def bench_command(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     out = Path(args.out) if args.out else None
+    chart_missing = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        chart_missing = report.chart_unavailable()
+        if chart_missing and not (args.cost or args.structured):
+            print(f"draftwise: no chart.png this run: {chart_missing}", file=sys.stderr)
     model = load_model(args.model, cache_dir=args.cache_dir)
     draft = load_model(args.draft, cache_dir=args.cache_dir) if args.draft else None
     generator = Generator(model, "none", budget=args.budget, cache_dir=args.cache_dir,
@@ -169,8 +173,11 @@ def bench_command(args: argparse.Namespace) -> int:
         (out / "records.partial.jsonl").rename(out / "records.jsonl")
         (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         (out / "table.md").write_text(table, encoding="utf-8")
-        report.chart(summary, out / "chart.png")
-        print(f"\nwrote {out}/records.jsonl, summary.json, table.md, chart.png", file=sys.stderr)
+        written = ["records.jsonl", "summary.json", "table.md"]
+        if chart_missing is None:
+            report.chart(summary, out / "chart.png")
+            written.append("chart.png")
+        print(f"\nwrote {', '.join(f'{out}/{name}' for name in written)}", file=sys.stderr)
     return 0
 
 

@@ -16,10 +16,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from draftwise.backends.base import Backend
 from draftwise.machine import machine_key
+from draftwise.progress import progress_bar
 from draftwise.tree import DraftTree
 
 __all__ = ["CURVE_SIZES", "cached_step_cost", "measure_step_cost"]
@@ -41,7 +40,7 @@ def measure_step_cost(
     vocab = backend.vocab_size
     backend.prefill(list(prompt_ids))
     times: dict[int, list[float]] = {n: [] for n in sizes}
-    bar = tqdm(total=(repeats + 1) * len(sizes), desc="step cost", disable=not progress)
+    bar = progress_bar((repeats + 1) * len(sizes), "step cost", enabled=progress, unit="pass")
     for repeat in range(repeats + 1):  # the first pass warms up and is discarded
         order = list(sizes)
         rng.shuffle(order)

@@ -135,6 +135,16 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chart_unavailable() -> str | None:
+    """Why :func:`chart` cannot draw here (matplotlib missing), or None. Checked before a run,
+    so a finished benchmark never fails on its optional chart."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        return f"matplotlib cannot be imported ({error}): pip install 'draftwise[bench]'"
+    return None
+
+
 def chart(summary: dict[str, Any], path: Path) -> None:
     """PNG: speedup and MAT per category, one bar per method."""
     import matplotlib

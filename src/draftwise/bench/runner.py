@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from draftwise.api import Generator
 from draftwise.bench.datasets import Question, report_category
@@ -27,6 +26,7 @@ from draftwise.bench.report import BASELINE
 from draftwise.drafters.base import UnknownMethodError, parse_method
 from draftwise.engine import GenerationConfig
 from draftwise.models import LoadedModel
+from draftwise.progress import progress_bar
 
 __all__ = ["BenchConfig", "PEERS", "run_bench", "environment"]
 
@@ -171,7 +171,7 @@ def run_bench(
 
     records: list[dict[str, Any]] = []
     total = sum(len(q.turns) for q in questions) * len(names)
-    bar = tqdm(total=total, desc="bench", disable=not progress, unit="run")
+    bar = progress_bar(total, "bench", enabled=progress, unit="run")
     for index, question in enumerate(questions):
         order = names[index % len(names) :] + names[: index % len(names)]
         answers: dict[str, list[str]] = {name: [] for name in names}

@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from draftwise.api import Generator
 from draftwise.bench.report import BASELINE, mark_exactness
 from draftwise.constraints import ConstraintSpec, GrammarError, check_output
 from draftwise.engine import GenerationConfig
+from draftwise.progress import progress_bar
 
 __all__ = ["Schema", "load_schemas", "run_structured", "summarize_structured", "markdown"]
 
@@ -97,7 +96,7 @@ def run_structured(
     warm = GenerationConfig(max_new_tokens=4, sampling=config.sampling, seed=config.seed,
                             eos_token_ids=config.eos_token_ids)
     warmed = False
-    bar = tqdm(total=len(schemas), desc="structured bench", disable=not progress, unit="schema")
+    bar = progress_bar(len(schemas), "structured bench", enabled=progress, unit="schema")
     for index, item in enumerate(schemas):
         spec = ConstraintSpec("json_schema", json.dumps(item.schema), whitespace)
         info: Record = {"schema": item.name}
