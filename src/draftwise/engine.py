@@ -5,7 +5,8 @@ The engine knows nothing about tokenization or about which method drafts: it hol
 repeats, until EOS, the token budget or the context window:
 
 1. ``tree = drafter.propose(context)`` — trimmed so it cannot pass the budget or the window,
-   then (optionally) sized by a :class:`~draftwise.sizing.TreeSizer` to what pays on this machine;
+   then (optionally) sized by a :class:`~draftwise.sizing.TreeSizer` to what pays on this machine
+   (which may also decide, before proposing, that this step drafts nothing: plain decoding);
 2. ``logits = backend.forward_tree(tree)`` — root and every node in one forward pass;
 3. ``acceptance = verify(tree, logits)`` — the lossless rule, shared with plain decoding;
 4. ``backend.commit(acceptance.path)`` — keep the accepted path in the KV cache;
@@ -157,7 +158,11 @@ class Run:
                     break
                 forced = forced[:max_depth]
             depth = max_depth - len(forced)
-            tree = drafter.propose(context + forced, depth).truncated(depth)  # 1.
+            # A step that cannot pay for its draft decodes plainly (the sizer's gate): the
+            # drafter is asked for nothing (depth 0) but keeps its bookkeeping and feedback.
+            drafting = sizer is None or sizer.wants_draft()
+            asked = depth if drafting else 0
+            tree = drafter.propose(context + forced, asked).truncated(depth)  # 1.
             if constraint is not None:
                 tree = constraint.prune(tree, after=forced)
             if sizer is not None:
@@ -180,6 +185,9 @@ class Run:
             if sizer is not None:
                 sizer.observe(tree, own)
             t3 = time.perf_counter()
+            if sizer is not None:
+                sizer.record(drafting and depth > 0, len(acceptance.tokens), t3 - t0,
+                             len(full) + 1, t2 - t1)
 
             emitted = list(acceptance.tokens)
             hit = next((i for i, token in enumerate(emitted) if token in eos), None)

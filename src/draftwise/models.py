@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from draftwise.progress import progress_bar, quiet_transformers
+
 __all__ = [
     "DEFAULT_MODEL_PACKAGE",
     "assemble_parts",
@@ -154,8 +156,10 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        with quiet_transformers():  # a one-second load needs no bar of its own
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                         local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelError(f"could not load the model in {folder}: {error}") from error
     model.eval()  # type: ignore[no-untyped-call]
@@ -179,8 +183,6 @@ def _cached_conversion(path: Path, cache_root: Path, progress: bool) -> tuple[Pa
 
 def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from draftwise.progress import progress_bar, quiet_transformers
 
     stages = progress_bar(
         3, f"converting {path.name} once into {target.parent}", enabled=progress,

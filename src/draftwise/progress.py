@@ -33,7 +33,7 @@ class _Lines:
         self.total, self.desc, self.unit = total, desc, unit
         self.count, self.postfix, self.closed = 0, "", False
         self.start = time.perf_counter()
-        of = f" ({total} {unit}s)" if total else ""
+        of = f" ({total} {_plural(unit)})" if total else ""
         print(f"{desc}{of} ...", file=sys.stderr, flush=True)
 
     def update(self, n: int = 1) -> None:
@@ -46,8 +46,12 @@ class _Lines:
         if not self.closed:
             self.closed = True
             seconds = time.perf_counter() - self.start
-            print(f"{self.desc}: done ({self.count} {self.unit}s in {seconds:.1f} s)",
+            print(f"{self.desc}: done ({self.count} {_plural(self.unit)} in {seconds:.1f} s)",
                   file=sys.stderr, flush=True)
+
+
+def _plural(unit: str) -> str:
+    return unit + ("es" if unit.endswith("s") else "s")
 
 
 class _Silent:

@@ -15,12 +15,24 @@ DySpec's idea — grow the nodes most likely to be accepted — driven by measur
 instead of draft-model probabilities, so it works for every drafter without its cooperation.
 Drafters list better candidates first; the rank is their order among siblings.
 
+Drafting costs time too, and once a tree is proposed that time is spent. So before each step the
+sizer decides whether to draft at all (:meth:`TreeSizer.wants_draft`, auto sizing only): it keeps
+the measured throughput of its drafting steps (tokens per second, drafting *and* verification
+time) and of plain steps (no draft, no tree; estimated from the verification time per unit of
+``c(n)`` until one is measured), and drafts only while drafting is ahead. A method that cannot
+pay here (a drafter slower than the forward pass it saves, a text with nothing to copy) thus
+decodes plainly, paying only for its *probes*: drafting steps spaced so that their expected
+extra cost stays under ``probe_tax`` of the time. A probe that was accepted well turns drafting
+back on. Probes, and the sizer's own exploration when it would verify nothing, verify the
+``explore_nodes`` likeliest nodes so that the acceptance rates stay current.
+
 The sizer never changes which tokens are accepted, only how many nodes are verified.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -67,8 +79,13 @@ class SizingConfig:
     budget: pin the node count (the most likely nodes); None = cost-optimal (auto).
     prior: prior acceptance rate of a rank-0 bucket before it has been observed.
     prior_weight: strength of the prior, in pseudo-observations.
-    explore_every: when auto sizing would verify nothing, verify anyway every n-th such step.
-    explore_nodes: nodes verified by such an exploring step.
+    explore_every: the fewest steps between two exploring steps (see below).
+    explore_nodes: nodes verified by an exploring step: one that verifies although auto sizing
+        would verify nothing, spaced so its expected extra cost stays under ``probe_tax``.
+    gate: auto sizing only: decode plainly (no draft) while drafting does not pay.
+    probe_tax: the share of time exploring and probing may cost when they find nothing.
+    warmup: drafting steps measured before the gate may close.
+    memory: weight of the past in the running throughputs, per step of that kind.
     """
 
     budget: int | None = None
@@ -76,6 +93,10 @@ class SizingConfig:
     prior_weight: float = 4.0
     explore_every: int = 8
     explore_nodes: int = 8
+    gate: bool = True
+    probe_tax: float = 0.02
+    warmup: int = 4
+    memory: float = 0.85
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.budget < 0:
@@ -86,6 +107,8 @@ class SizingConfig:
             raise ValueError(f"prior_weight must be > 0, got {self.prior_weight}")
         if self.explore_every < 1 or self.explore_nodes < 0:
             raise ValueError("explore_every must be >= 1 and explore_nodes >= 0")
+        if not 0.0 < self.probe_tax < 1.0 or not 0.0 <= self.memory < 1.0:
+            raise ValueError("probe_tax must be in (0, 1) and memory in [0, 1)")
 
 
 def _buckets(tree: DraftTree) -> list[tuple[int, int]]:
@@ -111,7 +134,12 @@ class TreeSizer:
         self._accepted: dict[tuple[int, int], float] = {}
         self._offered: dict[tuple[int, int], float] = {}
         self._pending: list[tuple[int, int]] = []  # buckets of the nodes of the last sized tree
-        self._idle = 0  # consecutive steps auto sizing chose no draft
+        self._quiet = 0  # consecutive steps that verified no draft
+        self._explore = False  # this step verifies explore_nodes even if sizing says none
+        self._drafting = Throughput(config.memory)  # steps that drafted
+        self._plain = Throughput(config.memory)  # steps that did not (the gate was closed)
+        self._unit = Throughput(config.memory)  # seconds of verification per unit of c(n)
+        self._draft_s = Throughput(config.memory)  # seconds of drafting per drafting step
 
     def rate(self, bucket: tuple[int, int]) -> float:
         cfg = self.config
@@ -135,6 +163,7 @@ class TreeSizer:
         buckets = _buckets(tree)
         self._pending = buckets
         if len(tree) == 0:
+            self._quiet += 1
             return tree
         probs = self.node_probabilities(tree, buckets)
         # Children never score above their parent, and ties keep index order, so every prefix
@@ -150,12 +179,9 @@ class TreeSizer:
                 value = expected / self.cost(n + 1)
                 if value > best:
                     best, count = value, n
-            if count == 0:
-                self._idle += 1
-                if self._idle % self.config.explore_every == 0:
-                    count = min(self.config.explore_nodes, len(order))
-            else:
-                self._idle = 0
+            if count == 0 and self._explore:
+                count = min(self.config.explore_nodes, len(order))
+        self._quiet = 0 if count else self._quiet + 1
         if count == len(tree):
             return tree
         keep = sorted(order[:count])
@@ -172,9 +198,75 @@ class TreeSizer:
                 if node in on_path:
                     self._accepted[bucket] = self._accepted.get(bucket, 0.0) + 1.0
 
+    # the gate: draft only while drafting pays ------------------------------------------------
+
+    def wants_draft(self) -> bool:
+        """Whether this step should draft at all (see the module docstring). Pinned budgets and
+        ``gate=False`` always draft."""
+        cfg = self.config
+        self._explore = cfg.budget is None and self._quiet + 1 >= self.probe_interval()
+        if cfg.budget is not None or not cfg.gate or self._drafting.count < cfg.warmup:
+            return True
+        return self._explore or self.drafting_rate() >= self.plain_rate()
+
+    def record(self, drafted: bool, tokens: int, seconds: float, rows: int,
+               verify_s: float) -> None:
+        """Time one finished step: ``tokens`` committed in ``seconds`` (drafting, verifying,
+        feedback), of which ``verify_s`` was the forward pass over ``rows`` rows."""
+        if self.cost is not None and rows > 0:
+            self._unit.add(verify_s, self.cost(rows))
+        if drafted:
+            self._drafting.add(tokens, seconds)
+            self._draft_s.add(seconds - verify_s, 1.0)
+        else:
+            self._plain.add(tokens, seconds)
+
+    def drafting_rate(self) -> float:
+        """Tokens per second of recent drafting steps."""
+        return self._drafting.rate()
+
+    def plain_rate(self) -> float:
+        """Tokens per second of plain steps: measured once the gate has closed, until then one
+        token per verification time of a single row."""
+        if self._plain.count:
+            return self._plain.rate()
+        unit = self._unit.rate()
+        return 1.0 / unit if unit > 0 else 0.0
+
+    def probe_interval(self) -> int:
+        """Steps between exploring steps, so that their extra cost stays under ``probe_tax``:
+        verifying ``explore_nodes`` more rows, plus (while the gate is closed) drafting."""
+        cfg = self.config
+        if self.cost is None:
+            return cfg.explore_every
+        unit = self._unit.rate()
+        if unit <= 0:
+            return cfg.explore_every
+        extra = self.cost(1 + cfg.explore_nodes) - 1.0
+        plain = 1.0 / self.plain_rate() if self.plain_rate() > 0 else unit
+        if self._drafting.count >= cfg.warmup and self.drafting_rate() < self.plain_rate():
+            extra += self._draft_s.rate() / unit
+        return max(cfg.explore_every, min(1024, math.ceil(extra * unit / plain / cfg.probe_tax)))
+
     def expected_tokens(self, tree: DraftTree) -> float:
         """``1 + sum P(i)``: expected tokens committed by verifying ``tree``."""
         return 1.0 + sum(self.node_probabilities(tree))
+
+
+class Throughput:
+    """A running ratio of two sums, the past weighted down by ``memory`` per addition."""
+
+    def __init__(self, memory: float) -> None:
+        self.memory, self.count = memory, 0
+        self.numerator = self.denominator = 0.0
+
+    def add(self, numerator: float, denominator: float) -> None:
+        self.numerator = self.memory * self.numerator + numerator
+        self.denominator = self.memory * self.denominator + denominator
+        self.count += 1
+
+    def rate(self) -> float:
+        return self.numerator / self.denominator if self.denominator > 0 else 0.0
 
 
 def split_budget(spec: str) -> tuple[str, str | None]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+
 import pytest
 import torch
 
@@ -12,6 +15,7 @@ from draftwise.drafters.retrieval import Datastore
 from draftwise.engine import Engine, GenerationConfig
 from draftwise.sampling import SamplingConfig
 from draftwise.sizing import CostCurve, SizingConfig, TreeSizer
+from draftwise.tree import DraftTree
 
 from ..conftest import OracleDrafter, tiny_hf_model
 
@@ -224,3 +228,41 @@ def test_every_drafter_on_the_fast_backend_equals_plain_greedy(
     for prompt in PROMPTS:
         expected = plain.generate(prompt, GenerationConfig(max_new_tokens=NEW)).tokens
         assert engine.generate(prompt, GenerationConfig(max_new_tokens=NEW)).tokens == expected
+
+
+class SlowOracle(OracleDrafter):
+    """An accurate drafter that takes ``delay`` seconds per draft; counts the drafts asked."""
+
+    def __init__(self, answer: list[int], vocab: int, depth: int, delay: float) -> None:
+        super().__init__(answer, vocab, depth)
+        self.delay, self.asked = delay, 0
+
+    def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
+        if max_depth > 0:
+            self.asked += 1
+            time.sleep(self.delay)
+        return super().propose(context, max_depth)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+def test_auto_sizing_drafts_only_while_drafting_pays(
+    delay: float, reference_model: ReferenceModel, answers: dict[int, list[int]]
+) -> None:
+    """A draft that takes 50 ms (a hundred of this model's forward passes) for four tokens
+    cannot pay: after its warm-up the engine decodes plainly but for sparse probes. The same
+    drafter without the delay drafts every step. Output is plain greedy's either way."""
+    vocab = reference_model.config.vocab_size
+    drafter = SlowOracle(answers[2], vocab, 3, delay=delay)
+    curve = CostCurve({1: 1.0, 2: 1.1, 4: 1.3, 8: 1.6, 16: 2.2, 64: 5.0})
+    sizer = TreeSizer(SizingConfig(prior=0.9), curve)
+    run = Engine(ReferenceBackend(reference_model), drafter, sizer).generate(
+        PROMPTS[2], GenerationConfig(max_new_tokens=NEW)
+    )
+    assert run.tokens == answers[2]
+    if delay:
+        warmup = SizingConfig().warmup
+        plain_steps = run.stats.steps - drafter.asked
+        assert drafter.asked <= warmup + plain_steps // SizingConfig().explore_every + 1
+        assert plain_steps >= NEW - 4 * drafter.asked
+    else:
+        assert drafter.asked == run.stats.steps and run.stats.mat > 3

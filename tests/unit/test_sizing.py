@@ -25,7 +25,10 @@ def test_auto_size_maximizes_expected_tokens_per_cost() -> None:
     assert flat.size(chain).tokens == (1, 2, 3, 4)
     steep = TreeSizer(SizingConfig(prior=0.5, explore_every=3, explore_nodes=2),
                       CostCurve({1: 1.0, 2: 2.0}))
-    sizes = [len(steep.size(chain)) for _ in range(6)]
+    sizes = []
+    for _ in range(6):
+        assert steep.wants_draft()  # nothing timed yet: the gate is open
+        sizes.append(len(steep.size(chain)))
     assert sizes == [0, 0, 2, 0, 0, 2]  # no draft pays, but every 3rd idle step explores
 
 
@@ -63,3 +66,56 @@ def test_budget_parsing() -> None:
         SizingConfig(budget=-1)
     with pytest.raises(ValueError, match="cost curve"):
         TreeSizer(SizingConfig())
+
+
+CURVE = CostCurve({1: 1.0, 2: 1.05, 4: 1.1, 8: 1.3, 16: 1.8})
+
+
+def run_gate(sizer: TreeSizer, steps: int, drafted_tokens: float, draft_s: float,
+             verify_s: float = 0.010, rows: int = 5) -> list[bool]:
+    """Feed the sizer ``steps`` timed steps: a drafting step commits ``drafted_tokens`` after
+    ``draft_s`` of drafting and a ``rows``-row forward pass; a plain step commits one token
+    after a one-row pass. Returns, per step, whether the sizer chose to draft."""
+    unit = verify_s / CURVE(rows)
+    choices = []
+    for _ in range(steps):
+        drafting = sizer.wants_draft()
+        choices.append(drafting)
+        sizer.size(DraftTree.chain(list(range(rows - 1))) if drafting else DraftTree.empty())
+        if drafting:
+            sizer.record(True, round(drafted_tokens), draft_s + verify_s, rows, verify_s)
+        else:
+            sizer.record(False, 1, unit, 1, unit)
+    return choices
+
+
+def test_gate_decodes_plainly_when_drafting_costs_more_than_it_saves() -> None:
+    """A drafter whose drafting takes three forward passes and yields two tokens per step."""
+    sizer = TreeSizer(SizingConfig(), CURVE)
+    choices = run_gate(sizer, 400, drafted_tokens=2, draft_s=0.024)
+    assert all(choices[:4])  # warm-up: measured before judged
+    late = choices[100:]
+    # probes only, spaced so their extra cost stays under probe_tax of the time
+    assert 0 < sum(late) <= len(late) * 0.03
+    assert sizer.drafting_rate() < sizer.plain_rate()
+
+
+def test_gate_keeps_drafting_when_it_pays() -> None:
+    """A cheap, accurate drafter: four tokens per step for 1 ms of drafting."""
+    sizer = TreeSizer(SizingConfig(), CURVE)
+    assert all(run_gate(sizer, 200, drafted_tokens=4, draft_s=0.001))
+    assert sizer.drafting_rate() > 2 * sizer.plain_rate()
+
+
+def test_gate_reopens_when_a_probe_finds_text_to_copy() -> None:
+    sizer = TreeSizer(SizingConfig(), CURVE)
+    run_gate(sizer, 200, drafted_tokens=1, draft_s=0.004)  # nothing to copy: gate closes
+    assert not all(run_gate(sizer, 20, drafted_tokens=1, draft_s=0.004))
+    choices = run_gate(sizer, 200, drafted_tokens=8, draft_s=0.004)  # a copy-heavy stretch
+    assert all(choices[-100:])
+
+
+def test_pinned_budget_and_no_gate_always_draft() -> None:
+    for config in (SizingConfig(budget=4), SizingConfig(gate=False)):
+        sizer = TreeSizer(config, CURVE)
+        assert all(run_gate(sizer, 50, drafted_tokens=1, draft_s=0.1))

@@ -108,6 +108,8 @@ class AdedDrafter:
         b = int(context[-1])
         self._previous = (a, b)
         depth_limit = min(cfg.max_depth, max_depth)
+        if depth_limit <= 0:
+            return DraftTree.empty()
         tokens: list[int] = []  # the search tree; the root is node -1
         parents: list[int] = []
         visits: dict[int, int] = {-1: 0}

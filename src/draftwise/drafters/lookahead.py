@@ -105,6 +105,8 @@ class LookaheadDrafter:
         self._sync(context)
         root = int(context[-1])
         self._root_position = len(context) - 1
+        if max_depth <= 0:
+            return DraftTree.empty()
         window = min(cfg.window, max_depth)
         while len(self._guesses) < window:
             self._guesses.append(self._refill())

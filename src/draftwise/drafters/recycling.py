@@ -86,7 +86,7 @@ class TokenRecyclingDrafter:
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
         self._root = int(context[-1])
         table = self.table
-        if table is None or self._root >= table.shape[0]:
+        if table is None or self._root >= table.shape[0] or max_depth <= 0:
             return DraftTree.empty()
         tokens: list[int] = []
         parents: list[int] = []

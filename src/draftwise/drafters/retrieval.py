@@ -144,6 +144,8 @@ class RetrievalDrafter:
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
         cfg, store = self.config, self.store
         depth = min(cfg.depth, max_depth)
+        if depth <= 0:
+            return DraftTree.empty()
         for n in range(min(cfg.max_ngram, len(context)), cfg.min_ngram - 1, -1):
             lo, hi = store.matches(context[len(context) - n :])
             if hi <= lo:

@@ -128,6 +128,7 @@ class SelfSpecDrafter(ModelDrafter):
         self.scores: dict[frozenset[int], list[float]] = {}
         self.chosen: frozenset[int] | None = None
         self._steps = 0
+        self._drafted = False
 
     def attach(self, target: Any, target_backend: Any) -> None:
         """Build the shallow sub-network from the target's weights."""
@@ -157,6 +158,7 @@ class SelfSpecDrafter(ModelDrafter):
             raise RuntimeError("self-speculation needs the target: attach() it first")
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
+        self._drafted = max_depth > 0
         if self.chosen is None:
             trial = min(self._steps // self.config.trial_steps, len(self.candidates) - 1)
             if self.candidates[trial] != self.current:
@@ -165,8 +167,8 @@ class SelfSpecDrafter(ModelDrafter):
 
     def observe(self, step: StepResult) -> None:
         super().observe(step)
-        if self.chosen is not None:
-            return
+        if self.chosen is not None or not self._drafted:
+            return  # a plain step (nothing asked of the draft) says nothing about the skip set
         layers = len(self.base.layers)
         share = (layers - len(self.current)) / layers  # a draft pass's cost in target passes
         cost = 1.0 + share * max(1, len(step.tree))
