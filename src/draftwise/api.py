@@ -68,7 +68,8 @@ class Generator:
             what pays on this machine (using the step-cost curve, measured once and cached),
             ``"off"`` verifies the drafter's whole tree, ``N`` keeps the N likeliest nodes.
         cache_dir: where the step-cost curve is cached (default: ``~/.cache/draftwise``).
-        backend: ``"hf"`` (transformers, any model), ``"fast"`` (compact Llama/Qwen2
+        backend: ``"quant"`` (a GGUF file's own block formats with C++ kernels; Llama/Qwen2),
+            ``"hf"`` (transformers, any model), ``"fast"`` (compact Llama/Qwen2
             implementation with kernels chosen for this machine) or ``"auto"`` (fast where it
             supports the model, else hf).
         exact: fast backend only: verify with plain decoding's one-row kernel, so output is
@@ -313,7 +314,7 @@ class AlignedCompletion:
     model_calls: int
 
 
-BACKENDS = ("auto", "hf", "fast")
+BACKENDS = ("auto", "hf", "fast", "quant")
 
 
 def make_backend(
@@ -330,6 +331,8 @@ def make_backend(
         if exact:
             raise ValueError("exact verification is a fast-backend mode: add --backend fast")
         return HFBackend(model.model)
+    if name == "quant":
+        return _quant_backend(model, cache_dir, exact=exact, progress=progress)
     if name != "fast":
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
     import hashlib
@@ -349,4 +352,31 @@ def make_backend(
         print("draftwise: choosing matrix kernels for this machine once (cached)", file=sys.stderr)
     backend.tune(progress=progress)
     choice.save(path)
+    return backend
+
+
+def _quant_backend(
+    model: LoadedModel, cache_dir: Path, *, exact: bool, progress: bool
+) -> KVBackend:
+    """The quantized backend on ``model``'s GGUF file (kernels built once per machine)."""
+    import sys
+
+    from draftwise.backends.quant import KernelsUnavailable, QuantBackend, load_kernels
+
+    if not model.source.lower().endswith(".gguf"):
+        raise ValueError(
+            f"--backend quant runs GGUF files; {model.source} is not one (use fast or hf)"
+        )
+    ops, reason = None, None
+    try:
+        ops = load_kernels(cache_dir, progress)
+    except KernelsUnavailable as error:
+        reason = str(error)
+        print(f"draftwise: quantized kernels unavailable ({reason}): running on float32 "
+              "copies of the weights, at the fast backend's speed", file=sys.stderr)
+    backend = QuantBackend(model.source, model.model.config, ops=ops, slow_reason=reason,
+                           exact=exact)
+    if backend.float32_tensors:
+        print("draftwise: no quantized kernel for " + ", ".join(backend.float32_tensors)
+              + ": those tensors run in float32", file=sys.stderr)
     return backend

@@ -160,6 +160,38 @@ def test_cli_fast_backend_compare() -> None:
     assert isinstance(result["identical"], bool)
 
 
+def test_quant_backend_on_the_default_gguf(generator: Generator) -> None:
+    """The GGUF's own Q4_1/Q8_0 blocks: logits of the fp32 conversion to float32 rounding
+    (summed over 30 layers: the tolerance of the fast backend's test above), speculation
+    identical to plain decoding on the same backend, and 6x fewer weight bytes than float32."""
+    from draftwise.backends.fast import FastBackend
+    from draftwise.backends.quant import QuantBackend, kernels_unavailable, load_kernels
+    from draftwise.drafters import create_drafter
+    from draftwise.engine import Engine
+    from draftwise.models import default_cache_dir
+    from draftwise.tree import DraftTree
+
+    if kernels_unavailable():
+        pytest.skip(f"no quantized kernels here: {kernels_unavailable()}")
+    quant = QuantBackend(generator.model.source, generator.model.model.config,
+                         ops=load_kernels(default_cache_dir(), progress=False))
+    assert quant.float32_tensors == []
+    fast = FastBackend(generator.model.model)
+    dense = sum(p.numel() * 4 for p in generator.model.model.parameters())
+    assert quant.weight_bytes() < dense / 5
+    ids = generator.encode(PROMPTS[0])
+    tree = DraftTree.chain([ids[3], ids[4], ids[5]])
+    for backend in (quant, fast):
+        backend.prefill(ids)
+    torch.testing.assert_close(quant.forward_tree(tree), fast.forward_tree(tree),
+                               rtol=1e-3, atol=1e-3)
+    for prompt in PROMPTS[:3]:
+        ids = generator.encode(prompt)
+        config = generator.config(max_new_tokens=32)
+        plain = Engine(quant, create_drafter("none")).generate(ids, config).tokens
+        assert Engine(quant, create_drafter("pld")).generate(ids, config).tokens == plain
+
+
 SCHEMA = {
     "type": "object",
     "properties": {

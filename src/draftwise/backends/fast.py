@@ -50,6 +50,21 @@ def supports(model: Any) -> bool:
     )
 
 
+def check_config(config: Any) -> None:
+    """Raise :class:`UnsupportedModelError` unless this backend implements ``config``."""
+    family = getattr(config, "model_type", "")
+    if family not in _SUPPORTED:
+        raise UnsupportedModelError(
+            f"the fast backend implements {sorted(_SUPPORTED)}, not {family!r}: "
+            "use --backend hf"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(
+            f"rope_type {rope.get('rope_type')!r} is not implemented: use --backend hf"
+        )
+
+
 class FastBackend(KVBackend):
     """Llama-family decoder with a static KV cache and shape-chosen matrix kernels."""
 
@@ -62,38 +77,16 @@ class FastBackend(KVBackend):
         exact: bool = False,
     ) -> None:
         config = model.config
-        family = getattr(config, "model_type", "")
-        if family not in _SUPPORTED:
-            raise UnsupportedModelError(
-                f"the fast backend implements {sorted(_SUPPORTED)}, not {family!r}: "
-                "use --backend hf"
-            )
-        rope = getattr(config, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise UnsupportedModelError(
-                f"rope_type {rope.get('rope_type')!r} is not implemented: use --backend hf"
-            )
-        window = int(max_length or config.max_position_embeddings)
-        super().__init__(int(config.vocab_size), window)
-        self.family = family
-        self.exact = exact
-        self.dtype: torch.dtype = next(model.parameters()).dtype
-        self.heads = int(config.num_attention_heads)
-        self.kv_heads = int(config.num_key_value_heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
-        self.eps = float(config.rms_norm_eps)
-        theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        check_config(config)
         self.kernels = kernels or KernelChoice()
-
         inner = model.model
-        self.embed = inner.embed_tokens.weight.detach()  # [vocab, hidden]
-        self.layers: list[dict[str, Any]] = []
+        layers: list[dict[str, Any]] = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv_bias = None
-            if _SUPPORTED[family]:
+            if _SUPPORTED[config.model_type]:
                 qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-            self.layers.append({
+            layers.append({
                 "attn_norm": layer.input_layernorm.weight.detach(),
                 "qkv": self._linear(
                     torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
@@ -106,8 +99,31 @@ class FastBackend(KVBackend):
                 ),
                 "down": self._linear(mlp.down_proj.weight, None),
             })
-        self.norm = inner.norm.weight.detach()
-        self.head = self._linear(model.lm_head.weight, None)
+        self._setup(
+            config, max_length, exact, next(model.parameters()).dtype,
+            inner.embed_tokens.weight.detach(), layers, inner.norm.weight.detach(),
+            self._linear(model.lm_head.weight, None),
+        )
+
+    def _setup(
+        self, config: Any, max_length: int | None, exact: bool, dtype: torch.dtype,
+        embed: Any, layers: list[dict[str, Any]], norm: torch.Tensor, head: Any,
+    ) -> None:
+        """Everything but the weights: shapes, rotary table, KV cache. ``embed[ids]`` gives
+        the input rows; each layer's ``qkv``, ``out``, ``gate_up``, ``down`` and ``head`` are
+        called as ``linear(x, exact)``."""
+        rope = getattr(config, "rope_parameters", None) or {}
+        window = int(max_length or config.max_position_embeddings)
+        KVBackend.__init__(self, int(config.vocab_size), window)
+        self.family = str(config.model_type)
+        self.exact = exact
+        self.dtype = dtype
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.eps = float(config.rms_norm_eps)
+        theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        self.embed, self.layers, self.norm, self.head = embed, layers, norm, head
 
         # rotary table, computed as transformers does (float32 angles, then the model dtype)
         inv = 1.0 / theta ** (
@@ -264,4 +280,5 @@ class FastBackend(KVBackend):
         self._cached = end
         if last_only:
             x = x[-1:]
-        return self.head(self._rms(x, self.norm), exact)
+        logits: torch.Tensor = self.head(self._rms(x, self.norm), exact)
+        return logits

@@ -1,0 +1,276 @@
+"""Quantized CPU backend: the GGUF's own block formats in memory, matrix kernels that read them.
+
+The fast backend computes on float32 copies of the weights; for a 4-bit GGUF that is 5-8x more
+bytes to read per step than the file holds, and a CPU decoding step is a read of every weight.
+This backend keeps each weight matrix as the GGUF stores it (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K:
+``[out, row_bytes]`` bytes) and multiplies with the C++ kernels of ``quant_kernels.cpp``, which
+decode each block once per call and use it for every row of the tree — so verifying n rows
+costs far less than n steps. Everything else (attention, norms, rotary, KV cache, tree masks,
+commit by compaction) is :class:`~draftwise.backends.fast.FastBackend`'s, so every drafter and
+structured output run on it unchanged.
+
+Precision: activations stay float32 and the weights are exactly the values ggml's dequantization
+gives, so a product is the float32 rendering of the GGUF model's own product (llama.cpp rounds
+the activations to 8 bits for its integer dot products; we do not). Each row's result does not
+depend on how many rows are computed with it (see the kernel's comment), so tree verification
+gives the same linear-layer results as plain decoding on this backend.
+
+The kernels are compiled once per machine (AVX2 + FMA + F16C, ``torch.utils.cpp_extension``,
+about a minute, cached under ``~/.cache/draftwise/kernels``). Without a compiler, ninja or those
+instructions the backend still runs, on float32 copies of the weights (the speed of the fast
+backend), and :attr:`QuantBackend.slow_reason` says why. A tensor type the kernels do not
+implement is dequantized to float32 for that tensor alone and listed in
+:attr:`QuantBackend.float32_tensors`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from draftwise.backends.fast import FastBackend, check_config
+
+__all__ = ["KernelsUnavailable", "QuantBackend", "QuantLinear", "kernels_unavailable",
+           "load_kernels", "IMPLEMENTED"]
+
+# ggml type ids the kernels implement: name -> (id, weights per block, bytes per block)
+IMPLEMENTED = {"Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q8_0": (8, 32, 34),
+               "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210)}
+_SOURCE = Path(__file__).with_name("quant_kernels.cpp")
+_NO_COMPILE = "DRAFTWISE_NO_COMPILE"  # set to 1 to run as if no compiler were installed
+_loaded: Any = None
+
+
+class KernelsUnavailable(RuntimeError):
+    """The quantized kernels cannot be built or run on this machine (the message says why)."""
+
+
+def kernels_unavailable() -> str | None:
+    """Why the kernels cannot be used here, or None."""
+    if os.environ.get(_NO_COMPILE) == "1":
+        return f"{_NO_COMPILE}=1"
+    flags = _cpu_flags()
+    missing = [f for f in ("avx2", "fma", "f16c") if flags is not None and f not in flags]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if not (shutil.which("c++") or shutil.which("g++")):
+        return "no C++ compiler (g++) on PATH"
+    if not shutil.which("ninja"):
+        try:
+            import ninja  # noqa: F401
+        except ImportError:
+            return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None  # not Linux: let the compiler decide
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def load_kernels(cache_dir: Path, progress: bool = True) -> Any:
+    """The compiled kernel module (built once into ``cache_dir/kernels``)."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    reason = kernels_unavailable()
+    if reason:
+        raise KernelsUnavailable(reason)
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
+    build = cache_dir / "kernels" / f"quant-{digest}"
+    build.mkdir(parents=True, exist_ok=True)
+    fresh = not any(build.glob("*.so"))
+    if fresh and progress:
+        print("draftwise: compiling the quantized kernels once for this machine (about a "
+              "minute) ...", file=sys.stderr, flush=True)
+    from torch.utils.cpp_extension import load
+
+    try:
+        _loaded = load(
+            name=f"draftwise_quant_{digest}", sources=[str(_SOURCE)], build_directory=str(build),
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_ldflags=["-fopenmp"], verbose=False,
+        )
+    except (RuntimeError, OSError, ImportError) as error:
+        raise KernelsUnavailable(f"building the kernels failed: {error}") from error
+    if fresh and progress:
+        print("draftwise: quantized kernels built", file=sys.stderr, flush=True)
+    return _loaded
+
+
+class QuantLinear:
+    """``y = x @ W.T + bias`` with ``W`` in a GGUF block format (or float32 for the rest)."""
+
+    def __init__(self, data: torch.Tensor, qtype: str, in_features: int,
+                 bias: torch.Tensor | None, ops: Any) -> None:
+        self.qtype, self.in_features, self.bias = qtype, in_features, bias
+        self.shape = (int(data.shape[0]), in_features)
+        self.ops = ops if qtype in IMPLEMENTED else None
+        if self.ops is None and qtype in IMPLEMENTED:  # no kernels: float32 copy
+            data = dequantize(data, qtype, in_features)
+        self.data = data.contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def __call__(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        if self.ops is None:
+            return F.linear(x, self.data, self.bias)
+        y: torch.Tensor = self.ops.qmatmul(x.float().contiguous(), self.data,
+                                           IMPLEMENTED[self.qtype][0], self.in_features)
+        return y if self.bias is None else y + self.bias
+
+
+class _Concat:
+    """Several linears on the same input, outputs side by side (a fused QKV whose parts have
+    different block types)."""
+
+    def __init__(self, parts: list[QuantLinear]) -> None:
+        self.parts = parts
+        self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def __call__(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        return torch.cat([p(x, exact) for p in self.parts], dim=-1)
+
+
+class _Embedding:
+    """``embed[ids]``: rows of a (possibly quantized) matrix, decoded on lookup."""
+
+    def __init__(self, linear: QuantLinear) -> None:
+        self.linear = linear
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        linear = self.linear
+        if linear.ops is None:
+            return linear.data[ids]
+        rows: torch.Tensor = linear.ops.dequantize_rows(
+            linear.data, ids.reshape(-1), IMPLEMENTED[linear.qtype][0], linear.in_features)
+        return rows.view(*ids.shape, linear.in_features)
+
+
+def dequantize(data: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
+    """Float32 values of GGUF blocks ``[out, row_bytes]`` (gguf's reference dequantization)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    if qtype in ("F32", "F16", "BF16"):
+        return data.float()
+    values = gguf_dequantize(data.numpy(), GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(-1, in_features)
+
+
+class QuantBackend(FastBackend):
+    """The fast backend's forward pass on a GGUF file's quantized weights.
+
+    ``config``: the model's transformers config (shapes, rotary, norms); the weights come from
+    ``gguf_path`` only. ``ops``: the kernel module from :func:`load_kernels`, or None to run
+    on float32 copies (slow; :attr:`slow_reason` says why)."""
+
+    def __init__(self, gguf_path: str | Path, config: Any, *, ops: Any = None,
+                 slow_reason: str | None = None, max_length: int | None = None,
+                 exact: bool = False) -> None:
+        from gguf import GGUFReader
+
+        check_config(config)
+        self.ops = ops
+        self.slow_reason = None if ops is not None else (slow_reason or "no kernels given")
+        self.float32_tensors: list[str] = []
+        reader = GGUFReader(str(gguf_path))
+        self._tensors = {t.name: t for t in reader.tensors}
+        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+        heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
+        # llama.cpp's converter interleaves the rotary halves of Llama's q/k rows; undo it
+        unpermute = arch == "llama"
+
+        def linear(name: str, bias: str | None = None, heads_of: int = 0) -> QuantLinear:
+            data, qtype, in_features = self._raw(name)
+            if unpermute and heads_of:
+                data = data[_unpermute_rows(data.shape[0], heads_of)]
+            b = self._dense(bias) if bias and bias in self._tensors else None
+            if qtype not in IMPLEMENTED and qtype != "F32":
+                self.float32_tensors.append(f"{name} ({qtype})")
+                data, qtype = dequantize(data, qtype, in_features), "F32"
+            return QuantLinear(data, qtype, in_features, b, ops)
+
+        def fused(parts: list[QuantLinear]) -> QuantLinear | _Concat:
+            if len({p.qtype for p in parts}) == 1 and parts[0].ops is not None:
+                bias = None
+                if any(p.bias is not None for p in parts):
+                    bias = torch.cat([p.bias if p.bias is not None else
+                                      torch.zeros(p.shape[0]) for p in parts])
+                return QuantLinear(torch.cat([p.data for p in parts]), parts[0].qtype,
+                                   parts[0].in_features, bias, ops)
+            return _Concat(parts)
+
+        layers: list[dict[str, Any]] = []
+        for i in range(int(config.num_hidden_layers)):
+            p = f"blk.{i}."
+            layers.append({
+                "attn_norm": self._dense(p + "attn_norm.weight"),
+                "qkv": fused([linear(p + "attn_q.weight", p + "attn_q.bias", heads),
+                              linear(p + "attn_k.weight", p + "attn_k.bias", kv_heads),
+                              linear(p + "attn_v.weight", p + "attn_v.bias")]),
+                "out": linear(p + "attn_output.weight"),
+                "mlp_norm": self._dense(p + "ffn_norm.weight"),
+                "gate_up": fused([linear(p + "ffn_gate.weight"), linear(p + "ffn_up.weight")]),
+                "down": linear(p + "ffn_down.weight"),
+            })
+        embed = linear("token_embd.weight")
+        head = linear("output.weight") if "output.weight" in self._tensors else embed
+        self._setup(config, max_length, exact, torch.float32, _Embedding(embed), layers,
+                    self._dense("output_norm.weight"), head)
+        del self._tensors  # the reader's memory map is no longer needed
+
+    def _raw(self, name: str) -> tuple[torch.Tensor, str, int]:
+        if name not in self._tensors:
+            raise KeyError(f"the GGUF file has no tensor {name!r}")
+        tensor = self._tensors[name]
+        qtype = tensor.tensor_type.name
+        in_features = int(tensor.shape[0])
+        data = torch.from_numpy(np.array(tensor.data))  # a private copy, not the memory map
+        if qtype in ("F32", "F16", "BF16"):
+            data = data.float().view(-1, in_features)
+        return data, qtype, in_features
+
+    def _dense(self, name: str) -> torch.Tensor:
+        data, qtype, in_features = self._raw(name)
+        return dequantize(data, qtype, in_features).reshape(-1)
+
+    def tune(self, *args: Any, **kwargs: Any) -> dict[int, dict[str, float]]:
+        return {}  # one kernel per type: nothing to choose
+
+    def linears(self) -> list[Any]:
+        return []
+
+    def weight_bytes(self) -> int:
+        """Bytes of weight matrices held (quantized blocks, or float32 where not)."""
+        total = sum(layer[name].nbytes for layer in self.layers
+                    for name in ("qkv", "out", "gate_up", "down"))
+        head = self.head.nbytes
+        embed = self.embed.linear.nbytes
+        return int(total + head + (embed if self.embed.linear is not self.head else 0))
+
+
+def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:
+    """Row order turning llama.cpp's interleaved q/k rows back into transformers' halves."""
+    half = rows // heads // 2
+    gguf_order = torch.arange(rows).view(heads, 2, half).transpose(1, 2).reshape(-1)
+    return torch.argsort(gguf_order)

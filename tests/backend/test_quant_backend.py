@@ -1,0 +1,219 @@
+"""The quant backend: GGUF block kernels against float64 references, and the backend exact.
+
+Tolerances follow from what is computed: the kernels decode each weight exactly as ggml does and
+sum float32 products, so a product of length K differs from the float64 product of the same
+decoded weights by at most K u sum|x w| (u = 2**-24), in any summation order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from draftwise.backends.fast import FastBackend
+from draftwise.backends.quant import (
+    IMPLEMENTED,
+    QuantBackend,
+    dequantize,
+    kernels_unavailable,
+    load_kernels,
+)
+from draftwise.drafters import create_drafter
+from draftwise.engine import Engine, GenerationConfig
+from draftwise.tree import DraftTree
+
+from ..conftest import tiny_hf_model
+
+U = 2.0**-24
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory: pytest.TempPathFactory) -> object:
+    reason = kernels_unavailable()
+    if reason:
+        pytest.skip(f"quantized kernels cannot be built here: {reason}")
+    from draftwise.models import default_cache_dir
+
+    return load_kernels(default_cache_dir(), progress=False)
+
+
+def random_blocks(qtype: str, rows: int, in_features: int, seed: int) -> torch.Tensor:
+    """Random GGUF blocks of ``qtype``: random quants and scale bits, float16 scales of a
+    sensible size (random bytes there could be inf or NaN)."""
+    _, weights, size = IMPLEMENTED[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, in_features // weights, size), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.05, (rows, in_features // weights, 2)).astype(np.float16)
+    offset = {"Q6_K": 208}.get(qtype, 0)
+    blocks[..., offset : offset + 2] = scales[..., :1].view(np.uint8)
+    if qtype in ("Q4_1", "Q4_K"):  # second float16: the min
+        blocks[..., 2:4] = (scales[..., 1:] * (-1 if qtype == "Q4_1" else 1)).view(np.uint8)
+    return torch.from_numpy(blocks.reshape(rows, -1))
+
+
+@pytest.mark.parametrize("qtype", sorted(IMPLEMENTED))
+def test_kernels_decode_as_gguf_and_sum_within_float32_bounds(qtype: str, ops: object) -> None:
+    code = IMPLEMENTED[qtype][0]
+    in_features = 512
+    data = random_blocks(qtype, 37, in_features, seed=code)
+    reference = dequantize(data, qtype, in_features).double()  # the gguf package's decoding
+    ids = torch.tensor([0, 5, 36, 5])
+    decoded = ops.dequantize_rows(data, ids, code, in_features).double()  # type: ignore[attr-defined]
+    # the same formula as ggml; K-types multiply two float scales first: a few roundings apart
+    torch.testing.assert_close(decoded, reference[ids], rtol=4 * U, atol=0)
+    generator = torch.Generator().manual_seed(code)
+    for rows in (1, 2, 3, 8, 17, 64):
+        x = torch.randn(rows, in_features, generator=generator)
+        y = ops.qmatmul(x, data, code, in_features).double()  # type: ignore[attr-defined]
+        exact = x.double() @ reference.T
+        bound = (in_features + 4) * U * (x.double().abs() @ reference.abs().T) + 1e-30
+        assert bool(((y - exact).abs() <= bound).all()), (qtype, rows)
+        # a row's result does not depend on the rows computed with it (bit for bit)
+        alone = ops.qmatmul(x[-1:].contiguous(), data, code, in_features)  # type: ignore[attr-defined]
+        assert torch.equal(alone[0], y[-1].float()), (qtype, rows)
+
+
+def _permute(rows: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter's q/k row order (interleaved rotary halves)."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(
+        1, 2).reshape(rows.shape)
+
+
+def write_tiny_gguf(model: torch.nn.Module, path: Path, qtype: str) -> None:
+    """The tiny transformers Llama as a GGUF file, its matrices quantized to ``qtype`` (norms
+    stay float32), with llama.cpp's tensor names and q/k row order."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    config = model.config
+    writer = GGUFWriter(str(path), "llama")
+    kind = GGMLQuantizationType[qtype]
+
+    def matrix(name: str, weight: torch.Tensor, heads: int = 0) -> None:
+        w = weight.detach().float().numpy()
+        if heads:
+            w = _permute(w, heads)
+        writer.add_tensor(name, quantize(w, kind), raw_dtype=kind)
+
+    def vector(name: str, weight: torch.Tensor) -> None:
+        writer.add_tensor(name, weight.detach().float().numpy())
+
+    inner = model.model  # type: ignore[attr-defined]
+    matrix("token_embd.weight", inner.embed_tokens.weight)
+    for i, layer in enumerate(inner.layers):
+        p, attn, mlp = f"blk.{i}.", layer.self_attn, layer.mlp
+        vector(p + "attn_norm.weight", layer.input_layernorm.weight)
+        matrix(p + "attn_q.weight", attn.q_proj.weight, config.num_attention_heads)
+        matrix(p + "attn_k.weight", attn.k_proj.weight, config.num_key_value_heads)
+        matrix(p + "attn_v.weight", attn.v_proj.weight)
+        matrix(p + "attn_output.weight", attn.o_proj.weight)
+        vector(p + "ffn_norm.weight", layer.post_attention_layernorm.weight)
+        matrix(p + "ffn_gate.weight", mlp.gate_proj.weight)
+        matrix(p + "ffn_up.weight", mlp.up_proj.weight)
+        matrix(p + "ffn_down.weight", mlp.down_proj.weight)
+    vector("output_norm.weight", inner.norm.weight)
+    matrix("output.weight", model.lm_head.weight)  # type: ignore[attr-defined]
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def dequantized_twin(model: torch.nn.Module, gguf: Path) -> torch.nn.Module:
+    """A float32 copy of ``model`` holding the GGUF's decoded weights (q/k rows unpermuted)."""
+    from gguf import GGUFReader
+
+    twin = tiny_hf_model("llama", "sdpa", vocab=model.config.vocab_size, seed=11).float()
+    tensors = {t.name: t for t in GGUFReader(str(gguf)).tensors}
+    config = model.config
+
+    def value(name: str, heads: int = 0) -> torch.Tensor:
+        t = tensors[name]
+        data = torch.from_numpy(np.array(t.data))
+        w = dequantize(data, t.tensor_type.name, int(t.shape[0]))
+        if heads:  # inverse of _permute
+            w = torch.from_numpy(w.numpy().reshape(heads, w.shape[0] // heads // 2, 2, -1)
+                                 .swapaxes(1, 2).reshape(w.shape))
+        return w
+
+    inner = twin.model  # type: ignore[attr-defined]
+    with torch.no_grad():
+        inner.embed_tokens.weight.copy_(value("token_embd.weight"))
+        for i, layer in enumerate(inner.layers):
+            p, attn, mlp = f"blk.{i}.", layer.self_attn, layer.mlp
+            layer.input_layernorm.weight.copy_(value(p + "attn_norm.weight").reshape(-1))
+            attn.q_proj.weight.copy_(value(p + "attn_q.weight", config.num_attention_heads))
+            attn.k_proj.weight.copy_(value(p + "attn_k.weight", config.num_key_value_heads))
+            attn.v_proj.weight.copy_(value(p + "attn_v.weight"))
+            attn.o_proj.weight.copy_(value(p + "attn_output.weight"))
+            layer.post_attention_layernorm.weight.copy_(value(p + "ffn_norm.weight").reshape(-1))
+            mlp.gate_proj.weight.copy_(value(p + "ffn_gate.weight"))
+            mlp.up_proj.weight.copy_(value(p + "ffn_up.weight"))
+            mlp.down_proj.weight.copy_(value(p + "ffn_down.weight"))
+        inner.norm.weight.copy_(value("output_norm.weight").reshape(-1))
+        twin.lm_head.weight.copy_(value("output.weight"))  # type: ignore[attr-defined]
+    return twin
+
+
+@pytest.fixture(scope="module", params=["Q4_0", "Q4_1", "Q8_0"])
+def tiny_gguf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[Path, torch.nn.Module]:
+    model = tiny_hf_model("llama", "sdpa", vocab=64, seed=4)
+    path = tmp_path_factory.mktemp("gguf") / f"tiny-{request.param}.gguf"
+    write_tiny_gguf(model, path, request.param)
+    return path, dequantized_twin(model, path)
+
+
+def test_quant_backend_equals_the_fast_backend_on_the_decoded_weights(
+    tiny_gguf: tuple[Path, torch.nn.Module], ops: object
+) -> None:
+    """Same weights, same forward: the tree's logits agree to float32 rounding (both sum
+    float32 products over at most 64 terms per layer, two layers)."""
+    path, twin = tiny_gguf
+    quant = QuantBackend(path, twin.config, ops=ops)
+    fast = FastBackend(twin)
+    prompt = [3, 9, 27, 1, 5, 8, 40]
+    tree = DraftTree((4, 7, 11, 2), (-1, 0, -1, 2))
+    for backend in (quant, fast):
+        backend.prefill(prompt)
+    got, expected = quant.forward_tree(tree), fast.forward_tree(tree)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got, expected, rtol=0, atol=4096 * U * max(1.0, scale))
+    assert quant.float32_tensors == []
+
+
+def test_every_drafter_on_quant_equals_plain_greedy_on_quant(
+    tiny_gguf: tuple[Path, torch.nn.Module], ops: object
+) -> None:
+    path, twin = tiny_gguf
+    backend = QuantBackend(path, twin.config, ops=ops)
+    prompt = [4, 8, 15, 16, 23, 42, 4, 8, 15]
+    config = GenerationConfig(max_new_tokens=40)
+    plain = Engine(backend, create_drafter("none")).generate(prompt, config).tokens
+    for method in ("pld", "recycling", "aded", "lookahead", "composite"):
+        run = Engine(backend, create_drafter(method)).generate(prompt, config)
+        assert run.tokens == plain, method
+
+
+def test_without_kernels_the_backend_runs_on_float32_copies(
+    tiny_gguf: tuple[Path, torch.nn.Module], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No compiler (simulated): load_kernels refuses with a reason; the backend still runs,
+    on dequantized float32 weights, and says why it is slow."""
+    from draftwise.backends.quant import KernelsUnavailable
+
+    monkeypatch.setenv("DRAFTWISE_NO_COMPILE", "1")
+    monkeypatch.setattr("draftwise.backends.quant._loaded", None)
+    with pytest.raises(KernelsUnavailable, match="DRAFTWISE_NO_COMPILE"):
+        load_kernels(tmp_path)
+    path, twin = tiny_gguf
+    backend = QuantBackend(path, twin.config, ops=None, slow_reason="no compiler")
+    assert backend.slow_reason == "no compiler"
+    fast = FastBackend(twin)
+    prompt = [1, 2, 3, 4]
+    config = GenerationConfig(max_new_tokens=12)
+    assert (Engine(backend, create_drafter("pld")).generate(prompt, config).tokens
+            == Engine(fast, create_drafter("none")).generate(prompt, config).tokens)
