@@ -24,7 +24,9 @@ pay here (a drafter slower than the forward pass it saves, a text with nothing t
 decodes plainly, paying only for its *probes*: drafting steps spaced so that their expected
 extra cost stays under ``probe_tax`` of the time. A probe that was accepted well turns drafting
 back on. Probes, and the sizer's own exploration when it would verify nothing, verify the
-``explore_nodes`` likeliest nodes so that the acceptance rates stay current.
+``explore_nodes`` likeliest nodes so that the acceptance rates stay current. While drafting is
+ahead, an occasional plain step keeps the plain rate measured rather than estimated (spaced by
+the same 2% rule).
 
 The sizer never changes which tokens are accepted, only how many nodes are verified.
 """
@@ -84,7 +86,8 @@ class SizingConfig:
         would verify nothing, spaced so its expected extra cost stays under ``probe_tax``.
     gate: auto sizing only: decode plainly (no draft) while drafting does not pay.
     probe_tax: the share of time exploring and probing may cost when they find nothing.
-    warmup: drafting steps measured before the gate may close.
+    warmup: drafting steps measured before the gate may close (sooner when drafting runs at
+        under half the plain rate).
     memory: weight of the past in the running throughputs, per step of that kind.
     """
 
@@ -140,6 +143,7 @@ class TreeSizer:
         self._plain = Throughput(config.memory)  # steps that did not (the gate was closed)
         self._unit = Throughput(config.memory)  # seconds of verification per unit of c(n)
         self._draft_s = Throughput(config.memory)  # seconds of drafting per drafting step
+        self._since_plain = 0  # drafting steps since the last timed plain step
 
     def rate(self, bucket: tuple[int, int]) -> float:
         cfg = self.config
@@ -205,9 +209,22 @@ class TreeSizer:
         ``gate=False`` always draft."""
         cfg = self.config
         self._explore = cfg.budget is None and self._quiet + 1 >= self.probe_interval()
-        if cfg.budget is not None or not cfg.gate or self._drafting.count < cfg.warmup:
+        if cfg.budget is not None or not cfg.gate or self._drafting.count == 0:
             return True
-        return self._explore or self.drafting_rate() >= self.plain_rate()
+        drafting, plain = self.drafting_rate(), self.plain_rate()
+        if self._drafting.count < cfg.warmup:
+            return drafting >= 0.5 * plain  # judge after a few steps, unless far behind
+        if drafting < plain:
+            return self._explore
+        # Drafting is ahead. The plain rate is only an estimate (from c(n)) until plain steps
+        # are timed, so now and then decode one plainly to keep it measured, less often the
+        # further ahead drafting is (the step's cost stays under probe_tax).
+        self._since_plain += 1
+        gain = 1.0 - plain / drafting
+        if self._since_plain >= max(cfg.explore_every, min(256, math.ceil(gain / cfg.probe_tax))):
+            self._since_plain = 0
+            return False
+        return True
 
     def record(self, drafted: bool, tokens: int, seconds: float, rows: int,
                verify_s: float) -> None:

@@ -90,9 +90,9 @@ def run_gate(sizer: TreeSizer, steps: int, drafted_tokens: float, draft_s: float
 
 
 def test_gate_decodes_plainly_when_drafting_costs_more_than_it_saves() -> None:
-    """A drafter whose drafting takes three forward passes and yields two tokens per step."""
+    """A drafter whose drafting takes two forward passes and yields two tokens per step."""
     sizer = TreeSizer(SizingConfig(), CURVE)
-    choices = run_gate(sizer, 400, drafted_tokens=2, draft_s=0.024)
+    choices = run_gate(sizer, 400, drafted_tokens=2, draft_s=0.016)
     assert all(choices[:4])  # warm-up: measured before judged
     late = choices[100:]
     # probes only, spaced so their extra cost stays under probe_tax of the time
@@ -103,7 +103,12 @@ def test_gate_decodes_plainly_when_drafting_costs_more_than_it_saves() -> None:
 def test_gate_keeps_drafting_when_it_pays() -> None:
     """A cheap, accurate drafter: four tokens per step for 1 ms of drafting."""
     sizer = TreeSizer(SizingConfig(), CURVE)
-    assert all(run_gate(sizer, 200, drafted_tokens=4, draft_s=0.001))
+    choices = run_gate(sizer, 200, drafted_tokens=4, draft_s=0.001)
+    # drafts, but for a plain step now and then that keeps the plain rate measured; with
+    # drafting 2.5x ahead those are spaced as probe_tax allows (gain / tax = 30 steps)
+    plain_steps = [i for i, drafted in enumerate(choices) if not drafted]
+    assert 0 < len(plain_steps) <= 200 / 25
+    assert all(b - a >= 25 for a, b in zip(plain_steps, plain_steps[1:], strict=False))
     assert sizer.drafting_rate() > 2 * sizer.plain_rate()
 
 
@@ -112,7 +117,14 @@ def test_gate_reopens_when_a_probe_finds_text_to_copy() -> None:
     run_gate(sizer, 200, drafted_tokens=1, draft_s=0.004)  # nothing to copy: gate closes
     assert not all(run_gate(sizer, 20, drafted_tokens=1, draft_s=0.004))
     choices = run_gate(sizer, 200, drafted_tokens=8, draft_s=0.004)  # a copy-heavy stretch
-    assert all(choices[-100:])
+    assert sum(choices[-100:]) >= 95
+
+
+def test_a_drafter_far_behind_is_stopped_before_the_warmup_ends() -> None:
+    """Drafting at under half the plain rate is not noise: the gate closes after one step."""
+    sizer = TreeSizer(SizingConfig(), CURVE)
+    choices = run_gate(sizer, 20, drafted_tokens=1, draft_s=0.1)
+    assert choices[0] and not any(choices[1:])
 
 
 def test_pinned_budget_and_no_gate_always_draft() -> None:
