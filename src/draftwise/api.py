@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from draftwise.backends.base import KVBackend
-from draftwise.backends.hf import HFBackend
+from draftwise.backends.registry import available_backends, make_backend
 from draftwise.constraints import (
     Compiler,
     Constraint,
@@ -30,7 +30,9 @@ from draftwise.models import LoadedModel, default_cache_dir, load_model
 from draftwise.sampling import SamplingConfig
 from draftwise.sizing import CostCurve, SizingConfig, TreeSizer, parse_budget, split_budget
 
-__all__ = ["AlignedCompletion", "Completion", "Generator", "TextStream"]
+__all__ = ["AlignedCompletion", "BACKENDS", "Completion", "Generator", "TextStream", "make_backend"]
+
+BACKENDS = available_backends()
 
 
 @dataclass
@@ -312,71 +314,3 @@ class AlignedCompletion:
     complete: bool
     grammaticality: float
     model_calls: int
-
-
-BACKENDS = ("auto", "hf", "fast", "quant")
-
-
-def make_backend(
-    model: LoadedModel, name: str, cache_dir: Path, *, exact: bool = False, progress: bool = True
-) -> KVBackend:
-    """The backend ``name`` for ``model``; the fast one tunes its kernels once per machine.
-
-    ``auto`` is the fast backend where it implements the model's family, else transformers."""
-    if name == "auto":
-        from draftwise.backends.fast import supports
-
-        name = "fast" if supports(model.model) else "hf"
-    if name == "hf":
-        if exact:
-            raise ValueError("exact verification is a fast-backend mode: add --backend fast")
-        return HFBackend(model.model)
-    if name == "quant":
-        return _quant_backend(model, cache_dir, exact=exact, progress=progress)
-    if name != "fast":
-        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
-    import hashlib
-    import sys
-
-    from draftwise.backends.fast import FastBackend
-    from draftwise.backends.kernels import KernelChoice
-    from draftwise.machine import machine_key
-
-    ident = f"{model.source}|{model.model.dtype}|{machine_key()}"
-    path = cache_dir / "kernels" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
-    if path.is_file():
-        return FastBackend(model.model, kernels=KernelChoice.load(path), exact=exact)
-    choice = KernelChoice()
-    backend = FastBackend(model.model, kernels=choice, exact=exact)
-    if progress:
-        print("draftwise: choosing matrix kernels for this machine once (cached)", file=sys.stderr)
-    backend.tune(progress=progress)
-    choice.save(path)
-    return backend
-
-
-def _quant_backend(
-    model: LoadedModel, cache_dir: Path, *, exact: bool, progress: bool
-) -> KVBackend:
-    """The quantized backend on ``model``'s GGUF file (kernels built once per machine)."""
-    import sys
-
-    from draftwise.backends.quant import KernelsUnavailable, QuantBackend, load_kernels
-
-    if not model.source.lower().endswith(".gguf"):
-        raise ValueError(
-            f"--backend quant runs GGUF files; {model.source} is not one (use fast or hf)"
-        )
-    ops, reason = None, None
-    try:
-        ops = load_kernels(cache_dir, progress)
-    except KernelsUnavailable as error:
-        reason = str(error)
-        print(f"draftwise: quantized kernels unavailable ({reason}): running on float32 "
-              "copies of the weights, at the fast backend's speed", file=sys.stderr)
-    backend = QuantBackend(model.source, model.model.config, ops=ops, slow_reason=reason,
-                           exact=exact)
-    if backend.float32_tensors:
-        print("draftwise: no quantized kernel for " + ", ".join(backend.float32_tensors)
-              + ": those tensors run in float32", file=sys.stderr)
-    return backend

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from draftwise.backends.base import PromptTooLongError
+from draftwise.backends.registry import available_backends, backend_help
 from draftwise.drafters.base import UnknownMethodError, available_methods
 from draftwise.models import ModelError
 from draftwise.sampling import SamplingConfig
@@ -147,11 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_backend_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--backend", choices=("auto", "hf", "fast", "quant"), default="auto",
-        help="hf: transformers, any model; fast: compact Llama/Qwen2 forward with matrix "
-        "kernels chosen for this machine (tuned once, cached); quant: the fast forward on a "
-        "GGUF file's own 4/6/8-bit blocks with C++ kernels (built once, cached); auto: fast "
-        "where it supports the model, else hf (default: auto)",
+        "--backend", choices=available_backends(), default="auto",
+        help=backend_help() + " (default: auto)",
     )
     parser.add_argument(
         "--exact", action="store_true",

@@ -162,7 +162,9 @@ class Run:
             # drafter is asked for nothing (depth 0) but keeps its bookkeeping and feedback.
             drafting = sizer is None or sizer.wants_draft()
             asked = depth if drafting else 0
+            tp = time.perf_counter()
             tree = drafter.propose(context + forced, asked).truncated(depth)  # 1.
+            propose_s = time.perf_counter() - tp
             if constraint is not None:
                 tree = constraint.prune(tree, after=forced)
             if sizer is not None:
@@ -187,7 +189,7 @@ class Run:
             t3 = time.perf_counter()
             if sizer is not None:
                 sizer.record(drafting and depth > 0, len(acceptance.tokens), t3 - t0,
-                             len(full) + 1, t2 - t1)
+                             len(full) + 1, t2 - t1, propose_s)
 
             emitted = list(acceptance.tokens)
             hit = next((i for i, token in enumerate(emitted) if token in eos), None)

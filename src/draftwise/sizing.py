@@ -18,15 +18,15 @@ Drafters list better candidates first; the rank is their order among siblings.
 Drafting costs time too, and once a tree is proposed that time is spent. So before each step the
 sizer decides whether to draft at all (:meth:`TreeSizer.wants_draft`, auto sizing only): it keeps
 the measured throughput of its drafting steps (tokens per second, drafting *and* verification
-time) and of plain steps (no draft, no tree; estimated from the verification time per unit of
-``c(n)`` until one is measured), and drafts only while drafting is ahead. A method that cannot
-pay here (a drafter slower than the forward pass it saves, a text with nothing to copy) thus
-decodes plainly, paying only for its *probes*: drafting steps spaced so that their expected
-extra cost stays under ``probe_tax`` of the time. A probe that was accepted well turns drafting
-back on. Probes, and the sizer's own exploration when it would verify nothing, verify the
-``explore_nodes`` likeliest nodes so that the acceptance rates stay current. While drafting is
-ahead, an occasional plain step keeps the plain rate measured rather than estimated (spaced by
-the same 2% rule).
+time) and of plain decoding (a one-row forward pass, timed whenever a step verifies no draft,
+plus the rest of a step), and drafts unless drafting is behind by more than ``probe_tax``. A
+method that cannot pay here (a drafter slower than the forward pass it saves, a text with
+nothing to copy) thus decodes plainly, paying only for its *probes*: drafting steps spaced so
+that their expected extra cost stays under ``probe_tax`` of the time. A probe that was accepted
+well turns drafting back on. Probes, and the sizer's own exploration when it would verify
+nothing, verify the ``explore_nodes`` likeliest nodes so that the acceptance rates stay current.
+A drafter that always proposes gets an occasional plain step, so the plain rate stays timed
+rather than inferred through ``c(n)`` (spaced by the same rule).
 
 The sizer never changes which tokens are accepted, only how many nodes are verified.
 """
@@ -139,11 +139,12 @@ class TreeSizer:
         self._pending: list[tuple[int, int]] = []  # buckets of the nodes of the last sized tree
         self._quiet = 0  # consecutive steps that verified no draft
         self._explore = False  # this step verifies explore_nodes even if sizing says none
-        self._drafting = Throughput(config.memory)  # steps that drafted
-        self._plain = Throughput(config.memory)  # steps that did not (the gate was closed)
+        self._drafting = Throughput(config.memory)  # tokens per second of drafting steps
         self._unit = Throughput(config.memory)  # seconds of verification per unit of c(n)
-        self._draft_s = Throughput(config.memory)  # seconds of drafting per drafting step
-        self._since_plain = 0  # drafting steps since the last timed plain step
+        self._one_row = Throughput(config.memory)  # seconds of a one-row forward pass
+        self._overhead = Throughput(config.memory)  # seconds of a step but forward and draft
+        self._draft_s = Throughput(config.memory)  # seconds of proposing per drafting step
+        self._since_one_row = 0  # drafting steps since the last one-row step
 
     def rate(self, bucket: tuple[int, int]) -> float:
         cfg = self.config
@@ -214,41 +215,44 @@ class TreeSizer:
         drafting, plain = self.drafting_rate(), self.plain_rate()
         if self._drafting.count < cfg.warmup:
             return drafting >= 0.5 * plain  # judge after a few steps, unless far behind
-        if drafting < plain:
+        if drafting < (1.0 - cfg.probe_tax) * plain:  # behind by more than rates can tell
             return self._explore
-        # Drafting is ahead. The plain rate is only an estimate (from c(n)) until plain steps
-        # are timed, so now and then decode one plainly to keep it measured, less often the
-        # further ahead drafting is (the step's cost stays under probe_tax).
-        self._since_plain += 1
-        gain = 1.0 - plain / drafting
-        if self._since_plain >= max(cfg.explore_every, min(256, math.ceil(gain / cfg.probe_tax))):
-            self._since_plain = 0
+        # Drafting is ahead. Without one-row steps (a drafter that always proposes) the plain
+        # rate is inferred through c(n), so now and then decode one plainly to time it, less
+        # often the further ahead drafting is (the step's cost stays under probe_tax).
+        self._since_one_row += 1
+        gain = max(0.0, 1.0 - plain / drafting)
+        if self._since_one_row >= max(cfg.explore_every,
+                                      min(256, math.ceil(gain / cfg.probe_tax))):
             return False
         return True
 
     def record(self, drafted: bool, tokens: int, seconds: float, rows: int,
-               verify_s: float) -> None:
-        """Time one finished step: ``tokens`` committed in ``seconds`` (drafting, verifying,
-        feedback), of which ``verify_s`` was the forward pass over ``rows`` rows."""
+               verify_s: float, draft_s: float) -> None:
+        """Time one finished step: ``tokens`` committed in ``seconds``, of which ``verify_s``
+        was the forward pass over ``rows`` rows and ``draft_s`` the drafter's proposal."""
         if self.cost is not None and rows > 0:
             self._unit.add(verify_s, self.cost(rows))
+        if rows == 1:  # the forward pass of a plain step, timed
+            self._one_row.add(verify_s, 1.0)
+            self._since_one_row = 0
+        self._overhead.add(seconds - verify_s - draft_s, 1.0)  # plain steps pay it too
         if drafted:
             self._drafting.add(tokens, seconds)
-            self._draft_s.add(seconds - verify_s, 1.0)
-        else:
-            self._plain.add(tokens, seconds)
+            self._draft_s.add(draft_s, 1.0)
 
     def drafting_rate(self) -> float:
         """Tokens per second of recent drafting steps."""
         return self._drafting.rate()
 
     def plain_rate(self) -> float:
-        """Tokens per second of plain steps: measured once the gate has closed, until then one
-        token per verification time of a single row."""
-        if self._plain.count:
-            return self._plain.rate()
-        unit = self._unit.rate()
-        return 1.0 / unit if unit > 0 else 0.0
+        """Tokens per second of plain decoding: one token per one-row forward pass (timed on
+        steps that verified no draft, else inferred through c(n)) plus the rest of a step
+        (sampling, commit, the drafter's feedback), which plain steps pay as well."""
+        forward = self._one_row.rate() if self._one_row.count else self._unit.rate()
+        if forward <= 0:
+            return 0.0
+        return 1.0 / (forward + max(0.0, self._overhead.rate()))
 
     def probe_interval(self) -> int:
         """Steps between exploring steps, so that their extra cost stays under ``probe_tax``:
@@ -257,13 +261,13 @@ class TreeSizer:
         if self.cost is None:
             return cfg.explore_every
         unit = self._unit.rate()
-        if unit <= 0:
+        if unit <= 0 or self.plain_rate() <= 0:
             return cfg.explore_every
-        extra = self.cost(1 + cfg.explore_nodes) - 1.0
-        plain = 1.0 / self.plain_rate() if self.plain_rate() > 0 else unit
+        extra = (self.cost(1 + cfg.explore_nodes) - 1.0) * unit  # seconds
         if self._drafting.count >= cfg.warmup and self.drafting_rate() < self.plain_rate():
-            extra += self._draft_s.rate() / unit
-        return max(cfg.explore_every, min(1024, math.ceil(extra * unit / plain / cfg.probe_tax)))
+            extra += self._draft_s.rate()
+        plain = 1.0 / self.plain_rate()
+        return max(cfg.explore_every, min(1024, math.ceil(extra / plain / cfg.probe_tax)))
 
     def expected_tokens(self, tree: DraftTree) -> float:
         """``1 + sum P(i)``: expected tokens committed by verifying ``tree``."""

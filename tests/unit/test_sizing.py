@@ -83,9 +83,9 @@ def run_gate(sizer: TreeSizer, steps: int, drafted_tokens: float, draft_s: float
         choices.append(drafting)
         sizer.size(DraftTree.chain(list(range(rows - 1))) if drafting else DraftTree.empty())
         if drafting:
-            sizer.record(True, round(drafted_tokens), draft_s + verify_s, rows, verify_s)
+            sizer.record(True, round(drafted_tokens), draft_s + verify_s, rows, verify_s, draft_s)
         else:
-            sizer.record(False, 1, unit, 1, unit)
+            sizer.record(False, 1, unit, 1, unit, 0.0)
     return choices
 
 

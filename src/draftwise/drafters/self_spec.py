@@ -64,7 +64,7 @@ class DraftConfig:
 class DraftDrafter(ModelDrafter):
     def __init__(self, config: DraftConfig) -> None:
         super().__init__(config.depth, config.width, config.stop_threshold)
-        from draftwise.api import make_backend
+        from draftwise.backends.registry import make_backend
         from draftwise.models import default_cache_dir, load_model
 
         self.config = config
