@@ -76,6 +76,31 @@ def test_kernels_decode_as_gguf_and_sum_within_float32_bounds(qtype: str, ops: o
         assert torch.equal(alone[0], y[-1].float()), (qtype, rows)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_int8_activation_products_within_the_rounding_of_the_activations(
+    qtype: str, ops: object
+) -> None:
+    """8-bit activations: each 32-block of x is rounded to a multiple of its scale
+    d = max|x_block| / 127, so |x_i - x8_i| <= d / 2 and the product is off by at most
+    sum over blocks of d/2 * sum|w_i| (plus float32 summation, as above)."""
+    code, in_features = IMPLEMENTED[qtype][0], 256
+    data = random_blocks(qtype, 29, in_features, seed=10 + code)
+    weights = dequantize(data, qtype, in_features).double()  # [out, in]
+    generator = torch.Generator().manual_seed(code)
+    for rows in (1, 3, 4, 5, 16):
+        x = torch.randn(rows, in_features, generator=generator)
+        y = ops.qmatmul_q8(x, data, code, in_features).double()  # type: ignore[attr-defined]
+        exact = x.double() @ weights.T
+        d = x.double().view(rows, -1, 32).abs().amax(-1) / 127  # [rows, blocks]
+        w_blocks = weights.abs().view(weights.shape[0], -1, 32).sum(-1)  # [out, blocks]
+        bound = (d / 2) @ w_blocks.T + (in_features + 8) * U * (x.double().abs()
+                                                                @ weights.abs().T)
+        assert bool(((y - exact).abs() <= bound * (1 + 1e-6)).all()), (qtype, rows)
+        for r in range(rows):  # independent of the rows computed with it, bit for bit
+            alone = ops.qmatmul_q8(x[r : r + 1].contiguous(), data, code, in_features)  # type: ignore[attr-defined]
+            assert torch.equal(alone[0], y[r].float()), (qtype, rows, r)
+
+
 def _permute(rows: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter's q/k row order (interleaved rotary halves)."""
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(
@@ -173,7 +198,7 @@ def test_quant_backend_equals_the_fast_backend_on_the_decoded_weights(
     """Same weights, same forward: the tree's logits agree to float32 rounding (both sum
     float32 products over at most 64 terms per layer, two layers)."""
     path, twin = tiny_gguf
-    quant = QuantBackend(path, twin.config, ops=ops)
+    quant = QuantBackend(path, twin.config, ops=ops, activations="float32")
     fast = FastBackend(twin)
     prompt = [3, 9, 27, 1, 5, 8, 40]
     tree = DraftTree((4, 7, 11, 2), (-1, 0, -1, 2))
@@ -189,13 +214,14 @@ def test_every_drafter_on_quant_equals_plain_greedy_on_quant(
     tiny_gguf: tuple[Path, torch.nn.Module], ops: object
 ) -> None:
     path, twin = tiny_gguf
-    backend = QuantBackend(path, twin.config, ops=ops)
     prompt = [4, 8, 15, 16, 23, 42, 4, 8, 15]
     config = GenerationConfig(max_new_tokens=40)
-    plain = Engine(backend, create_drafter("none")).generate(prompt, config).tokens
-    for method in ("pld", "recycling", "aded", "lookahead", "composite"):
-        run = Engine(backend, create_drafter(method)).generate(prompt, config)
-        assert run.tokens == plain, method
+    for activations in ("int8", "float32"):
+        backend = QuantBackend(path, twin.config, ops=ops, activations=activations)
+        plain = Engine(backend, create_drafter("none")).generate(prompt, config).tokens
+        for method in ("pld", "recycling", "aded", "lookahead", "composite"):
+            run = Engine(backend, create_drafter(method)).generate(prompt, config)
+            assert run.tokens == plain, (activations, method)
 
 
 def test_without_kernels_the_backend_runs_on_float32_copies(

@@ -9,11 +9,14 @@ costs far less than n steps. Everything else (attention, norms, rotary, KV cache
 commit by compaction) is :class:`~draftwise.backends.fast.FastBackend`'s, so every drafter and
 structured output run on it unchanged.
 
-Precision: activations stay float32 and the weights are exactly the values ggml's dequantization
-gives, so a product is the float32 rendering of the GGUF model's own product (llama.cpp rounds
-the activations to 8 bits for its integer dot products; we do not). Each row's result does not
-depend on how many rows are computed with it (see the kernel's comment), so tree verification
-gives the same linear-layer results as plain decoding on this backend.
+Precision: the weights are exactly the values ggml's dequantization gives. By default
+(``activations="int8"``) the input of every Q4_0/Q4_1/Q8_0 product is rounded per 32-value block
+to 8 bits with its own scale, as llama.cpp does for its integer dot products, so a product is
+the one llama.cpp computes on this file (up to float32 summation order); the K-types and
+``activations="float32"`` multiply float32 activations, the float32 rendering of the dequantized
+model. Either way each row's result does not depend on how many rows are computed with it (see
+the kernels' comments), so tree verification gives the same linear-layer results as plain
+decoding on this backend.
 
 The kernels are compiled once per machine (AVX2 + FMA + F16C, ``torch.utils.cpp_extension``,
 about a minute, cached under ``~/.cache/draftwise/kernels``). Without a compiler, ninja or those
@@ -111,12 +114,21 @@ def load_kernels(cache_dir: Path, progress: bool = True) -> Any:
     return _loaded
 
 
+ACTIVATIONS = ("int8", "float32")
+_INT8_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the kernels' 8-bit-activation path
+
+
 class QuantLinear:
-    """``y = x @ W.T + bias`` with ``W`` in a GGUF block format (or float32 for the rest)."""
+    """``y = x @ W.T + bias`` with ``W`` in a GGUF block format (or float32 for the rest).
+
+    ``activations``: ``"int8"`` rounds each 32-value block of ``x`` to 8 bits with its own
+    scale (as llama.cpp does) where the weight type has that path (Q4_0, Q4_1, Q8_0), and the
+    products become integer dot products; ``"float32"`` keeps ``x`` as is."""
 
     def __init__(self, data: torch.Tensor, qtype: str, in_features: int,
-                 bias: torch.Tensor | None, ops: Any) -> None:
+                 bias: torch.Tensor | None, ops: Any, activations: str = "int8") -> None:
         self.qtype, self.in_features, self.bias = qtype, in_features, bias
+        self.int8 = activations == "int8" and qtype in _INT8_TYPES
         self.shape = (int(data.shape[0]), in_features)
         self.ops = ops if qtype in IMPLEMENTED else None
         if self.ops is None and qtype in IMPLEMENTED:  # no kernels: float32 copy
@@ -130,8 +142,9 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
         if self.ops is None:
             return F.linear(x, self.data, self.bias)
-        y: torch.Tensor = self.ops.qmatmul(x.float().contiguous(), self.data,
-                                           IMPLEMENTED[self.qtype][0], self.in_features)
+        matmul = self.ops.qmatmul_q8 if self.int8 else self.ops.qmatmul
+        y: torch.Tensor = matmul(x.float().contiguous(), self.data, IMPLEMENTED[self.qtype][0],
+                                 self.in_features)
         return y if self.bias is None else y + self.bias
 
 
@@ -186,10 +199,13 @@ class QuantBackend(FastBackend):
 
     def __init__(self, gguf_path: str | Path, config: Any, *, ops: Any = None,
                  slow_reason: str | None = None, max_length: int | None = None,
-                 exact: bool = False) -> None:
+                 exact: bool = False, activations: str = "int8") -> None:
         from gguf import GGUFReader
 
         check_config(config)
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+        self.activations = activations
         self.ops = ops
         self.slow_reason = None if ops is not None else (slow_reason or "no kernels given")
         self.float32_tensors: list[str] = []
@@ -208,7 +224,7 @@ class QuantBackend(FastBackend):
             if qtype not in IMPLEMENTED and qtype != "F32":
                 self.float32_tensors.append(f"{name} ({qtype})")
                 data, qtype = dequantize(data, qtype, in_features), "F32"
-            return QuantLinear(data, qtype, in_features, b, ops)
+            return QuantLinear(data, qtype, in_features, b, ops, activations)
 
         def fused(parts: list[QuantLinear]) -> QuantLinear | _Concat:
             if len({p.qtype for p in parts}) == 1 and parts[0].ops is not None:
@@ -217,7 +233,7 @@ class QuantBackend(FastBackend):
                     bias = torch.cat([p.bias if p.bias is not None else
                                       torch.zeros(p.shape[0]) for p in parts])
                 return QuantLinear(torch.cat([p.data for p in parts]), parts[0].qtype,
-                                   parts[0].in_features, bias, ops)
+                                   parts[0].in_features, bias, ops, activations)
             return _Concat(parts)
 
         layers: list[dict[str, Any]] = []

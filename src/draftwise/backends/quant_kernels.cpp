@@ -20,6 +20,8 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <algorithm>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -276,7 +278,173 @@ torch::Tensor dequantize_rows(torch::Tensor weight, torch::Tensor ids, int64_t t
   return out;
 }
 
+// ---- 8-bit activations (llama.cpp's way) for the 32-weight block types ----------------------
+//
+// Each activation row is rounded per 32-value block to int8 with one float scale
+// (d = max|x| / 127, q = round(x / d)), once per call. A block's product is then an exact integer
+// dot product (maddubs/madd) times d_w * d_x, plus, for Q4_0's offset and Q4_1's min, the
+// weight's offset times the block's sum of rounded activations (d_x * sum q). What is computed
+// is therefore the product of the GGUF's exact weights with 8-bit-rounded activations, in float32
+// — the computation llama.cpp does. One row's blocks are summed in one fixed order whatever the
+// other rows are, as above.
+
+namespace {
+
+struct QuantizedRows {
+  std::vector<int8_t> q;     // [n, in]
+  std::vector<float> scale;  // [n, in / 32]
+  std::vector<float> sum;    // [n, in / 32]: scale * sum(q) of the block
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t n, int64_t in) {
+  const int64_t blocks = in / 32;
+  QuantizedRows out{std::vector<int8_t>(n * in), std::vector<float>(n * blocks),
+                    std::vector<float>(n * blocks)};
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = x + r * in + 32 * b;
+      __m256 v[4], amax = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) {
+        v[k] = _mm256_loadu_ps(xb + 8 * k);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[k]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float d = _mm_cvtss_f32(m4) / 127.0f;
+      const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+      int8_t* qb = out.q.data() + r * in + 32 * b;
+      int total = 0;
+      for (int k = 0; k < 4; ++k) {
+        const __m256i i32 = _mm256_cvtps_epi32(
+            _mm256_round_ps(_mm256_mul_ps(v[k], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        alignas(32) int32_t lanes[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), i32);
+        for (int j = 0; j < 8; ++j) {
+          qb[8 * k + j] = static_cast<int8_t>(lanes[j]);
+          total += lanes[j];
+        }
+      }
+      out.scale[r * blocks + b] = d;
+      out.sum[r * blocks + b] = d * static_cast<float>(total);
+    }
+  }
+  return out;
+}
+
+inline __m256i nibbles(const uint8_t* qs) {  // 16 bytes -> 32 unsigned 4-bit values in order
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+}
+
+// sum over 32 lanes of u8 a * s8 b, as 8 int32 lanes
+inline __m256i dot_u8s8(__m256i a, __m256i b) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+}
+
+constexpr int64_t kTile = 4;  // activation rows per pass over a weight row
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Rows [r0, r0 + T) of y[:, o] for one weight row. Each row sums even and odd blocks into two
+// accumulators (so consecutive blocks do not wait on each other), added at the end; the tile
+// size T changes nothing in a row's arithmetic.
+template <int T>
+void q8_tile(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t in, int64_t r0,
+             float* y, int64_t out, int64_t o) {
+  const int64_t blocks = in / 32, bb = block_bytes(type);
+  __m256 acc[2][T];
+  float extra[2][T];
+  for (int t = 0; t < T; ++t) {
+    acc[0][t] = acc[1][t] = _mm256_setzero_ps();
+    extra[0][t] = extra[1][t] = 0.0f;
+  }
+  const int8_t* xbase = xq.q.data() + r0 * in;
+  const float* scale = xq.scale.data() + r0 * blocks;
+  const float* sum = xq.sum.data() + r0 * blocks;
+  // one block into accumulator P (a compile-time index, so the accumulators stay in registers)
+  auto block = [&](int64_t b, auto parity) __attribute__((always_inline)) {
+    constexpr int P = decltype(parity)::value;
+    const uint8_t* blk = row + b * bb;
+    const float dw = half_to_float(blk);
+    __m256i w;
+    float offset;  // weight = dw * q + offset, summed against d_x * sum(q_x)
+    if (type == Q8_0) {
+      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      offset = 0.0f;
+    } else if (type == Q4_1) {
+      w = nibbles(blk + 4);
+      offset = half_to_float(blk + 2);
+    } else {  // Q4_0: q - 8
+      w = nibbles(blk + 2);
+      offset = -8.0f * dw;
+    }
+    const __m256i w_abs = type == Q8_0 ? _mm256_sign_epi8(w, w) : w;
+    for (int t = 0; t < T; ++t) {
+      __m256i x = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(xbase + t * in + 32 * b));
+      if (type == Q8_0) x = _mm256_sign_epi8(x, w);  // |w| * (x * sign(w)) = w * x
+      const __m256 products = _mm256_cvtepi32_ps(dot_u8s8(w_abs, x));
+      acc[P][t] = _mm256_fmadd_ps(products, _mm256_set1_ps(dw * scale[t * blocks + b]),
+                                  acc[P][t]);
+      extra[P][t] += offset * sum[t * blocks + b];
+    }
+  };
+  int64_t b = 0;
+  for (; b + 1 < blocks; b += 2) {
+    block(b, std::integral_constant<int, 0>());
+    block(b + 1, std::integral_constant<int, 1>());
+  }
+  if (b < blocks) block(b, std::integral_constant<int, 0>());
+  for (int t = 0; t < T; ++t) {
+    y[(r0 + t) * out + o] =
+        hsum(_mm256_add_ps(acc[0][t], acc[1][t])) + (extra[0][t] + extra[1][t]);
+  }
+}
+
+void q8_rows(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t in, int64_t r0,
+             int64_t count, float* y, int64_t out, int64_t o) {
+  switch (count) {
+    case 1: return q8_tile<1>(type, row, xq, in, r0, y, out, o);
+    case 2: return q8_tile<2>(type, row, xq, in, r0, y, out, o);
+    case 3: return q8_tile<3>(type, row, xq, in, r0, y, out, o);
+    default: return q8_tile<4>(type, row, xq, in, r0, y, out, o);
+  }
+}
+
+}  // namespace
+
+// x: [n, in] float32, rounded to 8 bits per 32-block; weight: Q4_0/Q4_1/Q8_0 -> [n, out]
+torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor weight, int64_t type, int64_t in) {
+  check(weight, type, in);
+  TORCH_CHECK(type == Q4_0 || type == Q4_1 || type == Q8_0,
+              "8-bit activations are implemented for Q4_0, Q4_1 and Q8_0");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == in,
+              "x must be a float32 [n, in_features] tensor");
+  x = x.contiguous();
+  const int64_t n = x.size(0), out = weight.size(0), row_bytes = weight.size(1);
+  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), n, in);
+  auto y = torch::empty({n, out}, x.options());
+  const uint8_t* wp = weight.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t r0 = 0; r0 < n; r0 += kTile) {
+      q8_rows(type, wp + o * row_bytes, xq, in, r0, std::min(kTile, n - r0), yp, out, o);
+    }
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "x @ dequantize(weight).T on GGUF blocks");
   m.def("dequantize_rows", &dequantize_rows, "rows of a GGUF-quantized matrix as float32");
+  m.def("qmatmul_q8", &qmatmul_q8, "x rounded to 8 bits per block @ dequantize(weight).T");
 }
