@@ -161,10 +161,9 @@ def test_cli_fast_backend_compare() -> None:
 
 
 def test_quant_backend_on_the_default_gguf(generator: Generator) -> None:
-    """The GGUF's own Q4_1/Q8_0 blocks: with float32 activations, logits of the fp32
-    conversion to float32 rounding (summed over 30 layers: the tolerance of the fast backend's
-    test above); with 8-bit activations (the default), speculation identical to plain decoding
-    on the same backend; 5x fewer weight bytes than float32."""
+    """The GGUF's own Q4_1/Q8_0 blocks: logits of the fp32 conversion to float32 rounding
+    (summed over 30 layers: the tolerance of the fast backend's test above), speculation
+    identical to plain decoding on the same backend, 5x fewer weight bytes than float32."""
     from draftwise.backends.fast import FastBackend
     from draftwise.backends.quant import QuantBackend, kernels_unavailable, load_kernels
     from draftwise.drafters import create_drafter
@@ -175,8 +174,7 @@ def test_quant_backend_on_the_default_gguf(generator: Generator) -> None:
     if kernels_unavailable():
         pytest.skip(f"no quantized kernels here: {kernels_unavailable()}")
     ops = load_kernels(default_cache_dir(), progress=False)
-    quant = QuantBackend(generator.model.source, generator.model.model.config, ops=ops,
-                         activations="float32")
+    quant = QuantBackend(generator.model.source, generator.model.model.config, ops=ops)
     assert quant.float32_tensors == []
     fast = FastBackend(generator.model.model)
     dense = sum(p.numel() * 4 for p in generator.model.model.parameters())
@@ -187,7 +185,6 @@ def test_quant_backend_on_the_default_gguf(generator: Generator) -> None:
         backend.prefill(ids)
     torch.testing.assert_close(quant.forward_tree(tree), fast.forward_tree(tree),
                                rtol=1e-3, atol=1e-3)
-    quant = QuantBackend(generator.model.source, generator.model.model.config, ops=ops)  # int8
     for prompt in PROMPTS[:3]:
         ids = generator.encode(prompt)
         config = generator.config(max_new_tokens=32)

@@ -9,14 +9,17 @@ costs far less than n steps. Everything else (attention, norms, rotary, KV cache
 commit by compaction) is :class:`~draftwise.backends.fast.FastBackend`'s, so every drafter and
 structured output run on it unchanged.
 
-Precision: the weights are exactly the values ggml's dequantization gives. By default
-(``activations="int8"``) the input of every Q4_0/Q4_1/Q8_0 product is rounded per 32-value block
-to 8 bits with its own scale, as llama.cpp does for its integer dot products, so a product is
-the one llama.cpp computes on this file (up to float32 summation order); the K-types and
-``activations="float32"`` multiply float32 activations, the float32 rendering of the dequantized
-model. Either way each row's result does not depend on how many rows are computed with it (see
-the kernels' comments), so tree verification gives the same linear-layer results as plain
-decoding on this backend.
+Precision: the weights are exactly the values ggml's dequantization gives and, by default, the
+activations stay float32: a product is the float32 rendering of the dequantized model's, and
+greedy output on this backend is identical for every method as on the fast backend. The kernels
+also have llama.cpp's path (``activations="int8"``: each 32-value block of a Q4_0/Q4_1/Q8_0
+product's input rounded to 8 bits with its own scale, integer dot products; ~20% faster steps).
+Its linear layers are as row-independent as the float32 ones, but rounding to 8 bits turns the
+last-bit differences between tree attention and plain attention into whole steps of the
+activation scale, and greedy outputs then diverge at top-2 margins up to ~0.3 (measured: 21-50%
+of Spec-Bench outputs identical), so it is not the default; it would need row-by-row attention
+(``exact``) to be lossless. Each row's linear-layer result does not depend on how many rows are
+computed with it (see the kernels' comments).
 
 The kernels are compiled once per machine (AVX2 + FMA + F16C, ``torch.utils.cpp_extension``,
 about a minute, cached under ``~/.cache/draftwise/kernels``). Without a compiler, ninja or those
@@ -126,7 +129,7 @@ class QuantLinear:
     products become integer dot products; ``"float32"`` keeps ``x`` as is."""
 
     def __init__(self, data: torch.Tensor, qtype: str, in_features: int,
-                 bias: torch.Tensor | None, ops: Any, activations: str = "int8") -> None:
+                 bias: torch.Tensor | None, ops: Any, activations: str = "float32") -> None:
         self.qtype, self.in_features, self.bias = qtype, in_features, bias
         self.int8 = activations == "int8" and qtype in _INT8_TYPES
         self.shape = (int(data.shape[0]), in_features)
@@ -199,7 +202,7 @@ class QuantBackend(FastBackend):
 
     def __init__(self, gguf_path: str | Path, config: Any, *, ops: Any = None,
                  slow_reason: str | None = None, max_length: int | None = None,
-                 exact: bool = False, activations: str = "int8") -> None:
+                 exact: bool = False, activations: str = "float32") -> None:
         from gguf import GGUFReader
 
         check_config(config)
