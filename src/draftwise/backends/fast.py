@@ -42,12 +42,11 @@ class UnsupportedModelError(ValueError):
 
 def supports(model: Any) -> bool:
     """Whether :class:`FastBackend` implements ``model`` (family and rotary type)."""
-    config = model.config
-    rope = getattr(config, "rope_parameters", None) or {}
-    return (
-        getattr(config, "model_type", "") in _SUPPORTED
-        and rope.get("rope_type", "default") == "default"
-    )
+    try:
+        check_config(model.config)
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def check_config(config: Any) -> None:

@@ -163,12 +163,15 @@ void decode_row(int64_t type, const uint8_t* row, int64_t in, float* out) {
   }
 }
 
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 inline float finish(__m256 a[4]) {
-  const __m256 s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-  __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-  t = _mm_add_ss(t, _mm_movehdup_ps(t));
-  return _mm_cvtss_f32(t);
+  return hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
 }
 
 // Dot products of two decoded weight rows with one activation row (chunk c -> accumulator c%4).
@@ -345,13 +348,6 @@ inline __m256i dot_u8s8(__m256i a, __m256i b) {
 }
 
 constexpr int64_t kTile = 4;  // activation rows per pass over a weight row
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Rows [r0, r0 + T) of y[:, o] for one weight row. Each row sums even and odd blocks into two
 // accumulators (so consecutive blocks do not wait on each other), added at the end; the tile
