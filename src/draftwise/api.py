@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from draftwise.backends.base import KVBackend
-from draftwise.backends.registry import available_backends, make_backend
+from draftwise.backends.registry import make_backend
 from draftwise.constraints import (
     Compiler,
     Constraint,
@@ -30,9 +30,7 @@ from draftwise.models import LoadedModel, default_cache_dir, load_model
 from draftwise.sampling import SamplingConfig
 from draftwise.sizing import CostCurve, SizingConfig, TreeSizer, parse_budget, split_budget
 
-__all__ = ["AlignedCompletion", "BACKENDS", "Completion", "Generator", "TextStream", "make_backend"]
-
-BACKENDS = available_backends()
+__all__ = ["AlignedCompletion", "Completion", "Generator", "TextStream"]
 
 
 @dataclass

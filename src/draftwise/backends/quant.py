@@ -132,7 +132,6 @@ class QuantLinear:
                  bias: torch.Tensor | None, ops: Any, activations: str = "float32") -> None:
         self.qtype, self.in_features, self.bias = qtype, in_features, bias
         self.int8 = activations == "int8" and qtype in _INT8_TYPES
-        self.shape = (int(data.shape[0]), in_features)
         self.ops = ops if qtype in IMPLEMENTED else None
         if self.ops is None and qtype in IMPLEMENTED:  # no kernels: float32 copy
             data = dequantize(data, qtype, in_features)
@@ -157,7 +156,6 @@ class _Concat:
 
     def __init__(self, parts: list[QuantLinear]) -> None:
         self.parts = parts
-        self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
 
     @property
     def nbytes(self) -> int:
@@ -209,7 +207,6 @@ class QuantBackend(FastBackend):
         if activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
         self.activations = activations
-        self.ops = ops
         self.slow_reason = None if ops is not None else (slow_reason or "no kernels given")
         self.float32_tensors: list[str] = []
         reader = GGUFReader(str(gguf_path))
@@ -234,7 +231,7 @@ class QuantBackend(FastBackend):
                 bias = None
                 if any(p.bias is not None for p in parts):
                     bias = torch.cat([p.bias if p.bias is not None else
-                                      torch.zeros(p.shape[0]) for p in parts])
+                                      torch.zeros(p.data.shape[0]) for p in parts])
                 return QuantLinear(torch.cat([p.data for p in parts]), parts[0].qtype,
                                    parts[0].in_features, bias, ops, activations)
             return _Concat(parts)
