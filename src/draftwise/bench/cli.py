@@ -152,7 +152,10 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.structured:
         return _structured(args, generator, methods, sampling, out)
 
-    runners = build_runners(generator, methods, draft)  # bad peers fail before any run
+    def skipped(spec: str, reason: str) -> None:
+        print(f"draftwise: skipping {spec}: {reason}", file=sys.stderr)
+
+    runners = build_runners(generator, methods, draft, skipped=skipped)  # bad peers fail first
     config = BenchConfig(methods, generator.config(
         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
     ))

@@ -30,12 +30,12 @@ def first_divergence(tokens: Sequence[int], baseline: Sequence[int]) -> int | No
 
 def mark_exactness(records: list[dict[str, Any]]) -> None:
     """Fill ``identical``, ``first_divergence`` and ``margin`` of each record in place, against
-    the baseline record of the same question and turn (greedy runs only)."""
-    baseline = {
-        (r["question_id"], r["turn"]): r for r in records if r["method"] == BASELINE
-    }
+    the record of its ``reference`` method (default: the baseline) for the same question and
+    turn (greedy runs only)."""
+    runs = {(r["method"], r["question_id"], r["turn"]): r for r in records}
     for record in records:
-        base = baseline.get((record["question_id"], record["turn"]))
+        reference = record.get("reference", BASELINE)
+        base = runs.get((reference, record["question_id"], record["turn"]))
         if base is None or not record.get("greedy", True):
             record.update(identical=None, first_divergence=None, margin=None)
             continue
@@ -77,6 +77,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         base = [r for r in baseline if (r["question_id"], r["turn"]) in keys]
         categories = sorted({r["category"] for r in rows})
         methods[name] = {
+            "reference": rows[0].get("reference", BASELINE),
             "overall": _aggregate(rows, base),
             "categories": {
                 c: _aggregate(
@@ -110,6 +111,10 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {name} | {o['tokens_per_s']:.2f} | {_fmt(o['speedup'], '{:.2f}x')} | "
             f"{_fmt(o['mat'], '{:.2f}')} | {_fmt(o['exact_match'], '{:.0%}')} | {o['turns']} |"
         )
+    others = [f"{n} against {d['reference']}" for n, d in methods.items()
+              if d.get("reference", BASELINE) != BASELINE]
+    if others:
+        lines += ["", f"exact: greedy output identical to {BASELINE}'s; " + ", ".join(others)]
     categories = sorted({c for data in methods.values() for c in data["categories"]})
     lines += ["", "Speedup (MAT, exact) per category:", ""]
     lines.append("| method | " + " | ".join(categories) + " |")
@@ -127,8 +132,10 @@ def markdown(summary: dict[str, Any]) -> str:
     if mismatches:
         lines += ["", "Outputs that differ from plain decoding:", ""]
         for name, m in mismatches:
+            reference = methods[name].get("reference", BASELINE)
+            against = "" if reference == BASELINE else f" (against {reference})"
             lines.append(
-                f"- {name}: question {m['question_id']} turn {m['turn']}: first divergence at "
+                f"- {name}{against}: question {m['question_id']} turn {m['turn']}: first divergence at "
                 f"new token {m['first_divergence']}, plain top-2 logit margin "
                 f"{_fmt(m['margin'], '{:.2e}')}"
             )

@@ -7,7 +7,10 @@ Multi-turn questions feed each method its own earlier answers through the chat t
 
 Methods are our registered drafters (``none``, ``pld``, ...) and transformers peers:
 ``hf-generate`` (plain ``generate``), ``hf-pld`` (``prompt_lookup_num_tokens``) and
-``hf-assisted`` (``assistant_model``; needs a draft model).
+``hf-assisted`` (``assistant_model``; needs a draft model), and llama.cpp peers on the same
+GGUF: ``llamacpp`` (plain decoding) and ``llamacpp-lookup`` (its prompt-lookup speculation,
+checked for exactness against ``llamacpp``), skipped with a one-line reason when llama.cpp is not
+installed (see :mod:`draftwise.bench.llamacpp`).
 """
 
 from __future__ import annotations
@@ -22,19 +25,24 @@ import torch
 
 from draftwise.api import Generator
 from draftwise.bench.datasets import Question, report_category
+from draftwise.bench.llamacpp import LlamaCppPeer, PeerUnavailable, start_peer
 from draftwise.bench.report import BASELINE
 from draftwise.drafters.base import UnknownMethodError, parse_method
 from draftwise.engine import GenerationConfig
 from draftwise.models import LoadedModel
 from draftwise.progress import progress_bar
 
-__all__ = ["BenchConfig", "PEERS", "run_bench", "environment"]
+__all__ = ["BenchConfig", "PEERS", "REFERENCE", "build_runners", "environment", "run_bench"]
 
 PEERS = {
     "hf-generate": "transformers generate(), plain decoding",
     "hf-pld": "transformers prompt lookup (options: num_tokens=10, max_ngram=2)",
     "hf-assisted": "transformers assisted generation with --draft MODEL",
+    "llamacpp": "llama.cpp plain decoding on the same GGUF (node-llama-cpp)",
+    "llamacpp-lookup": "llama.cpp prompt-lookup speculation, exactness against llamacpp",
 }
+# a peer whose output is checked against another peer rather than against ``none``
+REFERENCE = {"llamacpp-lookup": "llamacpp"}
 
 
 @dataclass(frozen=True)
@@ -101,16 +109,48 @@ def _peer(model: Any, kwargs: dict[str, Any]) -> Runner:
     return run
 
 
+def _llamacpp(peer: LlamaCppPeer, lookup: bool) -> Runner:
+    def run(prompt_ids: list[int], config: GenerationConfig) -> dict[str, Any]:
+        if not config.sampling.greedy:
+            raise ValueError("the llama.cpp peers run greedy decoding only (temperature 0)")
+        answer = peer.generate(prompt_ids, config.max_new_tokens, config.eos_token_ids,
+                               lookup=lookup)
+        tokens = answer["tokens"]
+        return {"token_ids": tokens, "new_tokens": len(tokens), "wall_s": answer["seconds"],
+                "steps": None, "validated": answer["validated"], "refuted": answer["refuted"]}
+
+    return run
+
+
 def build_runners(
-    generator: Generator, methods: Sequence[str], draft: LoadedModel | None
+    generator: Generator, methods: Sequence[str], draft: LoadedModel | None,
+    *, skipped: Callable[[str, str], None] | None = None,
 ) -> dict[str, Runner]:
-    """A runner per method spec; ``none`` first and always present (it is the baseline)."""
+    """A runner per method spec; ``none`` first and always present (it is the baseline).
+
+    A llama.cpp peer that cannot run here is left out and reported to ``skipped(spec,
+    reason)``; ``llamacpp-lookup`` brings ``llamacpp`` along (its exactness reference)."""
     specs = [BASELINE] + [m for m in methods if m != BASELINE]
+    if "llamacpp-lookup" in specs and "llamacpp" not in specs:
+        specs.insert(specs.index("llamacpp-lookup"), "llamacpp")
     runners: dict[str, Runner] = {}
+    peer: LlamaCppPeer | None = None
     for spec in specs:
         name, options = parse_method(spec)
         if name not in PEERS:
             runners[spec] = _ours(generator.with_method(spec))
+            continue
+        if name.startswith("llamacpp"):
+            if options:
+                raise UnknownMethodError(f"{name} takes no options, got {options}")
+            if peer is None:
+                try:
+                    peer = start_peer(generator.model.source)
+                except PeerUnavailable as error:
+                    if skipped is not None:
+                        skipped(spec, str(error))
+                    continue
+            runners[spec] = _llamacpp(peer, lookup=name == "llamacpp-lookup")
             continue
         model = generator.model.model
         if name == "hf-generate":
@@ -187,6 +227,7 @@ def run_bench(
                         "source_category": question.category,
                         "turn": turn,
                         "method": name,
+                        "reference": REFERENCE.get(name, BASELINE),
                         "prompt_tokens": len(prompt_ids),
                         "greedy": gen.sampling.greedy,
                         **result,
