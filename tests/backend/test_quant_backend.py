@@ -210,13 +210,38 @@ def test_quant_backend_equals_the_fast_backend_on_the_decoded_weights(
     assert quant.float32_tensors == []
 
 
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+def test_tree_rows_are_bit_identical_to_plain_decoding(
+    tiny_gguf: tuple[Path, torch.nn.Module], ops: object, activations: str
+) -> None:
+    """Every row of a verified tree gets exactly the logits plain decoding gets after the same
+    tokens: the layers compute each row alone (attention over that row's visible keys in
+    position order), so no tolerance is involved, whatever the activations are rounded to."""
+    path, twin = tiny_gguf
+    prompt = [3, 9, 27, 1, 5, 8, 40, 2, 2, 7]
+    tree = DraftTree((4, 7, 11, 2, 9, 4), (-1, 0, -1, 2, 2, 3))
+    backend = QuantBackend(path, twin.config, ops=ops, activations=activations)
+    backend.prefill(prompt)
+    logits = backend.forward_tree(tree)
+    for node in range(-1, len(tree)):
+        tokens = [] if node < 0 else tree.path_tokens(node)
+        plain = QuantBackend(path, twin.config, ops=ops, activations=activations)
+        plain.prefill(prompt)
+        row = plain.forward_tree(DraftTree.chain([]))[0]
+        for token in tokens:
+            plain.commit((), token)
+            row = plain.forward_tree(DraftTree.chain([]))[0]
+        assert torch.equal(row, logits[node + 1]), (activations, node)
+
+
+@pytest.mark.parametrize("activations", ["float32", "int8"])
 def test_every_drafter_on_quant_equals_plain_greedy_on_quant(
-    tiny_gguf: tuple[Path, torch.nn.Module], ops: object
+    tiny_gguf: tuple[Path, torch.nn.Module], ops: object, activations: str
 ) -> None:
     path, twin = tiny_gguf
     prompt = [4, 8, 15, 16, 23, 42, 4, 8, 15]
     config = GenerationConfig(max_new_tokens=40)
-    backend = QuantBackend(path, twin.config, ops=ops)  # float32 activations: the default
+    backend = QuantBackend(path, twin.config, ops=ops, activations=activations)
     plain = Engine(backend, create_drafter("none")).generate(prompt, config).tokens
     for method in ("pld", "recycling", "aded", "lookahead", "composite"):
         run = Engine(backend, create_drafter(method)).generate(prompt, config)

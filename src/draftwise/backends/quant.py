@@ -9,17 +9,23 @@ costs far less than n steps. Everything else (attention, norms, rotary, KV cache
 commit by compaction) is :class:`~draftwise.backends.fast.FastBackend`'s, so every drafter and
 structured output run on it unchanged.
 
-Precision: the weights are exactly the values ggml's dequantization gives and, by default, the
-activations stay float32: a product is the float32 rendering of the dequantized model's, and
-greedy output on this backend is identical for every method as on the fast backend. The kernels
-also have llama.cpp's path (``activations="int8"``: each 32-value block of a Q4_0/Q4_1/Q8_0
-product's input rounded to 8 bits with its own scale, integer dot products; ~20% faster steps).
-Its linear layers are as row-independent as the float32 ones, but rounding to 8 bits turns the
-last-bit differences between tree attention and plain attention into whole steps of the
-activation scale, and greedy outputs then diverge at top-2 margins up to ~0.3 (measured: 21-50%
-of Spec-Bench outputs identical), so it is not the default; it would need row-by-row attention
-(``exact``) to be lossless. Each row's linear-layer result does not depend on how many rows are
-computed with it (see the kernels' comments).
+Exactness: with the kernels, every decoder layer runs in one C++ call (``Model`` in the
+kernels) that computes each row alone — row-independent matrix products, per-row norms, and
+attention for each (row, head) over exactly that row's visible keys in position order. A tree
+row therefore gets bit for bit what plain decoding gets after the same tokens: verification is
+exact by construction (``--exact`` costs nothing here), and greedy output equals plain greedy
+decoding on this backend for every method, with no near-tie caveat.
+
+Precision: the weights are exactly the values ggml's dequantization gives. By default
+(``activations="int8"``) the input of each Q4_0/Q4_1/Q8_0 product is rounded to 8 bits per
+32-value block with its own scale, and the block products are exact integer dot products
+scaled in float32: the computation llama.cpp does for these types (its Q8_0/Q8_1 activations),
+so this backend renders the GGUF model as llama.cpp does, not as a float32 copy would.
+Q4_K/Q6_K products and everything else (norms, rotary, attention, SiLU) are float32.
+``activations="float32"`` keeps every product float32 (slower; each product is then the float32
+rendering of the dequantized model's). A prefill of 32 tokens or more uses torch's batched
+float32 products on weights decoded for that call: plain and speculative decoding share the
+prefill, so it need not match the row-by-row path.
 
 The kernels are compiled once per machine (AVX2 + FMA + F16C, ``torch.utils.cpp_extension``,
 about a minute, cached under ``~/.cache/draftwise/kernels``). Without a compiler, ninja or those
@@ -50,6 +56,7 @@ __all__ = ["KernelsUnavailable", "QuantBackend", "QuantLinear", "kernels_unavail
 # ggml type ids the kernels implement: name -> (id, weights per block, bytes per block)
 IMPLEMENTED = {"Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q8_0": (8, 32, 34),
                "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210)}
+_TYPE_IDS = {"F32": 0, **{name: spec[0] for name, spec in IMPLEMENTED.items()}}
 _SOURCE = Path(__file__).with_name("quant_kernels.cpp")
 _NO_COMPILE = "DRAFTWISE_NO_COMPILE"  # set to 1 to run as if no compiler were installed
 _loaded: Any = None
@@ -200,7 +207,7 @@ class QuantBackend(FastBackend):
 
     def __init__(self, gguf_path: str | Path, config: Any, *, ops: Any = None,
                  slow_reason: str | None = None, max_length: int | None = None,
-                 exact: bool = False, activations: str = "float32") -> None:
+                 exact: bool = False, activations: str = "int8") -> None:
         from gguf import GGUFReader
 
         check_config(config)
@@ -254,6 +261,59 @@ class QuantBackend(FastBackend):
         self._setup(config, max_length, exact, torch.float32, _Embedding(embed), layers,
                     self._dense("output_norm.weight"), head)
         del self._tensors  # the reader's memory map is no longer needed
+        self._ops = ops
+        self._native = self._build_native()
+
+    def _build_native(self) -> Any:
+        """The kernels' ``Model`` over these layers (every layer in one call), or None."""
+        if self._ops is None or self.head_dim % 8 or int(self.norm.numel()) % 8:
+            return None  # (the kernels' vector loops need multiples of 8)
+        ops = self._ops
+
+        def parts(linear: QuantLinear | _Concat) -> list[Any]:
+            pieces = linear.parts if isinstance(linear, _Concat) else [linear]
+            out = []
+            for p in pieces:
+                data, qtype = p.data, p.qtype
+                if p.ops is None:  # a float32 tensor: rows of floats read as bytes
+                    data, qtype = data.float().contiguous().view(torch.uint8), "F32"
+                bias = p.bias if p.bias is not None else torch.empty(0)
+                out.append(ops.Linear(data, _TYPE_IDS[qtype], p.in_features, bias.float()))
+            return out
+
+        layers = [
+            ops.Layer(layer["attn_norm"].float(), parts(layer["qkv"]), parts(layer["out"])[0],
+                      layer["mlp_norm"].float(), parts(layer["gate_up"]), parts(layer["down"])[0])
+            for layer in self.layers
+        ]
+        return ops.Model(layers, self.norm.float(), self.eps, self.heads, self.kv_heads,
+                         self.head_dim, self.activations == "int8")
+
+    def skipping(self, skip: set[int] | frozenset[int]) -> QuantBackend:
+        other = super().skipping(skip)
+        assert isinstance(other, QuantBackend)
+        other._native = other._build_native()
+        return other
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                 last_only: bool = False) -> torch.Tensor:
+        if self._native is None:
+            return super()._forward(ids, positions, mask, last_only)
+        t, start = len(ids), self._cached
+        if start + t > self._max_length:
+            raise ValueError(f"KV cache holds {self._max_length} tokens; {start + t} requested")
+        if mask is None:
+            tree = torch.ones(t, t, dtype=torch.uint8).tril()
+        else:  # [T, start + T]: the committed prefix is visible to every row
+            tree = mask[:, start:].to(torch.uint8)
+        hidden = self._native.forward(self.embed[ids], self.keys, self.values, start,
+                                      self.cos[positions], self.sin[positions], tree, last_only)
+        self._cached = start + t
+        if last_only:
+            hidden = hidden[-1:]
+        logits: torch.Tensor = self.head(hidden)
+        return logits
 
     def _raw(self, name: str) -> tuple[torch.Tensor, str, int]:
         if name not in self._tensors:

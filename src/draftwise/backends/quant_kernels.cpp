@@ -24,10 +24,12 @@
 #include <type_traits>
 #include <cstring>
 #include <vector>
+#include <cmath>
+#include <memory>
 
 namespace {
 
-enum Type : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+enum Type : int64_t { F32 = 0, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
 
 inline float half_to_float(const uint8_t* p) {
   uint16_t h;
@@ -39,6 +41,7 @@ int64_t block_weights(int64_t type) { return (type == Q4_K || type == Q6_K) ? 25
 
 int64_t block_bytes(int64_t type) {
   switch (type) {
+    case F32: return 128;  // dense rows, read as 32-float "blocks"
     case Q4_0: return 18;
     case Q4_1: return 20;
     case Q8_0: return 34;
@@ -60,6 +63,10 @@ inline __m256 sbytes_to_floats(__m128i bytes) {
 
 // Decode one 32-weight block into v[0..3] (8 floats each, in weight order).
 inline void decode32(int64_t type, const uint8_t* b, __m256 v[4]) {
+  if (type == F32) {
+    for (int k = 0; k < 4; ++k) v[k] = _mm256_loadu_ps(reinterpret_cast<const float*>(b) + 8 * k);
+    return;
+  }
   if (type == Q8_0) {
     const __m256 d = _mm256_set1_ps(half_to_float(b));
     for (int k = 0; k < 4; ++k) {
@@ -227,21 +234,15 @@ void check(const torch::Tensor& weight, int64_t type, int64_t in) {
 
 }  // namespace
 
-// x: [n, in] float32; weight: [out, row_bytes] uint8 blocks -> [n, out] float32
-torch::Tensor qmatmul(torch::Tensor x, torch::Tensor weight, int64_t type, int64_t in) {
-  check(weight, type, in);
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == in,
-              "x must be a float32 [n, in_features] tensor");
-  x = x.contiguous();
-  const int64_t n = x.size(0), out = weight.size(0), row_bytes = weight.size(1);
-  auto y = torch::empty({n, out}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = weight.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
+namespace {
+
+// y[r * ldy + o] = x[r] . w[o] for r < n, o < out (float32 activations)
+void matmul_f32(int64_t type, const uint8_t* wp, int64_t row_bytes, int64_t out, const float* xp,
+                int64_t n, int64_t in, float* yp, int64_t ldy) {
   if (n == 1) {
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < out; ++o) yp[o] = dot_direct(type, wp + o * row_bytes, xp, in);
-    return y;
+    return;
   }
 #pragma omp parallel
   {
@@ -258,11 +259,25 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor weight, int64_t type, int64
       for (int64_t r = 0; r < n; ++r) {
         float y0, y1;
         dot2(w0, w1, xp + r * in, in, &y0, &y1);
-        yp[r * out + o] = y0;
-        if (two) yp[r * out + o + 1] = y1;
+        yp[r * ldy + o] = y0;
+        if (two) yp[r * ldy + o + 1] = y1;
       }
     }
   }
+}
+
+}  // namespace
+
+// x: [n, in] float32; weight: [out, row_bytes] uint8 blocks -> [n, out] float32
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor weight, int64_t type, int64_t in) {
+  check(weight, type, in);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == in,
+              "x must be a float32 [n, in_features] tensor");
+  x = x.contiguous();
+  const int64_t n = x.size(0), out = weight.size(0);
+  auto y = torch::empty({n, out}, x.options());
+  matmul_f32(type, weight.data_ptr<uint8_t>(), weight.size(1), out, x.data_ptr<float>(), n, in,
+             y.data_ptr<float>(), out);
   return y;
 }
 
@@ -354,7 +369,7 @@ constexpr int64_t kTile = 4;  // activation rows per pass over a weight row
 // size T changes nothing in a row's arithmetic.
 template <int T>
 void q8_tile(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t in, int64_t r0,
-             float* y, int64_t out, int64_t o) {
+             float* y, int64_t ldy, int64_t o) {
   const int64_t blocks = in / 32, bb = block_bytes(type);
   __m256 acc[2][T];
   float extra[2][T];
@@ -400,18 +415,31 @@ void q8_tile(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t 
   }
   if (b < blocks) block(b, std::integral_constant<int, 0>());
   for (int t = 0; t < T; ++t) {
-    y[(r0 + t) * out + o] =
+    y[(r0 + t) * ldy + o] =
         hsum(_mm256_add_ps(acc[0][t], acc[1][t])) + (extra[0][t] + extra[1][t]);
   }
 }
 
 void q8_rows(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t in, int64_t r0,
-             int64_t count, float* y, int64_t out, int64_t o) {
+             int64_t count, float* y, int64_t ldy, int64_t o) {
   switch (count) {
-    case 1: return q8_tile<1>(type, row, xq, in, r0, y, out, o);
-    case 2: return q8_tile<2>(type, row, xq, in, r0, y, out, o);
-    case 3: return q8_tile<3>(type, row, xq, in, r0, y, out, o);
-    default: return q8_tile<4>(type, row, xq, in, r0, y, out, o);
+    case 1: return q8_tile<1>(type, row, xq, in, r0, y, ldy, o);
+    case 2: return q8_tile<2>(type, row, xq, in, r0, y, ldy, o);
+    case 3: return q8_tile<3>(type, row, xq, in, r0, y, ldy, o);
+    default: return q8_tile<4>(type, row, xq, in, r0, y, ldy, o);
+  }
+}
+
+bool has_q8_path(int64_t type) { return type == Q4_0 || type == Q4_1 || type == Q8_0; }
+
+// y[r * ldy + o] = q8(x[r]) . w[o] for r < n, o < out
+void matmul_q8(int64_t type, const uint8_t* wp, int64_t row_bytes, int64_t out,
+               const QuantizedRows& xq, int64_t n, int64_t in, float* yp, int64_t ldy) {
+#pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t r0 = 0; r0 < n; r0 += kTile) {
+      q8_rows(type, wp + o * row_bytes, xq, in, r0, std::min(kTile, n - r0), yp, ldy, o);
+    }
   }
 }
 
@@ -420,26 +448,319 @@ void q8_rows(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t 
 // x: [n, in] float32, rounded to 8 bits per 32-block; weight: Q4_0/Q4_1/Q8_0 -> [n, out]
 torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor weight, int64_t type, int64_t in) {
   check(weight, type, in);
-  TORCH_CHECK(type == Q4_0 || type == Q4_1 || type == Q8_0,
-              "8-bit activations are implemented for Q4_0, Q4_1 and Q8_0");
+  TORCH_CHECK(has_q8_path(type), "8-bit activations are implemented for Q4_0, Q4_1 and Q8_0");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == in,
               "x must be a float32 [n, in_features] tensor");
   x = x.contiguous();
-  const int64_t n = x.size(0), out = weight.size(0), row_bytes = weight.size(1);
+  const int64_t n = x.size(0), out = weight.size(0);
   const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), n, in);
   auto y = torch::empty({n, out}, x.options());
-  const uint8_t* wp = weight.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t o = 0; o < out; ++o) {
-    for (int64_t r0 = 0; r0 < n; r0 += kTile) {
-      q8_rows(type, wp + o * row_bytes, xq, in, r0, std::min(kTile, n - r0), yp, out, o);
-    }
-  }
+  matmul_q8(type, weight.data_ptr<uint8_t>(), weight.size(1), out, xq, n, in,
+            y.data_ptr<float>(), out);
   return y;
 }
 
+// ---- The decoder layers in one call, row by row -----------------------------------------------
+//
+// Model::forward runs every layer of a Llama/Qwen2 decoder over T new rows: RMSNorm, the QKV
+// products (+ bias), rotary, the KV-cache write, attention, the output product, the residual,
+// RMSNorm, gate/up, SiLU * up, down, the residual, and the final RMSNorm. Everything a row
+// computes depends only on that row and on the keys and values it may see, never on the other
+// rows of the call or on the thread count:
+// - the matrix products are the kernels above (row-independent by construction);
+// - norms, rotary and SiLU are per-row loops of one fixed shape;
+// - attention is computed for each (row, head) alone, over exactly the keys the row may see, in
+//   position order: the committed prefix, then the row's tree ancestors and itself, with one fixed
+//   order of exponentials, sums and the weighted sum of values.
+// A tree node at depth k therefore gets bit for bit the values plain decoding gets at that
+// position with the same tokens before it: verification is exact at no extra cost, whatever the
+// activations are rounded to. A prefill (``prefill``) may use faster batched products (torch's
+// on dequantized weights) since plain and speculative decoding share it.
+
+namespace {
+
+inline float hsum_ps(__m256 v) { return hsum(v); }
+
+// e^x, one polynomial (Cephes' expf) for vector lanes and scalars alike
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float exp1(float x) {  // exp8 on one lane: the same operations, the same result
+  return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x)));
+}
+
+struct Linear {
+  torch::Tensor w;  // uint8 [out, row_bytes] blocks (type F32: float32 rows viewed as bytes)
+  int64_t type, in, out;
+  torch::Tensor bias;  // float32 [out], or empty
+};
+
+struct Layer {
+  torch::Tensor attn_norm, mlp_norm;
+  std::vector<Linear> qkv, gate_up;  // parts on one input, outputs side by side
+  Linear out, down;
+};
+
+int64_t width(const std::vector<Linear>& parts) {
+  int64_t total = 0;
+  for (const auto& p : parts) total += p.out;
+  return total;
+}
+
+// y[:, :] = x @ [parts].T (+ bias), y row stride ldy
+void apply(const std::vector<Linear>& parts, const float* x, int64_t n, float* y, int64_t ldy,
+           bool int8, bool batched) {
+  const int64_t in = parts[0].in;
+  std::unique_ptr<QuantizedRows> xq;
+  int64_t offset = 0;
+  for (const auto& p : parts) {
+    const uint8_t* wp = p.w.data_ptr<uint8_t>();
+    const int64_t row_bytes = p.w.size(1);
+    if (batched && p.type != F32) {  // prefill: dequantize, then torch's batched product
+      auto w = torch::empty({p.out, in}, torch::kFloat32);
+      float* wd = w.data_ptr<float>();
+#pragma omp parallel for schedule(static)
+      for (int64_t o = 0; o < p.out; ++o) decode_row(p.type, wp + o * row_bytes, in, wd + o * in);
+      auto xt = torch::from_blob(const_cast<float*>(x), {n, in}, torch::kFloat32);
+      auto yt = torch::from_blob(y + offset, {n, p.out}, {ldy, 1}, torch::kFloat32);
+      yt.copy_(torch::mm(xt, w.t()));
+    } else if (int8 && has_q8_path(p.type)) {
+      if (!xq) xq = std::make_unique<QuantizedRows>(quantize_rows(x, n, in));
+      matmul_q8(p.type, wp, row_bytes, p.out, *xq, n, in, y + offset, ldy);
+    } else {
+      matmul_f32(p.type, wp, row_bytes, p.out, x, n, in, y + offset, ldy);
+    }
+    if (p.bias.numel()) {
+      const float* b = p.bias.data_ptr<float>();
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t o = 0; o < p.out; ++o) y[r * ldy + offset + o] += b[o];
+    }
+    offset += p.out;
+  }
+}
+
+// y = w * (x * rsqrt(mean(x^2) + eps)), row by row (in % 8 == 0)
+void rms_norm(const float* x, int64_t n, int64_t in, const float* w, float eps, float* y) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * in;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < in; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + i);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    const float scale = 1.0f / std::sqrt(hsum_ps(acc) / static_cast<float>(in) + eps);
+    for (int64_t i = 0; i < in; ++i) y[r * in + i] = w[i] * (xr[i] * scale);
+  }
+}
+
+// x * cos + rotate_half(x) * sin on one head vector of d values
+inline void rotate(float* x, const float* cos, const float* sin, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+inline float dot_head(const float* a, const float* b, int64_t d) {  // d % 8 == 0
+  __m256 s[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t i = 0; i < d; i += 8)
+    s[(i / 8) & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s[(i / 8) & 1]);
+  return hsum_ps(_mm256_add_ps(s[0], s[1]));
+}
+
+class Model {
+ public:
+  Model(std::vector<Layer> layers, torch::Tensor norm, double eps, int64_t heads,
+        int64_t kv_heads, int64_t head_dim, bool int8)
+      : layers_(std::move(layers)), norm_(norm.contiguous()), eps_(static_cast<float>(eps)),
+        heads_(heads), kv_heads_(kv_heads), d_(head_dim), int8_(int8) {
+    TORCH_CHECK(head_dim % 8 == 0, "head_dim must be a multiple of 8");
+  }
+
+  // x: [T, hidden] input rows (embeddings); keys/values: [layers, kv, S, d] caches, rows
+  // start..start+T-1 written here; cos/sin: [T, d] at the rows' positions; tree: [T, T] uint8,
+  // tree[r][j] = row r may see row j (itself and its ancestors). Returns the final-normed
+  // hidden states [T, hidden].
+  torch::Tensor forward(torch::Tensor x, torch::Tensor keys, torch::Tensor values, int64_t start,
+                        torch::Tensor cos, torch::Tensor sin, torch::Tensor tree, bool prefill) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [T, hidden]");
+    TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "caches must be contiguous");
+    x = x.contiguous().clone();
+    cos = cos.contiguous();
+    sin = sin.contiguous();
+    tree = tree.to(torch::kUInt8).contiguous();
+    const int64_t T = x.size(0), hidden = x.size(1), d = d_;
+    const int64_t S = keys.size(2);
+    TORCH_CHECK(keys.size(0) == static_cast<int64_t>(layers_.size()) && start + T <= S,
+                "cache shape does not match");
+    TORCH_CHECK(tree.size(0) == T && tree.size(1) == T, "tree must be [T, T]");
+    const bool batched = prefill && T >= 32;
+    float* xp = x.data_ptr<float>();
+    std::vector<float> normed(T * hidden), tmp(T * hidden), attn(T * heads_ * d);
+    const int64_t qkv_width = (heads_ + 2 * kv_heads_) * d;
+    std::vector<float> qkv(T * qkv_width);
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& layer = layers_[l];
+      float* K = keys.data_ptr<float>() + l * kv_heads_ * S * d;
+      float* V = values.data_ptr<float>() + l * kv_heads_ * S * d;
+      rms_norm(xp, T, hidden, layer.attn_norm.data_ptr<float>(), eps_, normed.data());
+      TORCH_CHECK(width(layer.qkv) == qkv_width, "qkv width does not match the heads");
+      apply(layer.qkv, normed.data(), T, qkv.data(), qkv_width, int8_, batched);
+      for (int64_t r = 0; r < T; ++r) {
+        float* row = qkv.data() + r * qkv_width;
+        const float* c = cos.data_ptr<float>() + r * d;
+        const float* s = sin.data_ptr<float>() + r * d;
+        for (int64_t h = 0; h < heads_ + kv_heads_; ++h) rotate(row + h * d, c, s, d);
+        for (int64_t h = 0; h < kv_heads_; ++h) {
+          std::memcpy(K + (h * S + start + r) * d, row + (heads_ + h) * d, d * sizeof(float));
+          std::memcpy(V + (h * S + start + r) * d, row + (heads_ + kv_heads_ + h) * d,
+                      d * sizeof(float));
+        }
+      }
+      attend(qkv.data(), qkv_width, T, K, V, S, start, tree.data_ptr<uint8_t>(), attn.data());
+      apply({layer.out}, attn.data(), T, tmp.data(), hidden, int8_, batched);
+      for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
+      rms_norm(xp, T, hidden, layer.mlp_norm.data_ptr<float>(), eps_, normed.data());
+      const int64_t inter = layer.down.in, gu_width = width(layer.gate_up);
+      TORCH_CHECK(gu_width == 2 * inter, "gate/up width does not match down's input");
+      std::vector<float> gu(T * gu_width), act(T * inter);
+      apply(layer.gate_up, normed.data(), T, gu.data(), gu_width, int8_, batched);
+      for (int64_t r = 0; r < T; ++r) silu_mul(gu.data() + r * gu_width, inter,
+                                               act.data() + r * inter);
+      apply({layer.down}, act.data(), T, tmp.data(), hidden, int8_, batched);
+      for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
+    }
+    auto out = torch::empty({T, hidden}, torch::kFloat32);
+    rms_norm(xp, T, hidden, norm_.data_ptr<float>(), eps_, out.data_ptr<float>());
+    return out;
+  }
+
+ private:
+  // silu(gate) * up for one row: gate = g[0..n), up = g[n..2n)
+  static void silu_mul(const float* g, int64_t n, float* out) {
+    const float* up = g + n;
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 gate = _mm256_loadu_ps(g + i);
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate));
+      const __m256 silu = _mm256_div_ps(gate, _mm256_add_ps(one, e));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; ++i) out[i] = (g[i] / (1.0f + exp1(-g[i]))) * up[i];
+  }
+
+  // out[r, h*d:(h+1)*d] = softmax(q . K_visible / sqrt(d)) V_visible for each row r, head h
+  void attend(const float* qkv, int64_t ldq, int64_t T, const float* K, const float* V,
+              int64_t S, int64_t start, const uint8_t* tree, float* out) const {
+    const int64_t d = d_, group = heads_ / kv_heads_;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+#pragma omp parallel
+    {
+      std::vector<int64_t> slots;
+      std::vector<float> scores;
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < heads_ * T; ++item) {
+        const int64_t h = item / T, r = item % T, kvh = h / group;
+        const float* q = qkv + r * ldq + h * d;
+        slots.clear();
+        for (int64_t j = 0; j < start; ++j) slots.push_back(j);
+        for (int64_t j = 0; j < T; ++j)
+          if (tree[r * T + j]) slots.push_back(start + j);
+        const int64_t count = static_cast<int64_t>(slots.size());
+        const int64_t padded = (count + 7) / 8 * 8;
+        scores.assign(padded, 0.0f);
+        const float* Kh = K + kvh * S * d;
+        const float* Vh = V + kvh * S * d;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < count; ++j) {
+          scores[j] = dot_head(q, Kh + slots[j] * d, d) * scale;
+          top = std::max(top, scores[j]);
+        }
+        __m256 total = _mm256_setzero_ps();
+        const __m256 top8 = _mm256_set1_ps(top);
+        for (int64_t j = 0; j < padded; j += 8) {
+          __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), top8));
+          if (j + 8 > count) {  // lanes past the last key are zero
+            alignas(32) float lanes[8];
+            _mm256_store_ps(lanes, e);
+            for (int64_t k = count - j; k < 8; ++k) lanes[k] = 0.0f;
+            e = _mm256_load_ps(lanes);
+          }
+          _mm256_storeu_ps(scores.data() + j, e);
+          total = _mm256_add_ps(total, e);
+        }
+        const float inv = 1.0f / hsum_ps(total);
+        float* o = out + r * heads_ * d + h * d;
+        weighted_sum(scores.data(), slots.data(), count, Vh, d, inv, o);
+      }
+    }
+  }
+
+  // o = inv * sum_j p[j] V[slots[j]] (keys in order; d / 8 independent vector accumulators)
+  static void weighted_sum(const float* p, const int64_t* slots, int64_t count, const float* V,
+                           int64_t d, float inv, float* o) {
+    constexpr int64_t kMax = 32;  // head_dim up to 256
+    __m256 acc[kMax];
+    const int64_t chunks = d / 8;
+    TORCH_CHECK(chunks <= kMax, "head_dim above 256 is not implemented");
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < count; ++j) {
+      const __m256 w = _mm256_set1_ps(p[j]);
+      const float* v = V + slots[j] * d;
+      for (int64_t c = 0; c < chunks; ++c)
+        acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+    }
+    for (int64_t c = 0; c < chunks; ++c)
+      _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+  }
+
+  std::vector<Layer> layers_;
+  torch::Tensor norm_;
+  float eps_;
+  int64_t heads_, kv_heads_, d_;
+  bool int8_;
+};
+
+Linear make_linear(torch::Tensor w, int64_t type, int64_t in, torch::Tensor bias) {
+  check(w, type, in);
+  TORCH_CHECK(bias.numel() == 0 || (bias.dtype() == torch::kFloat32 && bias.numel() == w.size(0)),
+              "bias must be float32 [out] or empty");
+  return Linear{w, type, in, w.size(0), bias.contiguous()};
+}
+
+Layer make_layer(torch::Tensor attn_norm, std::vector<Linear> qkv, Linear out,
+                 torch::Tensor mlp_norm, std::vector<Linear> gate_up, Linear down) {
+  return Layer{attn_norm.contiguous(), mlp_norm.contiguous(), std::move(qkv), std::move(gate_up),
+               std::move(out), std::move(down)};
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Linear>(m, "Linear").def(pybind11::init(&make_linear));
+  pybind11::class_<Layer>(m, "Layer").def(pybind11::init(&make_layer));
+  pybind11::class_<Model>(m, "Model")
+      .def(pybind11::init<std::vector<Layer>, torch::Tensor, double, int64_t, int64_t, int64_t,
+                          bool>())
+      .def("forward", &Model::forward, "every decoder layer over T rows (see Model)");
   m.def("qmatmul", &qmatmul, "x @ dequantize(weight).T on GGUF blocks");
   m.def("dequantize_rows", &dequantize_rows, "rows of a GGUF-quantized matrix as float32");
   m.def("qmatmul_q8", &qmatmul_q8, "x rounded to 8 bits per block @ dequantize(weight).T");

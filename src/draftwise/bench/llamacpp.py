@@ -108,6 +108,7 @@ def start_peer(gguf: str | Path, *, context: int = 4096, threads: int | None = N
         process.wait()
         errors.seek(0)
         error = errors.read()
-        last = error.strip().splitlines()[-1] if error.strip() else f"exit code {process.returncode}"
+        lines = error.strip().splitlines()
+        last = lines[-1] if lines else f"exit code {process.returncode}"
         raise PeerUnavailable(f"llama.cpp did not start: {last}")
     return LlamaCppPeer(process, json.loads(line))

@@ -135,8 +135,8 @@ def markdown(summary: dict[str, Any]) -> str:
             reference = methods[name].get("reference", BASELINE)
             against = "" if reference == BASELINE else f" (against {reference})"
             lines.append(
-                f"- {name}{against}: question {m['question_id']} turn {m['turn']}: first divergence at "
-                f"new token {m['first_divergence']}, plain top-2 logit margin "
+                f"- {name}{against}: question {m['question_id']} turn {m['turn']}: first "
+                f"divergence at new token {m['first_divergence']}, plain top-2 logit margin "
                 f"{_fmt(m['margin'], '{:.2e}')}"
             )
     return "\n".join(lines) + "\n"
