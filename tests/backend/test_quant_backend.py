@@ -256,7 +256,7 @@ def test_without_kernels_the_backend_runs_on_float32_copies(
     from draftwise.backends.quant import KernelsUnavailable
 
     monkeypatch.setenv("DRAFTWISE_NO_COMPILE", "1")
-    monkeypatch.setattr("draftwise.backends.quant._loaded", None)
+    monkeypatch.setattr("draftwise.backends.quant._loaded", {})
     with pytest.raises(KernelsUnavailable, match="DRAFTWISE_NO_COMPILE"):
         load_kernels(tmp_path)
     path, twin = tiny_gguf

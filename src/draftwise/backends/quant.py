@@ -57,9 +57,11 @@ __all__ = ["KernelsUnavailable", "QuantBackend", "QuantLinear", "kernels_unavail
 IMPLEMENTED = {"Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q8_0": (8, 32, 34),
                "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210)}
 _TYPE_IDS = {"F32": 0, **{name: spec[0] for name, spec in IMPLEMENTED.items()}}
+_PACKED = 100  # type code of blocks regrouped 8 rows at a time (the kernels' kPacked)
 _SOURCE = Path(__file__).with_name("quant_kernels.cpp")
 _NO_COMPILE = "DRAFTWISE_NO_COMPILE"  # set to 1 to run as if no compiler were installed
-_loaded: Any = None
+_ISA = "DRAFTWISE_QUANT_ISA"  # avx2 | avx-vnni | avx512-vnni: force one kernel build
+_loaded: dict[str, Any] = {}
 
 
 class KernelsUnavailable(RuntimeError):
@@ -93,35 +95,56 @@ def _cpu_flags() -> set[str] | None:
     return set(line.split(":", 1)[-1].split())
 
 
+def kernel_isa() -> tuple[str, list[str]]:
+    """The instruction set the kernels are built for on this machine, and its compiler flags:
+    AVX-512 VNNI where the CPU has it, else AVX-VNNI, else AVX2 (``$DRAFTWISE_QUANT_ISA``
+    picks a narrower one, e.g. to test the AVX2 build on an AVX-512 machine)."""
+    flags = _cpu_flags() or set()
+    have = {
+        "avx512-vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags,
+        "avx-vnni": "avx_vnni" in flags,
+        "avx2": True,
+    }
+    wanted = os.environ.get(_ISA)
+    if wanted is not None and wanted not in have:
+        raise ValueError(f"{_ISA} must be one of {', '.join(have)}, got {wanted!r}")
+    isa = wanted if wanted and have[wanted] else next(name for name, ok in have.items() if ok)
+    extra = {"avx512-vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+             "avx-vnni": ["-mavxvnni"], "avx2": []}[isa]
+    return isa, extra
+
+
 def load_kernels(cache_dir: Path, progress: bool = True) -> Any:
-    """The compiled kernel module (built once into ``cache_dir/kernels``)."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
+    """The compiled kernel module for this machine's instruction set (built once into
+    ``cache_dir/kernels``; see :func:`kernel_isa`)."""
     reason = kernels_unavailable()
     if reason:
         raise KernelsUnavailable(reason)
+    isa, isa_flags = kernel_isa()
+    if isa in _loaded:
+        return _loaded[isa]
     source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:12]
-    build = cache_dir / "kernels" / f"quant-{digest}"
+    digest = hashlib.sha256(source + torch.__version__.encode() + isa.encode()).hexdigest()[:12]
+    build = cache_dir / "kernels" / f"quant-{isa}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     fresh = not any(build.glob("*.so"))
     if fresh and progress:
-        print("draftwise: compiling the quantized kernels once for this machine (about a "
-              "minute) ...", file=sys.stderr, flush=True)
+        print(f"draftwise: compiling the quantized kernels once for this machine ({isa}, about "
+              "a minute) ...", file=sys.stderr, flush=True)
     from torch.utils.cpp_extension import load
 
     try:
-        _loaded = load(
+        module = load(
             name=f"draftwise_quant_{digest}", sources=[str(_SOURCE)], build_directory=str(build),
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", *isa_flags, "-fopenmp"],
             extra_ldflags=["-fopenmp"], verbose=False,
         )
     except (RuntimeError, OSError, ImportError) as error:
         raise KernelsUnavailable(f"building the kernels failed: {error}") from error
     if fresh and progress:
         print("draftwise: quantized kernels built", file=sys.stderr, flush=True)
-    return _loaded
+    _loaded[isa] = module
+    return module
 
 
 ACTIVATIONS = ("int8", "float32")
@@ -133,15 +156,24 @@ class QuantLinear:
 
     ``activations``: ``"int8"`` rounds each 32-value block of ``x`` to 8 bits with its own
     scale (as llama.cpp does) where the weight type has that path (Q4_0, Q4_1, Q8_0), and the
-    products become integer dot products; ``"float32"`` keeps ``x`` as is."""
+    products become integer dot products on the blocks regrouped 8 output rows at a time
+    (``pack_rows``: the same bytes, in the order the kernels read); ``"float32"`` keeps ``x`` as
+    is. ``packed``: ``data`` is already regrouped (a concatenation of packed parts)."""
 
     def __init__(self, data: torch.Tensor, qtype: str, in_features: int,
-                 bias: torch.Tensor | None, ops: Any, activations: str = "float32") -> None:
+                 bias: torch.Tensor | None, ops: Any, activations: str = "float32",
+                 packed: bool = False) -> None:
         self.qtype, self.in_features, self.bias = qtype, in_features, bias
         self.int8 = activations == "int8" and qtype in _INT8_TYPES
         self.ops = ops if qtype in IMPLEMENTED else None
         if self.ops is None and qtype in IMPLEMENTED:  # no kernels: float32 copy
             data = dequantize(data, qtype, in_features)
+        self.out_features = data.shape[0] * (8 if packed else 1)
+        if self.ops is not None and self.int8 and not packed and data.shape[0] % 8 == 0:
+            data = self.ops.pack_rows(data.contiguous(), _TYPE_IDS[qtype], in_features)
+            packed = True
+        self.packed = packed
+        self.code = _TYPE_IDS.get(qtype, 0) + (_PACKED if packed else 0)
         self.data = data.contiguous()
 
     @property
@@ -152,8 +184,7 @@ class QuantLinear:
         if self.ops is None:
             return F.linear(x, self.data, self.bias)
         matmul = self.ops.qmatmul_q8 if self.int8 else self.ops.qmatmul
-        y: torch.Tensor = matmul(x.float().contiguous(), self.data, IMPLEMENTED[self.qtype][0],
-                                 self.in_features)
+        y: torch.Tensor = matmul(x.float().contiguous(), self.data, self.code, self.in_features)
         return y if self.bias is None else y + self.bias
 
 
@@ -183,7 +214,7 @@ class _Embedding:
         if linear.ops is None:
             return linear.data[ids]
         rows: torch.Tensor = linear.ops.dequantize_rows(
-            linear.data, ids.reshape(-1), IMPLEMENTED[linear.qtype][0], linear.in_features)
+            linear.data, ids.reshape(-1), linear.code, linear.in_features)
         return rows.view(*ids.shape, linear.in_features)
 
 
@@ -234,13 +265,14 @@ class QuantBackend(FastBackend):
             return QuantLinear(data, qtype, in_features, b, ops, activations)
 
         def fused(parts: list[QuantLinear]) -> QuantLinear | _Concat:
-            if len({p.qtype for p in parts}) == 1 and parts[0].ops is not None:
+            if len({(p.qtype, p.packed) for p in parts}) == 1 and parts[0].ops is not None:
                 bias = None
                 if any(p.bias is not None for p in parts):
                     bias = torch.cat([p.bias if p.bias is not None else
-                                      torch.zeros(p.data.shape[0]) for p in parts])
+                                      torch.zeros(p.out_features) for p in parts])
                 return QuantLinear(torch.cat([p.data for p in parts]), parts[0].qtype,
-                                   parts[0].in_features, bias, ops, activations)
+                                   parts[0].in_features, bias, ops, activations,
+                                   packed=parts[0].packed)
             return _Concat(parts)
 
         layers: list[dict[str, Any]] = []
@@ -277,8 +309,9 @@ class QuantBackend(FastBackend):
                 data, qtype = p.data, p.qtype
                 if p.ops is None:  # a float32 tensor: rows of floats read as bytes
                     data, qtype = data.float().contiguous().view(torch.uint8), "F32"
+                code = p.code if qtype != "F32" else _TYPE_IDS["F32"]
                 bias = p.bias if p.bias is not None else torch.empty(0)
-                out.append(ops.Linear(data, _TYPE_IDS[qtype], p.in_features, bias.float()))
+                out.append(ops.Linear(data, code, p.in_features, bias.float()))
             return out
 
         layers = [

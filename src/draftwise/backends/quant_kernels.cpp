@@ -281,21 +281,6 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor weight, int64_t type, int64
   return y;
 }
 
-// Rows ``ids`` of a quantized matrix, decoded: [len(ids), in] float32 (embedding lookups)
-torch::Tensor dequantize_rows(torch::Tensor weight, torch::Tensor ids, int64_t type, int64_t in) {
-  check(weight, type, in);
-  ids = ids.to(torch::kInt64).contiguous();
-  const int64_t n = ids.size(0), rows = weight.size(0), row_bytes = weight.size(1);
-  auto out = torch::empty({n, in}, torch::dtype(torch::kFloat32));
-  const int64_t* ip = ids.data_ptr<int64_t>();
-  for (int64_t r = 0; r < n; ++r) {
-    TORCH_CHECK(ip[r] >= 0 && ip[r] < rows, "row id out of range");
-    decode_row(type, weight.data_ptr<uint8_t>() + ip[r] * row_bytes, in,
-               out.data_ptr<float>() + r * in);
-  }
-  return out;
-}
-
 // ---- 8-bit activations (llama.cpp's way) for the 32-weight block types ----------------------
 //
 // Each activation row is rounded per 32-value block to int8 with one float scale
@@ -443,10 +428,175 @@ void matmul_q8(int64_t type, const uint8_t* wp, int64_t row_bytes, int64_t out,
   }
 }
 
+
+// ---- 8-bit activations on weights packed 8 output rows at a time ---------------------------
+//
+// The layout above asks one output row's blocks to be summed to one number, a horizontal sum per
+// block. Packing 8 output rows together (as llama.cpp's repacked CPU formats do) turns each
+// 32-bit lane of a vector into one output row, so a block's 8 integer dot products come out of
+// the same instructions with no horizontal sums, and the 8 rows' scales load as one vector. The
+// packed block holds exactly the GGUF block's bytes, regrouped (the same size in memory):
+//   Q4_0: half d[8],          uint8 q[4][32]   q[k][4r + i] = qs_r[4k + i]
+//   Q4_1: half d[8], m[8],    uint8 q[4][32]   (low nibbles: weights 4k..4k+3 of row r,
+//                                               high nibbles: weights 16+4k..16+4k+3)
+//   Q8_0: half d[8],          int8  q[8][32]   q[g][4r + i] = qs_r[4g + i]
+// Each lane (output row) sums its blocks in block order:
+//   acc = fma(float(integer dot), d_w * d_x, acc); acc = fma(m_w, d_x * sum(q_x), acc)
+// with m_w = -8 d_w for Q4_0 and 0 for Q8_0 — per row, whatever the other rows or the tile.
+// The integer dot products use VNNI (dpbusd) where the machine has it, else AVX2's
+// maddubs + madd; both are exact, so both give the same bits.
+
+constexpr int64_t kPacked = 100;  // packed type = kPacked + GGUF type
+
+int64_t packed_stride(int64_t type) { return 8 * block_bytes(type); }
+
+inline __m256i dot_groups(const __m256i w[8], const int8_t* xb, int64_t type) {
+  __m256i sum = _mm256_setzero_si256();
+  for (int g = 0; g < 8; ++g) {
+    int32_t four;
+    std::memcpy(&four, xb + 4 * g, 4);
+    __m256i x = _mm256_set1_epi32(four);
+    __m256i u = w[g];
+    if (type == Q8_0) {  // |w| * (x * sign(w)) = w * x
+      x = _mm256_sign_epi8(x, u);
+      u = _mm256_sign_epi8(u, u);
+    }
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    sum = _mm256_dpbusd_epi32(sum, u, x);
+#elif defined(__AVXVNNI__)
+    sum = _mm256_dpbusd_avx_epi32(sum, u, x);
+#else
+    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x),
+                                                  _mm256_set1_epi16(1)));
+#endif
+  }
+  return sum;
+}
+
+template <int T>
+void packed_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, int64_t in,
+                 int64_t r0, float* y, int64_t ldy, int64_t o0) {
+  const int64_t blocks = in / 32, stride = packed_stride(type);
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  (void)low4;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = group + b * stride;
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    __m256 mw = _mm256_setzero_ps();
+    __m256i w[8];
+    if (type == Q8_0) {
+      for (int g = 0; g < 8; ++g)
+        w[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * g));
+    } else {
+      const uint8_t* q = blk + (type == Q4_1 ? 32 : 16);
+      mw = type == Q4_1
+               ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
+               : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+      for (int k = 0; k < 4; ++k) {
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * k));
+        w[k] = _mm256_and_si256(p, low);
+        w[k + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      const int64_t r = r0 + t;
+      const __m256i dot = dot_groups(w, xq.q.data() + r * in + 32 * b, type);
+      const __m256 dx = _mm256_set1_ps(xq.scale[r * blocks + b]);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, dx), acc[t]);
+      if (type != Q8_0)
+        acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xq.sum[r * blocks + b]), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm256_storeu_ps(y + (r0 + t) * ldy + o0, acc[t]);
+}
+
+void matmul_packed(int64_t type, const uint8_t* wp, int64_t out, const QuantizedRows& xq,
+                   int64_t n, int64_t in, float* yp, int64_t ldy) {
+  const int64_t group_bytes = (in / 32) * packed_stride(type);
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < out / 8; ++g) {
+    const uint8_t* group = wp + g * group_bytes;
+    int64_t r0 = 0;
+    for (; r0 + 4 <= n; r0 += 4) packed_tile<4>(type, group, xq, in, r0, yp, ldy, 8 * g);
+    switch (n - r0) {
+      case 3: packed_tile<3>(type, group, xq, in, r0, yp, ldy, 8 * g); break;
+      case 2: packed_tile<2>(type, group, xq, in, r0, yp, ldy, 8 * g); break;
+      case 1: packed_tile<1>(type, group, xq, in, r0, yp, ldy, 8 * g); break;
+      default: break;
+    }
+  }
+}
+
+// one row of a packed matrix, decoded to float32 (as ggml dequantizes the original block)
+void decode_packed_row(int64_t type, const uint8_t* wp, int64_t o, int64_t in, float* out) {
+  const int64_t blocks = in / 32, stride = packed_stride(type), r = o % 8;
+  const uint8_t* group = wp + (o / 8) * blocks * stride;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = group + b * stride;
+    const float d = half_to_float(blk + 2 * r);
+    for (int j = 0; j < 32; ++j) {
+      const int g = j / 4, i = j % 4;
+      float v;
+      if (type == Q8_0) {
+        v = d * static_cast<float>(static_cast<int8_t>(blk[16 + 32 * g + 4 * r + i]));
+      } else {
+        const uint8_t* q = blk + (type == Q4_1 ? 32 : 16);
+        const uint8_t byte = q[32 * (g % 4) + 4 * r + i];
+        const int nib = g < 4 ? (byte & 0xF) : (byte >> 4);
+        v = type == Q4_1 ? std::fma(static_cast<float>(nib), d, half_to_float(blk + 16 + 2 * r))
+                         : (static_cast<float>(nib) - 8.0f) * d;
+      }
+      out[32 * b + j] = v;
+    }
+  }
+}
+
 }  // namespace
+
+// GGUF blocks [out, row_bytes] (Q4_0/Q4_1/Q8_0, out % 8 == 0) -> the packed layout, same bytes
+torch::Tensor pack_rows(torch::Tensor weight, int64_t type, int64_t in) {
+  check(weight, type, in);
+  TORCH_CHECK(has_q8_path(type) && weight.size(0) % 8 == 0,
+              "packing needs Q4_0/Q4_1/Q8_0 and a multiple of 8 rows");
+  const int64_t out = weight.size(0), row_bytes = weight.size(1), blocks = in / 32;
+  const int64_t bb = block_bytes(type), stride = packed_stride(type);
+  auto packed = torch::empty({out / 8, blocks * stride}, weight.options());
+  const uint8_t* src = weight.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  const int64_t header = type == Q4_1 ? 4 : 2, quants = bb - header;
+  for (int64_t g = 0; g < out / 8; ++g) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      uint8_t* blk = dst + (g * blocks + b) * stride;
+      for (int64_t r = 0; r < 8; ++r) {
+        const uint8_t* orig = src + (8 * g + r) * row_bytes + b * bb;
+        std::memcpy(blk + 2 * r, orig, 2);                              // d
+        if (type == Q4_1) std::memcpy(blk + 16 + 2 * r, orig + 2, 2);   // m
+        const uint8_t* qs = orig + header;
+        uint8_t* q = blk + (type == Q4_1 ? 32 : 16);
+        for (int64_t c = 0; c < quants / 4; ++c) std::memcpy(q + 32 * c + 4 * r, qs + 4 * c, 4);
+      }
+    }
+  }
+  return packed;
+}
+
 
 // x: [n, in] float32, rounded to 8 bits per 32-block; weight: Q4_0/Q4_1/Q8_0 -> [n, out]
 torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor weight, int64_t type, int64_t in) {
+  if (type > kPacked) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == in,
+                "x must be a float32 [n, in_features] tensor");
+    x = x.contiguous();
+    const int64_t n = x.size(0), out = weight.size(0) * 8;
+    const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), n, in);
+    auto y = torch::empty({n, out}, x.options());
+    matmul_packed(type - kPacked, weight.data_ptr<uint8_t>(), out, xq, n, in,
+                  y.data_ptr<float>(), out);
+    return y;
+  }
   check(weight, type, in);
   TORCH_CHECK(has_q8_path(type), "8-bit activations are implemented for Q4_0, Q4_1 and Q8_0");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == in,
@@ -458,6 +608,44 @@ torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor weight, int64_t type, in
   matmul_q8(type, weight.data_ptr<uint8_t>(), weight.size(1), out, xq, n, in,
             y.data_ptr<float>(), out);
   return y;
+}
+
+namespace {
+
+void check_any(const torch::Tensor& weight, int64_t type, int64_t in) {
+  if (type <= kPacked) return check(weight, type, in);
+  TORCH_CHECK(has_q8_path(type - kPacked), "packed type ", type, " is not implemented");
+  TORCH_CHECK(weight.dtype() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous() &&
+                  in % 32 == 0 && weight.size(1) == in / 32 * packed_stride(type - kPacked),
+              "packed weight must be a contiguous uint8 [out / 8, blocks * stride] tensor");
+}
+
+// one weight row as float32, whichever layout
+void decode_any(int64_t type, const torch::Tensor& weight, int64_t o, int64_t in, float* out) {
+  if (type > kPacked) {
+    return decode_packed_row(type - kPacked, weight.data_ptr<uint8_t>(), o, in, out);
+  }
+  decode_row(type, weight.data_ptr<uint8_t>() + o * weight.size(1), in, out);
+}
+
+int64_t rows_of(const torch::Tensor& weight, int64_t type) {
+  return type > kPacked ? weight.size(0) * 8 : weight.size(0);
+}
+
+}  // namespace
+
+// Rows ``ids`` of a quantized matrix (either layout), decoded: [len(ids), in] float32
+torch::Tensor dequantize_rows(torch::Tensor weight, torch::Tensor ids, int64_t type, int64_t in) {
+  check_any(weight, type, in);
+  ids = ids.to(torch::kInt64).contiguous();
+  const int64_t n = ids.size(0), rows = rows_of(weight, type);
+  auto out = torch::empty({n, in}, torch::dtype(torch::kFloat32));
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) {
+    TORCH_CHECK(ip[r] >= 0 && ip[r] < rows, "row id out of range");
+    decode_any(type, weight, ip[r], in, out.data_ptr<float>() + r * in);
+  }
+  return out;
 }
 
 // ---- The decoder layers in one call, row by row -----------------------------------------------
@@ -474,8 +662,10 @@ torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor weight, int64_t type, in
 //   order of exponentials, sums and the weighted sum of values.
 // A tree node at depth k therefore gets bit for bit the values plain decoding gets at that
 // position with the same tokens before it: verification is exact at no extra cost, whatever the
-// activations are rounded to. A prefill (``prefill``) may use faster batched products (torch's
-// on dequantized weights) since plain and speculative decoding share it.
+// activations are rounded to. A prefill (``prefill``, 32 rows or more, from an empty cache) takes
+// its attention from torch's fused causal kernel instead: plain and speculative decoding share
+// the prefill, so it need not match the row-by-row path, and that kernel is faster on long
+// prompts.
 
 namespace {
 
@@ -524,21 +714,16 @@ int64_t width(const std::vector<Linear>& parts) {
 
 // y[:, :] = x @ [parts].T (+ bias), y row stride ldy
 void apply(const std::vector<Linear>& parts, const float* x, int64_t n, float* y, int64_t ldy,
-           bool int8, bool batched) {
+           bool int8) {
   const int64_t in = parts[0].in;
   std::unique_ptr<QuantizedRows> xq;
   int64_t offset = 0;
   for (const auto& p : parts) {
     const uint8_t* wp = p.w.data_ptr<uint8_t>();
     const int64_t row_bytes = p.w.size(1);
-    if (batched && p.type != F32) {  // prefill: dequantize, then torch's batched product
-      auto w = torch::empty({p.out, in}, torch::kFloat32);
-      float* wd = w.data_ptr<float>();
-#pragma omp parallel for schedule(static)
-      for (int64_t o = 0; o < p.out; ++o) decode_row(p.type, wp + o * row_bytes, in, wd + o * in);
-      auto xt = torch::from_blob(const_cast<float*>(x), {n, in}, torch::kFloat32);
-      auto yt = torch::from_blob(y + offset, {n, p.out}, {ldy, 1}, torch::kFloat32);
-      yt.copy_(torch::mm(xt, w.t()));
+    if (p.type > kPacked) {
+      if (!xq) xq = std::make_unique<QuantizedRows>(quantize_rows(x, n, in));
+      matmul_packed(p.type - kPacked, wp, p.out, *xq, n, in, y + offset, ldy);
     } else if (int8 && has_q8_path(p.type)) {
       if (!xq) xq = std::make_unique<QuantizedRows>(quantize_rows(x, n, in));
       matmul_q8(p.type, wp, row_bytes, p.out, *xq, n, in, y + offset, ldy);
@@ -622,7 +807,7 @@ class Model {
       float* V = values.data_ptr<float>() + l * kv_heads_ * S * d;
       rms_norm(xp, T, hidden, layer.attn_norm.data_ptr<float>(), eps_, normed.data());
       TORCH_CHECK(width(layer.qkv) == qkv_width, "qkv width does not match the heads");
-      apply(layer.qkv, normed.data(), T, qkv.data(), qkv_width, int8_, batched);
+      apply(layer.qkv, normed.data(), T, qkv.data(), qkv_width, int8_);
       for (int64_t r = 0; r < T; ++r) {
         float* row = qkv.data() + r * qkv_width;
         const float* c = cos.data_ptr<float>() + r * d;
@@ -634,17 +819,21 @@ class Model {
                       d * sizeof(float));
         }
       }
-      attend(qkv.data(), qkv_width, T, K, V, S, start, tree.data_ptr<uint8_t>(), attn.data());
-      apply({layer.out}, attn.data(), T, tmp.data(), hidden, int8_, batched);
+      if (batched && start == 0) {
+        prefill_attention(qkv.data(), qkv_width, T, attn.data());
+      } else {
+        attend(qkv.data(), qkv_width, T, K, V, S, start, tree.data_ptr<uint8_t>(), attn.data());
+      }
+      apply({layer.out}, attn.data(), T, tmp.data(), hidden, int8_);
       for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
       rms_norm(xp, T, hidden, layer.mlp_norm.data_ptr<float>(), eps_, normed.data());
       const int64_t inter = layer.down.in, gu_width = width(layer.gate_up);
       TORCH_CHECK(gu_width == 2 * inter, "gate/up width does not match down's input");
       std::vector<float> gu(T * gu_width), act(T * inter);
-      apply(layer.gate_up, normed.data(), T, gu.data(), gu_width, int8_, batched);
+      apply(layer.gate_up, normed.data(), T, gu.data(), gu_width, int8_);
       for (int64_t r = 0; r < T; ++r) silu_mul(gu.data() + r * gu_width, inter,
                                                act.data() + r * inter);
-      apply({layer.down}, act.data(), T, tmp.data(), hidden, int8_, batched);
+      apply({layer.down}, act.data(), T, tmp.data(), hidden, int8_);
       for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
     }
     auto out = torch::empty({T, hidden}, torch::kFloat32);
@@ -665,6 +854,21 @@ class Model {
       _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
     }
     for (; i < n; ++i) out[i] = (g[i] / (1.0f + exp1(-g[i]))) * up[i];
+  }
+
+  // causal attention of a whole prompt at once (torch's fused kernel; a prefill only)
+  void prefill_attention(float* qkv, int64_t ldq, int64_t T, float* out) const {
+    const int64_t d = d_;
+    auto all = torch::from_blob(qkv, {T, ldq}, torch::kFloat32);
+    auto q = all.narrow(1, 0, heads_ * d).view({T, heads_, d}).transpose(0, 1).unsqueeze(0);
+    auto k = all.narrow(1, heads_ * d, kv_heads_ * d).view({T, kv_heads_, d}).transpose(0, 1)
+                 .unsqueeze(0);
+    auto v = all.narrow(1, (heads_ + kv_heads_) * d, kv_heads_ * d).view({T, kv_heads_, d})
+                 .transpose(0, 1).unsqueeze(0);
+    auto o = at::scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), {},
+                                              0.0, true, std::nullopt, kv_heads_ != heads_);
+    auto dst = torch::from_blob(out, {T, heads_ * d}, torch::kFloat32);
+    dst.copy_(o[0].transpose(0, 1).reshape({T, heads_ * d}));
   }
 
   // out[r, h*d:(h+1)*d] = softmax(q . K_visible / sqrt(d)) V_visible for each row r, head h
@@ -740,10 +944,11 @@ class Model {
 };
 
 Linear make_linear(torch::Tensor w, int64_t type, int64_t in, torch::Tensor bias) {
-  check(w, type, in);
-  TORCH_CHECK(bias.numel() == 0 || (bias.dtype() == torch::kFloat32 && bias.numel() == w.size(0)),
+  check_any(w, type, in);
+  const int64_t out = rows_of(w, type);
+  TORCH_CHECK(bias.numel() == 0 || (bias.dtype() == torch::kFloat32 && bias.numel() == out),
               "bias must be float32 [out] or empty");
-  return Linear{w, type, in, w.size(0), bias.contiguous()};
+  return Linear{w, type, in, out, bias.contiguous()};
 }
 
 Layer make_layer(torch::Tensor attn_norm, std::vector<Linear> qkv, Linear out,
@@ -763,5 +968,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &Model::forward, "every decoder layer over T rows (see Model)");
   m.def("qmatmul", &qmatmul, "x @ dequantize(weight).T on GGUF blocks");
   m.def("dequantize_rows", &dequantize_rows, "rows of a GGUF-quantized matrix as float32");
+  m.def("pack_rows", &pack_rows, "GGUF Q4_0/Q4_1/Q8_0 blocks regrouped 8 rows at a time");
   m.def("qmatmul_q8", &qmatmul_q8, "x rounded to 8 bits per block @ dequantize(weight).T");
 }
