@@ -118,7 +118,8 @@ class Generator:
         if self._cost is None:
             from draftwise.bench.cost import cached_step_cost
 
-            key = f"{self.model.source}|{self.model.model.dtype}|{self.backend_name}"
+            key = f"{self.model.source}|{self.model.dtype}|{self.backend_name}"
+            key += getattr(self.backend, "cost_tag", "")  # e.g. the quant kernels' build
             if getattr(self.backend, "exact", False):
                 key += "|exact"
             self._cost = CostCurve(cached_step_cost(self.backend, key, self.cache_dir))

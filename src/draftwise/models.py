@@ -19,7 +19,6 @@ import importlib.util
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +49,14 @@ class ModelNotFoundError(ModelError, FileNotFoundError):
     """The model spec names nothing that exists."""
 
 
-@dataclass
 class LoadedModel:
     """A causal LM with its tokenizer.
 
     Attributes:
-        model: the transformers ``PreTrainedModel`` (eval mode).
+        model: the transformers ``PreTrainedModel`` (eval mode). With a ``folder`` and no
+            ``model``, the weights are loaded on first use of this attribute, so a backend that
+            reads the GGUF itself (``quant``) never holds a float32 copy.
+        config: the model's transformers config (without loading weights).
         tokenizer: its tokenizer.
         name: a short name for reports.
         source: where it was loaded from (the GGUF file or the folder).
@@ -63,25 +64,69 @@ class LoadedModel:
         converted: True when this load converted a GGUF file into the cache.
     """
 
-    model: Any
-    tokenizer: Any
-    name: str
-    source: str
-    load_s: float
-    converted: bool = False
+    def __init__(self, model: Any, tokenizer: Any, name: str, source: str, load_s: float,
+                 converted: bool = False, *, folder: Path | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if model is None and folder is None:
+            raise ValueError("LoadedModel needs a model or a folder to load it from")
+        self._model, self._folder, self._dtype = model, folder, dtype
+        self.tokenizer, self.name, self.source = tokenizer, name, source
+        self.load_s, self.converted = load_s, converted
+        self._config: Any = None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            assert self._folder is not None
+            self._model = _load_weights(self._folder, self._dtype)
+        return self._model
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        self._model = model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._model.dtype if self._model is not None else self._dtype
+
+    @property
+    def weights_loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def config(self) -> Any:
+        if self._model is not None:
+            return self._model.config
+        if self._config is None:
+            from transformers import AutoConfig
+
+            assert self._folder is not None  # (no model means a folder)
+            self._config = AutoConfig.from_pretrained(self._folder, local_files_only=True)
+        return self._config
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         ids: set[int] = set()
         for value in (
             getattr(self.tokenizer, "eos_token_id", None),
-            getattr(getattr(self.model, "generation_config", None), "eos_token_id", None),
+            getattr(self._generation_config(), "eos_token_id", None),
         ):
             if isinstance(value, int):
                 ids.add(value)
             elif isinstance(value, list | tuple):
                 ids.update(int(v) for v in value)
         return tuple(sorted(ids))
+
+    def _generation_config(self) -> Any:
+        if self._model is not None:
+            return getattr(self._model, "generation_config", None)
+        from transformers import GenerationConfig
+
+        assert self._folder is not None
+        try:
+            return GenerationConfig.from_pretrained(self._folder, local_files_only=True)
+        except OSError:  # no generation_config.json: the model's defaults
+            return None
 
 
 def default_cache_dir() -> Path:
@@ -145,25 +190,38 @@ def load_model(
         folder, converted = _cached_conversion(path, cache_root, progress)
     else:
         folder = path
-    model, tokenizer = _load_folder(folder, dtype)
+    tokenizer = _load_tokenizer(folder)
+    # a transformers folder loads its weights now; a GGUF's float32 copy only when a backend
+    # asks for it (the quant backend reads the GGUF itself)
+    model = _load_weights(folder, dtype) if not path.is_file() else None
     name = "SmolLM2-135M-Instruct" if spec == "default" else path.stem
     return LoadedModel(
-        model, tokenizer, name, str(path), time.perf_counter() - start, converted=converted
+        model, tokenizer, name, str(path), time.perf_counter() - start, converted=converted,
+        folder=folder, dtype=dtype,
     )
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"could not load the model in {folder}: {error}") from error
+
+
+def _load_weights(folder: Path, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM
 
     try:
         with quiet_transformers():  # a one-second load needs no bar of its own
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
                                                          local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelError(f"could not load the model in {folder}: {error}") from error
     model.eval()  # type: ignore[no-untyped-call]
-    return model, tokenizer
+    return model
 
 
 def _cache_key(path: Path) -> str:

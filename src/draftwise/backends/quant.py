@@ -295,6 +295,9 @@ class QuantBackend(FastBackend):
         del self._tensors  # the reader's memory map is no longer needed
         self._ops = ops
         self._native = self._build_native()
+        # the step-cost curve depends on the kernels' build and the activations
+        build = getattr(ops, "__name__", "float32-copies")
+        self.cost_tag = f"|{build}|{activations}"
 
     def _build_native(self) -> Any:
         """The kernels' ``Model`` over these layers (every layer in one call), or None."""

@@ -16,7 +16,8 @@ from typing import Any
 
 from draftwise.backends.base import KVBackend
 
-__all__ = ["available_backends", "backend_help", "make_backend", "register_backend"]
+__all__ = ["auto_backend", "available_backends", "backend_help", "make_backend",
+           "register_backend"]
 
 Builder = Callable[[Any, Path, bool, bool], KVBackend]
 _BACKENDS: dict[str, tuple[Builder, str]] = {}
@@ -38,7 +39,8 @@ def available_backends() -> tuple[str, ...]:
 def backend_help() -> str:
     """One line per backend, for ``--backend``'s help."""
     lines = [f"{name}: {help}" for name, (_, help) in _BACKENDS.items()]
-    return "; ".join(lines) + "; auto: fast where it supports the model, else hf"
+    return "; ".join(lines) + ("; auto: quant for a GGUF file where its kernels build here, "
+                               "else fast where it supports the model, else hf")
 
 
 def make_backend(
@@ -46,14 +48,30 @@ def make_backend(
 ) -> KVBackend:
     """The backend ``name`` for ``model`` (a :class:`~draftwise.models.LoadedModel`).
 
-    ``auto`` is the fast backend where it implements the model's family, else transformers."""
+    ``auto``: for a GGUF file, the quant backend where its kernels can be built here and it
+    implements the family; otherwise the fast backend where it implements the family; else
+    transformers."""
     if name == "auto":
-        from draftwise.backends.fast import supports
-
-        name = "fast" if supports(model.model) else "hf"
+        name = auto_backend(model)
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(available_backends())}")
     return _BACKENDS[name][0](model, cache_dir, exact, progress)
+
+
+def auto_backend(model: Any) -> str:
+    """What ``auto`` resolves to for ``model`` on this machine."""
+    from draftwise.backends.fast import UnsupportedModelError, check_config
+
+    try:
+        check_config(model.config)
+    except UnsupportedModelError:
+        return "hf"
+    if str(model.source).lower().endswith(".gguf"):
+        from draftwise.backends.quant import kernels_unavailable
+
+        if kernels_unavailable() is None:
+            return "quant"
+    return "fast"
 
 
 @register_backend("hf", "transformers, any causal LM")
@@ -101,7 +119,7 @@ def _quant(model: Any, cache_dir: Path, exact: bool, progress: bool) -> KVBacken
         reason = str(error)
         print(f"draftwise: quantized kernels unavailable ({reason}): running on float32 "
               "copies of the weights, at the fast backend's speed", file=sys.stderr)
-    backend = QuantBackend(model.source, model.model.config, ops=ops, slow_reason=reason,
+    backend = QuantBackend(model.source, model.config, ops=ops, slow_reason=reason,
                            exact=exact)
     if backend.float32_tensors:
         print("draftwise: no quantized kernel for " + ", ".join(backend.float32_tensors)
