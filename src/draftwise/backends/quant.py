@@ -57,7 +57,7 @@ __all__ = ["KernelsUnavailable", "QuantBackend", "QuantLinear", "kernels_unavail
 IMPLEMENTED = {"Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q8_0": (8, 32, 34),
                "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210)}
 _TYPE_IDS = {"F32": 0, **{name: spec[0] for name, spec in IMPLEMENTED.items()}}
-_PACKED = 100  # type code of blocks regrouped 8 rows at a time (the kernels' kPacked)
+_PACKED = 100  # type code of blocks regrouped R rows at a time (the kernels' kPacked)
 _SOURCE = Path(__file__).with_name("quant_kernels.cpp")
 _NO_COMPILE = "DRAFTWISE_NO_COMPILE"  # set to 1 to run as if no compiler were installed
 _ISA = "DRAFTWISE_QUANT_ISA"  # avx2 | avx-vnni | avx512-vnni: force one kernel build
@@ -156,7 +156,7 @@ class QuantLinear:
 
     ``activations``: ``"int8"`` rounds each 32-value block of ``x`` to 8 bits with its own
     scale (as llama.cpp does) where the weight type has that path (Q4_0, Q4_1, Q8_0), and the
-    products become integer dot products on the blocks regrouped 8 output rows at a time
+    products become integer dot products on the blocks regrouped R output rows at a time
     (``pack_rows``: the same bytes, in the order the kernels read); ``"float32"`` keeps ``x`` as
     is. ``packed``: ``data`` is already regrouped (a concatenation of packed parts)."""
 
@@ -168,8 +168,9 @@ class QuantLinear:
         self.ops = ops if qtype in IMPLEMENTED else None
         if self.ops is None and qtype in IMPLEMENTED:  # no kernels: float32 copy
             data = dequantize(data, qtype, in_features)
-        self.out_features = data.shape[0] * (8 if packed else 1)
-        if self.ops is not None and self.int8 and not packed and data.shape[0] % 8 == 0:
+        rows = self.ops.rows_per_pack() if self.ops is not None else 0
+        self.out_features = data.shape[0] * (rows if packed else 1)
+        if self.ops is not None and self.int8 and not packed and data.shape[0] % rows == 0:
             data = self.ops.pack_rows(data.contiguous(), _TYPE_IDS[qtype], in_features)
             packed = True
         self.packed = packed

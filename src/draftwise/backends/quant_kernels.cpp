@@ -429,102 +429,154 @@ void matmul_q8(int64_t type, const uint8_t* wp, int64_t row_bytes, int64_t out,
 }
 
 
-// ---- 8-bit activations on weights packed 8 output rows at a time ---------------------------
+// ---- 8-bit activations on weights packed R output rows at a time ---------------------------
 //
 // The layout above asks one output row's blocks to be summed to one number, a horizontal sum per
-// block. Packing 8 output rows together (as llama.cpp's repacked CPU formats do) turns each
-// 32-bit lane of a vector into one output row, so a block's 8 integer dot products come out of
-// the same instructions with no horizontal sums, and the 8 rows' scales load as one vector. The
-// packed block holds exactly the GGUF block's bytes, regrouped (the same size in memory):
-//   Q4_0: half d[8],          uint8 q[4][32]   q[k][4r + i] = qs_r[4k + i]
-//   Q4_1: half d[8], m[8],    uint8 q[4][32]   (low nibbles: weights 4k..4k+3 of row r,
+// block. Packing R output rows together (as llama.cpp's repacked CPU formats do) turns each
+// 32-bit lane of a vector into one output row, so a block's R integer dot products come out of
+// the same instructions with no horizontal sums, and the R rows' scales load as one vector.
+// R = 16 (one AVX-512 register of lanes) where the kernels are built for AVX-512, else 8. The
+// packed block holds exactly the GGUF blocks' bytes, regrouped (the same size in memory):
+//   Q4_0: half d[R],          uint8 q[4][4R]   q[k][4r + i] = qs_r[4k + i]
+//   Q4_1: half d[R], m[R],    uint8 q[4][4R]   (low nibbles: weights 4k..4k+3 of row r,
 //                                               high nibbles: weights 16+4k..16+4k+3)
-//   Q8_0: half d[8],          int8  q[8][32]   q[g][4r + i] = qs_r[4g + i]
+//   Q8_0: half d[R],          int8  q[8][4R]   q[g][4r + i] = qs_r[4g + i]
 // Each lane (output row) sums its blocks in block order:
 //   acc = fma(float(integer dot), d_w * d_x, acc); acc = fma(m_w, d_x * sum(q_x), acc)
 // with m_w = -8 d_w for Q4_0 and 0 for Q8_0 — per row, whatever the other rows or the tile.
 // The integer dot products use VNNI (dpbusd) where the machine has it, else AVX2's
-// maddubs + madd; both are exact, so both give the same bits.
+// maddubs + madd; all are exact integer sums, so every build gives the same bits.
 
 constexpr int64_t kPacked = 100;  // packed type = kPacked + GGUF type
 
-int64_t packed_stride(int64_t type) { return 8 * block_bytes(type); }
-
-inline __m256i dot_groups(const __m256i w[8], const int8_t* xb, int64_t type) {
-  __m256i sum = _mm256_setzero_si256();
-  for (int g = 0; g < 8; ++g) {
-    int32_t four;
-    std::memcpy(&four, xb + 4 * g, 4);
-    __m256i x = _mm256_set1_epi32(four);
-    __m256i u = w[g];
-    if (type == Q8_0) {  // |w| * (x * sign(w)) = w * x
-      x = _mm256_sign_epi8(x, u);
-      u = _mm256_sign_epi8(u, u);
-    }
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    sum = _mm256_dpbusd_epi32(sum, u, x);
-#elif defined(__AVXVNNI__)
-    sum = _mm256_dpbusd_avx_epi32(sum, u, x);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr int64_t kRows = 16;
+struct Vec {
+  using I = __m512i;
+  using F = __m512;
+  static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static I set1(int32_t v) { return _mm512_set1_epi32(v); }
+  static I low_nibbles(I p) { return _mm512_and_si512(p, _mm512_set1_epi8(0x0F)); }
+  static I high_nibbles(I p) {
+    return _mm512_and_si512(_mm512_srli_epi16(p, 4), _mm512_set1_epi8(0x0F));
+  }
+  static I dot_u4(I sum, I w, I x) { return _mm512_dpbusd_epi32(sum, w, x); }
+  static I dot_s8(I sum, I w, I x) {  // |w| * (x * sign(w)) = w * x
+    const __mmask64 negative = _mm512_movepi8_mask(w);
+    const I xs = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+    return _mm512_dpbusd_epi32(sum, _mm512_abs_epi8(w), xs);
+  }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  static F halves(const uint8_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static F fzero() { return _mm512_setzero_ps(); }
+  static F fset1(float v) { return _mm512_set1_ps(v); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+};
 #else
-    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x),
-                                                  _mm256_set1_epi16(1)));
+constexpr int64_t kRows = 8;
+struct Vec {
+  using I = __m256i;
+  using F = __m256;
+  static I load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
+  static I set1(int32_t v) { return _mm256_set1_epi32(v); }
+  static I low_nibbles(I p) { return _mm256_and_si256(p, _mm256_set1_epi8(0x0F)); }
+  static I high_nibbles(I p) {
+    return _mm256_and_si256(_mm256_srli_epi16(p, 4), _mm256_set1_epi8(0x0F));
+  }
+  static I dot_u4(I sum, I w, I x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(sum, w, x);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(sum, w, x);
+#else
+    return _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x),
+                                                   _mm256_set1_epi16(1)));
 #endif
   }
-  return sum;
-}
+  static I dot_s8(I sum, I w, I x) {  // |w| * (x * sign(w)) = w * x
+    return dot_u4(sum, _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  static F halves(const uint8_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static F fzero() { return _mm256_setzero_ps(); }
+  static F fset1(float v) { return _mm256_set1_ps(v); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+};
+#endif
+
+int64_t packed_stride(int64_t type) { return kRows * block_bytes(type); }
+
+// offsets inside a packed block: scales, mins (Q4_1), quants
+constexpr int64_t kScales = 0, kMins = 2 * kRows;
+inline int64_t quants_at(int64_t type) { return (type == Q4_1 ? 4 : 2) * kRows; }
 
 template <int T>
 void packed_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, int64_t in,
                  int64_t r0, float* y, int64_t ldy, int64_t o0) {
-  const int64_t blocks = in / 32, stride = packed_stride(type);
-  __m256 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  (void)low4;
+  const int64_t blocks = in / 32, stride = packed_stride(type), lane_bytes = 4 * kRows;
+  typename Vec::F acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = Vec::fzero();
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* blk = group + b * stride;
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-    __m256 mw = _mm256_setzero_ps();
-    __m256i w[8];
+    const typename Vec::F dw = Vec::halves(blk + kScales);
+    typename Vec::F mw = Vec::fzero();
+    typename Vec::I w[8];
+    const uint8_t* q = blk + quants_at(type);
     if (type == Q8_0) {
-      for (int g = 0; g < 8; ++g)
-        w[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * g));
+      for (int g = 0; g < 8; ++g) w[g] = Vec::load(q + lane_bytes * g);
     } else {
-      const uint8_t* q = blk + (type == Q4_1 ? 32 : 16);
-      mw = type == Q4_1
-               ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))
-               : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+      mw = type == Q4_1 ? Vec::halves(blk + kMins) : Vec::mul(dw, Vec::fset1(-8.0f));
       for (int k = 0; k < 4; ++k) {
-        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * k));
-        w[k] = _mm256_and_si256(p, low);
-        w[k + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+        const typename Vec::I p = Vec::load(q + lane_bytes * k);
+        w[k] = Vec::low_nibbles(p);
+        w[k + 4] = Vec::high_nibbles(p);
       }
     }
     for (int t = 0; t < T; ++t) {
       const int64_t r = r0 + t;
-      const __m256i dot = dot_groups(w, xq.q.data() + r * in + 32 * b, type);
-      const __m256 dx = _mm256_set1_ps(xq.scale[r * blocks + b]);
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, dx), acc[t]);
-      if (type != Q8_0)
-        acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xq.sum[r * blocks + b]), acc[t]);
+      const int8_t* xb = xq.q.data() + r * in + 32 * b;
+      // four independent integer chains (integer sums: any grouping gives the same bits)
+      typename Vec::I part[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
+      for (int g = 0; g < 8; ++g) {
+        int32_t four;
+        std::memcpy(&four, xb + 4 * g, 4);
+        part[g % 4] = type == Q8_0 ? Vec::dot_s8(part[g % 4], w[g], Vec::set1(four))
+                                   : Vec::dot_u4(part[g % 4], w[g], Vec::set1(four));
+      }
+      const typename Vec::I dot = Vec::add(Vec::add(part[0], part[1]), Vec::add(part[2], part[3]));
+      const typename Vec::F dx = Vec::fset1(xq.scale[r * blocks + b]);
+      acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(dw, dx), acc[t]);
+      if (type != Q8_0) acc[t] = Vec::fma(mw, Vec::fset1(xq.sum[r * blocks + b]), acc[t]);
     }
   }
-  for (int t = 0; t < T; ++t) _mm256_storeu_ps(y + (r0 + t) * ldy + o0, acc[t]);
+  for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
 }
 
 void matmul_packed(int64_t type, const uint8_t* wp, int64_t out, const QuantizedRows& xq,
                    int64_t n, int64_t in, float* yp, int64_t ldy) {
   const int64_t group_bytes = (in / 32) * packed_stride(type);
 #pragma omp parallel for schedule(static)
-  for (int64_t g = 0; g < out / 8; ++g) {
+  for (int64_t g = 0; g < out / kRows; ++g) {
     const uint8_t* group = wp + g * group_bytes;
+    const int64_t o0 = kRows * g;
     int64_t r0 = 0;
-    for (; r0 + 4 <= n; r0 += 4) packed_tile<4>(type, group, xq, in, r0, yp, ldy, 8 * g);
+    for (; r0 + 4 <= n; r0 += 4) packed_tile<4>(type, group, xq, in, r0, yp, ldy, o0);
     switch (n - r0) {
-      case 3: packed_tile<3>(type, group, xq, in, r0, yp, ldy, 8 * g); break;
-      case 2: packed_tile<2>(type, group, xq, in, r0, yp, ldy, 8 * g); break;
-      case 1: packed_tile<1>(type, group, xq, in, r0, yp, ldy, 8 * g); break;
+      case 3: packed_tile<3>(type, group, xq, in, r0, yp, ldy, o0); break;
+      case 2: packed_tile<2>(type, group, xq, in, r0, yp, ldy, o0); break;
+      case 1: packed_tile<1>(type, group, xq, in, r0, yp, ldy, o0); break;
       default: break;
     }
   }
@@ -532,22 +584,23 @@ void matmul_packed(int64_t type, const uint8_t* wp, int64_t out, const Quantized
 
 // one row of a packed matrix, decoded to float32 (as ggml dequantizes the original block)
 void decode_packed_row(int64_t type, const uint8_t* wp, int64_t o, int64_t in, float* out) {
-  const int64_t blocks = in / 32, stride = packed_stride(type), r = o % 8;
-  const uint8_t* group = wp + (o / 8) * blocks * stride;
+  const int64_t blocks = in / 32, stride = packed_stride(type), r = o % kRows;
+  const uint8_t* group = wp + (o / kRows) * blocks * stride;
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* blk = group + b * stride;
-    const float d = half_to_float(blk + 2 * r);
+    const uint8_t* q = blk + quants_at(type);
+    const float d = half_to_float(blk + kScales + 2 * r);
     for (int j = 0; j < 32; ++j) {
       const int g = j / 4, i = j % 4;
       float v;
       if (type == Q8_0) {
-        v = d * static_cast<float>(static_cast<int8_t>(blk[16 + 32 * g + 4 * r + i]));
+        v = d * static_cast<float>(static_cast<int8_t>(q[4 * kRows * g + 4 * r + i]));
       } else {
-        const uint8_t* q = blk + (type == Q4_1 ? 32 : 16);
-        const uint8_t byte = q[32 * (g % 4) + 4 * r + i];
+        const uint8_t byte = q[4 * kRows * (g % 4) + 4 * r + i];
         const int nib = g < 4 ? (byte & 0xF) : (byte >> 4);
-        v = type == Q4_1 ? std::fma(static_cast<float>(nib), d, half_to_float(blk + 16 + 2 * r))
-                         : (static_cast<float>(nib) - 8.0f) * d;
+        v = type == Q4_1
+                ? std::fma(static_cast<float>(nib), d, half_to_float(blk + kMins + 2 * r))
+                : (static_cast<float>(nib) - 8.0f) * d;
       }
       out[32 * b + j] = v;
     }
@@ -556,33 +609,36 @@ void decode_packed_row(int64_t type, const uint8_t* wp, int64_t o, int64_t in, f
 
 }  // namespace
 
-// GGUF blocks [out, row_bytes] (Q4_0/Q4_1/Q8_0, out % 8 == 0) -> the packed layout, same bytes
+// GGUF blocks [out, row_bytes] (Q4_0/Q4_1/Q8_0, out % rows_per_pack() == 0) -> the packed
+// layout, the same bytes regrouped
 torch::Tensor pack_rows(torch::Tensor weight, int64_t type, int64_t in) {
   check(weight, type, in);
-  TORCH_CHECK(has_q8_path(type) && weight.size(0) % 8 == 0,
-              "packing needs Q4_0/Q4_1/Q8_0 and a multiple of 8 rows");
+  TORCH_CHECK(has_q8_path(type) && weight.size(0) % kRows == 0,
+              "packing needs Q4_0/Q4_1/Q8_0 and a multiple of ", kRows, " rows");
   const int64_t out = weight.size(0), row_bytes = weight.size(1), blocks = in / 32;
   const int64_t bb = block_bytes(type), stride = packed_stride(type);
-  auto packed = torch::empty({out / 8, blocks * stride}, weight.options());
+  auto packed = torch::empty({out / kRows, blocks * stride}, weight.options());
   const uint8_t* src = weight.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
   const int64_t header = type == Q4_1 ? 4 : 2, quants = bb - header;
-  for (int64_t g = 0; g < out / 8; ++g) {
+  for (int64_t g = 0; g < out / kRows; ++g) {
     for (int64_t b = 0; b < blocks; ++b) {
       uint8_t* blk = dst + (g * blocks + b) * stride;
-      for (int64_t r = 0; r < 8; ++r) {
-        const uint8_t* orig = src + (8 * g + r) * row_bytes + b * bb;
-        std::memcpy(blk + 2 * r, orig, 2);                              // d
-        if (type == Q4_1) std::memcpy(blk + 16 + 2 * r, orig + 2, 2);   // m
+      uint8_t* q = blk + quants_at(type);
+      for (int64_t r = 0; r < kRows; ++r) {
+        const uint8_t* orig = src + (kRows * g + r) * row_bytes + b * bb;
+        std::memcpy(blk + kScales + 2 * r, orig, 2);                      // d
+        if (type == Q4_1) std::memcpy(blk + kMins + 2 * r, orig + 2, 2);  // m
         const uint8_t* qs = orig + header;
-        uint8_t* q = blk + (type == Q4_1 ? 32 : 16);
-        for (int64_t c = 0; c < quants / 4; ++c) std::memcpy(q + 32 * c + 4 * r, qs + 4 * c, 4);
+        for (int64_t c = 0; c < quants / 4; ++c)
+          std::memcpy(q + 4 * kRows * c + 4 * r, qs + 4 * c, 4);
       }
     }
   }
   return packed;
 }
 
+int64_t rows_per_pack() { return kRows; }
 
 // x: [n, in] float32, rounded to 8 bits per 32-block; weight: Q4_0/Q4_1/Q8_0 -> [n, out]
 torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor weight, int64_t type, int64_t in) {
@@ -590,7 +646,7 @@ torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor weight, int64_t type, in
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == in,
                 "x must be a float32 [n, in_features] tensor");
     x = x.contiguous();
-    const int64_t n = x.size(0), out = weight.size(0) * 8;
+    const int64_t n = x.size(0), out = weight.size(0) * kRows;
     const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), n, in);
     auto y = torch::empty({n, out}, x.options());
     matmul_packed(type - kPacked, weight.data_ptr<uint8_t>(), out, xq, n, in,
@@ -617,7 +673,7 @@ void check_any(const torch::Tensor& weight, int64_t type, int64_t in) {
   TORCH_CHECK(has_q8_path(type - kPacked), "packed type ", type, " is not implemented");
   TORCH_CHECK(weight.dtype() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous() &&
                   in % 32 == 0 && weight.size(1) == in / 32 * packed_stride(type - kPacked),
-              "packed weight must be a contiguous uint8 [out / 8, blocks * stride] tensor");
+              "packed weight must be a contiguous uint8 [out / R, blocks * stride] tensor");
 }
 
 // one weight row as float32, whichever layout
@@ -629,7 +685,7 @@ void decode_any(int64_t type, const torch::Tensor& weight, int64_t o, int64_t in
 }
 
 int64_t rows_of(const torch::Tensor& weight, int64_t type) {
-  return type > kPacked ? weight.size(0) * 8 : weight.size(0);
+  return type > kPacked ? weight.size(0) * kRows : weight.size(0);
 }
 
 }  // namespace
@@ -763,11 +819,58 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t d) {
   }
 }
 
-inline float dot_head(const float* a, const float* b, int64_t d) {  // d % 8 == 0
-  __m256 s[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t i = 0; i < d; i += 8)
-    s[(i / 8) & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s[(i / 8) & 1]);
-  return hsum_ps(_mm256_add_ps(s[0], s[1]));
+// scores[j] = scale * (q . K[slots[j]]) for j < count, eight keys at a time: one vector
+// accumulator per key over the head's 8-value chunks in order, then one transposing add tree
+// that gives every key ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)) of its accumulator's lanes. Keys
+// past ``count`` are a zero row, so every key, wherever it falls in a block, is summed alike.
+void key_scores(const float* q, const float* K, const int64_t* slots, int64_t count, int64_t d,
+                float scale, float* scores, const float* zero_row) {
+  for (int64_t j0 = 0; j0 < count; j0 += 8) {
+    const float* rows[8];
+    for (int k = 0; k < 8; ++k) rows[k] = j0 + k < count ? K + slots[j0 + k] * d : zero_row;
+    __m256 acc[8];
+    for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+      for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[k] + i), acc[k]);
+    }
+    const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                                      _mm256_permute2f128_ps(h0123, h4567, 0x31));
+    _mm256_storeu_ps(scores + j0, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+  }
+}
+
+// o = inv * sum_j p[j] V[slots[j]], keys in order, C = d / 8 vector accumulators
+template <int C>
+void weighted_sum_fixed(const float* p, const int64_t* slots, int64_t count, const float* V,
+                        float inv, float* o) {
+  __m256 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < count; ++j) {
+    const __m256 w = _mm256_set1_ps(p[j]);
+    const float* v = V + slots[j] * (8 * C);
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+}
+
+void weighted_sum(const float* p, const int64_t* slots, int64_t count, const float* V, int64_t d,
+                  float inv, float* o) {
+  switch (d) {
+    case 64: return weighted_sum_fixed<8>(p, slots, count, V, inv, o);
+    case 128: return weighted_sum_fixed<16>(p, slots, count, V, inv, o);
+    default: break;
+  }
+  // any other multiple of 8: the same sums, one 8-value chunk at a time
+  for (int64_t c = 0; c < d; c += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < count; ++j)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + slots[j] * d + c), acc);
+    _mm256_storeu_ps(o + c, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+  }
 }
 
 class Model {
@@ -880,6 +983,7 @@ class Model {
     {
       std::vector<int64_t> slots;
       std::vector<float> scores;
+      const std::vector<float> zero_row(d, 0.0f);
 #pragma omp for schedule(static)
       for (int64_t item = 0; item < heads_ * T; ++item) {
         const int64_t h = item / T, r = item % T, kvh = h / group;
@@ -893,11 +997,9 @@ class Model {
         scores.assign(padded, 0.0f);
         const float* Kh = K + kvh * S * d;
         const float* Vh = V + kvh * S * d;
+        key_scores(q, Kh, slots.data(), count, d, scale, scores.data(), zero_row.data());
         float top = -INFINITY;
-        for (int64_t j = 0; j < count; ++j) {
-          scores[j] = dot_head(q, Kh + slots[j] * d, d) * scale;
-          top = std::max(top, scores[j]);
-        }
+        for (int64_t j = 0; j < count; ++j) top = std::max(top, scores[j]);
         __m256 total = _mm256_setzero_ps();
         const __m256 top8 = _mm256_set1_ps(top);
         for (int64_t j = 0; j < padded; j += 8) {
@@ -916,24 +1018,6 @@ class Model {
         weighted_sum(scores.data(), slots.data(), count, Vh, d, inv, o);
       }
     }
-  }
-
-  // o = inv * sum_j p[j] V[slots[j]] (keys in order; d / 8 independent vector accumulators)
-  static void weighted_sum(const float* p, const int64_t* slots, int64_t count, const float* V,
-                           int64_t d, float inv, float* o) {
-    constexpr int64_t kMax = 32;  // head_dim up to 256
-    __m256 acc[kMax];
-    const int64_t chunks = d / 8;
-    TORCH_CHECK(chunks <= kMax, "head_dim above 256 is not implemented");
-    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < count; ++j) {
-      const __m256 w = _mm256_set1_ps(p[j]);
-      const float* v = V + slots[j] * d;
-      for (int64_t c = 0; c < chunks; ++c)
-        acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
-    }
-    for (int64_t c = 0; c < chunks; ++c)
-      _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
   }
 
   std::vector<Layer> layers_;
@@ -968,6 +1052,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &Model::forward, "every decoder layer over T rows (see Model)");
   m.def("qmatmul", &qmatmul, "x @ dequantize(weight).T on GGUF blocks");
   m.def("dequantize_rows", &dequantize_rows, "rows of a GGUF-quantized matrix as float32");
-  m.def("pack_rows", &pack_rows, "GGUF Q4_0/Q4_1/Q8_0 blocks regrouped 8 rows at a time");
+  m.def("pack_rows", &pack_rows, "GGUF Q4_0/Q4_1/Q8_0 blocks regrouped R rows at a time");
+  m.def("rows_per_pack", &rows_per_pack, "R, the output rows packed together by pack_rows");
   m.def("qmatmul_q8", &qmatmul_q8, "x rounded to 8 bits per block @ dequantize(weight).T");
 }
