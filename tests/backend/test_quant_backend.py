@@ -77,15 +77,36 @@ def test_kernels_decode_as_gguf_and_sum_within_float32_bounds(qtype: str, ops: o
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_packed_blocks_hold_the_same_weights(qtype: str, ops: object) -> None:
+    """pack_rows regroups R rows' blocks (R = 8 or 16 by build); every row decodes, bit for
+    bit, to what the original blocks decode to."""
+    code, in_features = IMPLEMENTED[qtype][0], 256
+    rows = 3 * ops.rows_per_pack()  # type: ignore[attr-defined]
+    data = random_blocks(qtype, rows, in_features, seed=20 + code)
+    packed = ops.pack_rows(data, code, in_features)  # type: ignore[attr-defined]
+    assert packed.numel() == data.numel()  # the same bytes, regrouped
+    ids = torch.arange(rows)
+    assert torch.equal(
+        ops.dequantize_rows(packed, ids, 100 + code, in_features),  # type: ignore[attr-defined]
+        ops.dequantize_rows(data, ids, code, in_features),  # type: ignore[attr-defined]
+    )
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["gguf-layout", "packed"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 def test_int8_activation_products_within_the_rounding_of_the_activations(
-    qtype: str, ops: object
+    qtype: str, packed: bool, ops: object
 ) -> None:
     """8-bit activations: each 32-block of x is rounded to a multiple of its scale
     d = max|x_block| / 127, so |x_i - x8_i| <= d / 2 and the product is off by at most
     sum over blocks of d/2 * sum|w_i| (plus float32 summation, as above)."""
     code, in_features = IMPLEMENTED[qtype][0], 256
-    data = random_blocks(qtype, 29, in_features, seed=10 + code)
+    out = 2 * ops.rows_per_pack() if packed else 29  # type: ignore[attr-defined]
+    data = random_blocks(qtype, out, in_features, seed=10 + code)
     weights = dequantize(data, qtype, in_features).double()  # [out, in]
+    if packed:
+        data = ops.pack_rows(data, code, in_features)  # type: ignore[attr-defined]
+        code += 100
     generator = torch.Generator().manual_seed(code)
     for rows in (1, 3, 4, 5, 16):
         x = torch.randn(rows, in_features, generator=generator)

@@ -33,3 +33,24 @@ def test_exactness_suite_passes_on_narrower_instruction_sets(capability: str) ->
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "failed" not in done.stdout.splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get(CHILD) == "1", reason="already inside the portability run")
+@pytest.mark.parametrize("isa", ["avx2", "avx-vnni"])
+def test_quant_kernels_pass_on_every_build(isa: str) -> None:
+    """The quantized kernels are built for the widest instruction set the CPU has (AVX-512
+    VNNI, AVX-VNNI or AVX2); each narrower build this CPU can run passes the quant tests too.
+    (A build the CPU lacks falls back to the next narrower one.)"""
+    from draftwise.backends.quant import kernels_unavailable
+
+    if kernels_unavailable():
+        pytest.skip(f"quantized kernels cannot be built here: {kernels_unavailable()}")
+    env = dict(os.environ, DRAFTWISE_QUANT_ISA=isa, **{CHILD: "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/backend/test_quant_backend.py"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout.splitlines()[-1]

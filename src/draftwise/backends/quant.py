@@ -108,7 +108,9 @@ def kernel_isa() -> tuple[str, list[str]]:
     wanted = os.environ.get(_ISA)
     if wanted is not None and wanted not in have:
         raise ValueError(f"{_ISA} must be one of {', '.join(have)}, got {wanted!r}")
-    isa = wanted if wanted and have[wanted] else next(name for name, ok in have.items() if ok)
+    names = list(have)
+    start = names.index(wanted) if wanted else 0  # the widest, or the one asked for
+    isa = next(name for name in names[start:] if have[name])  # ... or the next narrower
     extra = {"avx512-vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
              "avx-vnni": ["-mavxvnni"], "avx2": []}[isa]
     return isa, extra

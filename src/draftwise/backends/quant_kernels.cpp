@@ -133,22 +133,38 @@ inline void decode256(int64_t type, const uint8_t* b, float* out) {
     }
     return;
   }
-  // Q6_K: ql[128] low 4 bits, qh[64] high 2 bits, 16 int8 scales, then d
+  // Q6_K: ql[128] low 4 bits, qh[64] high 2 bits, 16 int8 scales, then d. Per half (128
+  // weights), byte l of ql/qh gives weights l, l+32, l+64, l+96 (l < 32): 32 at a time here.
   const uint8_t* ql = b;
   const uint8_t* qh = b + 128;
   const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
   const float d = half_to_float(b + 208);
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+  const __m256i bias = _mm256_set1_epi8(32);
   for (int n = 0; n < 256; n += 128) {
-    for (int l = 0; l < 32; ++l) {
-      const int is = l / 16;
-      const int q1 = static_cast<int>((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
-      const int q2 = static_cast<int>((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-      const int q3 = static_cast<int>((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-      const int q4 = static_cast<int>((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-      out[n + l] = d * sc[is] * q1;
-      out[n + l + 32] = d * sc[is + 2] * q2;
-      out[n + l + 64] = d * sc[is + 4] * q3;
-      out[n + l + 96] = d * sc[is + 6] * q4;
+    const __m256i A = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    const __m256i B = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+    const __m256i H = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+    auto high = [&](int shift) {  // ((H >> shift) & 3) << 4
+      return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(H, shift), m2), 4);
+    };
+    const __m256i q[4] = {
+        _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(A, m4), high(0)), bias),
+        _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(B, m4), high(2)), bias),
+        _mm256_sub_epi8(
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), high(4)), bias),
+        _mm256_sub_epi8(
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4), high(6)), bias),
+    };
+    for (int k = 0; k < 4; ++k) {  // weights n + 32k + l, scale sc[2k + l / 16]
+      alignas(32) int8_t bytes[32];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), q[k]);
+      for (int c = 0; c < 4; ++c) {  // 8 weights at a time
+        const float scale = d * static_cast<float>(sc[2 * k + c / 2]);
+        const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * c));
+        _mm256_storeu_ps(out + n + 32 * k + 8 * c,
+                         _mm256_mul_ps(_mm256_set1_ps(scale), sbytes_to_floats(eight)));
+      }
     }
     ql += 64;
     qh += 32;
