@@ -735,9 +735,9 @@ torch::Tensor dequantize_rows(torch::Tensor weight, torch::Tensor ids, int64_t t
 // A tree node at depth k therefore gets bit for bit the values plain decoding gets at that
 // position with the same tokens before it: verification is exact at no extra cost, whatever the
 // activations are rounded to. A prefill (``prefill``, 32 rows or more, from an empty cache) takes
-// its attention from torch's fused causal kernel instead: plain and speculative decoding share
-// the prefill, so it need not match the row-by-row path, and that kernel is faster on long
-// prompts.
+// its attention from torch's fused causal kernel, and its float32 products from torch's batched
+// kernel on weights decoded for the call: plain and speculative decoding share the prefill, so
+// it need not match the row-by-row path, and those kernels are faster on long prompts.
 
 namespace {
 
@@ -785,8 +785,11 @@ int64_t width(const std::vector<Linear>& parts) {
 }
 
 // y[:, :] = x @ [parts].T (+ bias), y row stride ldy
+// y[:, :] = x @ [parts].T (+ bias), y row stride ldy. ``batched`` (a prefill of many rows): a
+// part without an 8-bit path (Q4_K, Q6_K) is decoded to float32 once and multiplied by torch's
+// batched kernel, which beats decoding-and-dotting row after row once there are ~32 rows.
 void apply(const std::vector<Linear>& parts, const float* x, int64_t n, float* y, int64_t ldy,
-           bool int8) {
+           bool int8, bool batched = false) {
   const int64_t in = parts[0].in;
   std::unique_ptr<QuantizedRows> xq;
   int64_t offset = 0;
@@ -799,6 +802,14 @@ void apply(const std::vector<Linear>& parts, const float* x, int64_t n, float* y
     } else if (int8 && has_q8_path(p.type)) {
       if (!xq) xq = std::make_unique<QuantizedRows>(quantize_rows(x, n, in));
       matmul_q8(p.type, wp, row_bytes, p.out, *xq, n, in, y + offset, ldy);
+    } else if (batched && p.type != F32) {
+      auto w = torch::empty({p.out, in}, torch::kFloat32);
+      float* wd = w.data_ptr<float>();
+#pragma omp parallel for schedule(static)
+      for (int64_t o = 0; o < p.out; ++o) decode_row(p.type, wp + o * row_bytes, in, wd + o * in);
+      auto xt = torch::from_blob(const_cast<float*>(x), {n, in}, torch::kFloat32);
+      torch::from_blob(y + offset, {n, p.out}, {ldy, 1}, torch::kFloat32)
+          .copy_(torch::mm(xt, w.t()));
     } else {
       matmul_f32(p.type, wp, row_bytes, p.out, x, n, in, y + offset, ldy);
     }
@@ -926,7 +937,7 @@ class Model {
       float* V = values.data_ptr<float>() + l * kv_heads_ * S * d;
       rms_norm(xp, T, hidden, layer.attn_norm.data_ptr<float>(), eps_, normed.data());
       TORCH_CHECK(width(layer.qkv) == qkv_width, "qkv width does not match the heads");
-      apply(layer.qkv, normed.data(), T, qkv.data(), qkv_width, int8_);
+      apply(layer.qkv, normed.data(), T, qkv.data(), qkv_width, int8_, batched);
       for (int64_t r = 0; r < T; ++r) {
         float* row = qkv.data() + r * qkv_width;
         const float* c = cos.data_ptr<float>() + r * d;
@@ -943,16 +954,16 @@ class Model {
       } else {
         attend(qkv.data(), qkv_width, T, K, V, S, start, tree.data_ptr<uint8_t>(), attn.data());
       }
-      apply({layer.out}, attn.data(), T, tmp.data(), hidden, int8_);
+      apply({layer.out}, attn.data(), T, tmp.data(), hidden, int8_, batched);
       for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
       rms_norm(xp, T, hidden, layer.mlp_norm.data_ptr<float>(), eps_, normed.data());
       const int64_t inter = layer.down.in, gu_width = width(layer.gate_up);
       TORCH_CHECK(gu_width == 2 * inter, "gate/up width does not match down's input");
       std::vector<float> gu(T * gu_width), act(T * inter);
-      apply(layer.gate_up, normed.data(), T, gu.data(), gu_width, int8_);
+      apply(layer.gate_up, normed.data(), T, gu.data(), gu_width, int8_, batched);
       for (int64_t r = 0; r < T; ++r) silu_mul(gu.data() + r * gu_width, inter,
                                                act.data() + r * inter);
-      apply({layer.down}, act.data(), T, tmp.data(), hidden, int8_);
+      apply({layer.down}, act.data(), T, tmp.data(), hidden, int8_, batched);
       for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
     }
     auto out = torch::empty({T, hidden}, torch::kFloat32);

@@ -164,6 +164,8 @@ def bench_command(args: argparse.Namespace) -> int:
     report.mark_exactness(records)
     summary = report.summarize(records)
     summary["environment"] = environment(model, draft)
+    summary["environment"]["backend"] = generator.backend_name + getattr(
+        generator.backend, "cost_tag", "")
     summary["settings"] = {
         "methods": list(methods), "max_new_tokens": args.max_new_tokens,
         "questions": args.questions or "packaged", "limit": args.limit,
