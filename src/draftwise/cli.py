@@ -286,6 +286,15 @@ def _generate(args: argparse.Namespace) -> int:
         "finish_reason": stats.finish_reason,
     }
     line = stats.summary()
+    # the quant backend: tensors it runs in float32, and why it runs without its kernels
+    fallback = list(getattr(generator.backend, "float32_tensors", []))
+    slow = getattr(generator.backend, "slow_reason", None)
+    if fallback or slow:
+        result.update(float32_tensors=fallback, slow_reason=slow)
+        if fallback:
+            line += f" | float32 (no quantized kernel): {', '.join(fallback)}"
+        if slow:
+            line += f" | without quantized kernels: {slow}"
     if constraint is not None:
         from draftwise.constraints import check_output
 

@@ -588,6 +588,9 @@ void matmul_packed(int64_t type, const uint8_t* wp, int64_t out, const Quantized
     const uint8_t* group = wp + g * group_bytes;
     const int64_t o0 = kRows * g;
     int64_t r0 = 0;
+    if (kRows == 16) {  // 32 vector registers: weights stay put for 8 activation rows
+      for (; r0 + 8 <= n; r0 += 8) packed_tile<8>(type, group, xq, in, r0, yp, ldy, o0);
+    }
     for (; r0 + 4 <= n; r0 += 4) packed_tile<4>(type, group, xq, in, r0, yp, ldy, o0);
     switch (n - r0) {
       case 3: packed_tile<3>(type, group, xq, in, r0, yp, ldy, o0); break;
