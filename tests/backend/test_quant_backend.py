@@ -76,15 +76,17 @@ def test_kernels_decode_as_gguf_and_sum_within_float32_bounds(qtype: str, ops: o
         assert torch.equal(alone[0], y[-1].float()), (qtype, rows)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
 def test_packed_blocks_hold_the_same_weights(qtype: str, ops: object) -> None:
     """pack_rows regroups R rows' blocks (R = 8 or 16 by build); every row decodes, bit for
     bit, to what the original blocks decode to."""
-    code, in_features = IMPLEMENTED[qtype][0], 256
+    code, in_features = IMPLEMENTED[qtype][0], 512
     rows = 3 * ops.rows_per_pack()  # type: ignore[attr-defined]
     data = random_blocks(qtype, rows, in_features, seed=20 + code)
     packed = ops.pack_rows(data, code, in_features)  # type: ignore[attr-defined]
-    assert packed.numel() == data.numel()  # the same bytes, regrouped
+    # the same bytes, regrouped (Q4_K: its twelve bytes of 6-bit scales become sixteen)
+    assert packed.numel() * (144 if qtype == "Q4_K" else 1) == data.numel() * (
+        148 if qtype == "Q4_K" else 1)
     ids = torch.arange(rows)
     assert torch.equal(
         ops.dequantize_rows(packed, ids, 100 + code, in_features),  # type: ignore[attr-defined]
@@ -92,15 +94,17 @@ def test_packed_blocks_hold_the_same_weights(qtype: str, ops: object) -> None:
     )
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["gguf-layout", "packed"])
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize(("qtype", "packed"), [
+    ("Q4_0", False), ("Q4_1", False), ("Q8_0", False),
+    ("Q4_0", True), ("Q4_1", True), ("Q8_0", True), ("Q4_K", True),
+])
 def test_int8_activation_products_within_the_rounding_of_the_activations(
     qtype: str, packed: bool, ops: object
 ) -> None:
     """8-bit activations: each 32-block of x is rounded to a multiple of its scale
     d = max|x_block| / 127, so |x_i - x8_i| <= d / 2 and the product is off by at most
     sum over blocks of d/2 * sum|w_i| (plus float32 summation, as above)."""
-    code, in_features = IMPLEMENTED[qtype][0], 256
+    code, in_features = IMPLEMENTED[qtype][0], 512
     out = 2 * ops.rows_per_pack() if packed else 29  # type: ignore[attr-defined]
     data = random_blocks(qtype, out, in_features, seed=10 + code)
     weights = dequantize(data, qtype, in_features).double()  # [out, in]

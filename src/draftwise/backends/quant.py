@@ -150,7 +150,8 @@ def load_kernels(cache_dir: Path, progress: bool = True) -> Any:
 
 
 ACTIVATIONS = ("int8", "float32")
-_INT8_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the kernels' 8-bit-activation path
+_INT8_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the kernels' 8-bit path on the GGUF layout
+_PACKABLE = (*_INT8_TYPES, "Q4_K")  # ... and on blocks packed R rows at a time
 
 
 class QuantLinear:
@@ -166,15 +167,18 @@ class QuantLinear:
                  bias: torch.Tensor | None, ops: Any, activations: str = "float32",
                  packed: bool = False) -> None:
         self.qtype, self.in_features, self.bias = qtype, in_features, bias
-        self.int8 = activations == "int8" and qtype in _INT8_TYPES
         self.ops = ops if qtype in IMPLEMENTED else None
         if self.ops is None and qtype in IMPLEMENTED:  # no kernels: float32 copy
             data = dequantize(data, qtype, in_features)
         rows = self.ops.rows_per_pack() if self.ops is not None else 0
         self.out_features = data.shape[0] * (rows if packed else 1)
-        if self.ops is not None and self.int8 and not packed and data.shape[0] % rows == 0:
+        if (self.ops is not None and activations == "int8" and qtype in _PACKABLE
+                and not packed and data.shape[0] % rows == 0):
             data = self.ops.pack_rows(data.contiguous(), _TYPE_IDS[qtype], in_features)
             packed = True
+        # 8-bit activations: packed blocks, or the GGUF layout's own path for the 32-weight types
+        self.int8 = activations == "int8" and self.ops is not None and (
+            packed or qtype in _INT8_TYPES)
         self.packed = packed
         self.code = _TYPE_IDS.get(qtype, 0) + (_PACKED if packed else 0)
         self.data = data.contiguous()

@@ -492,6 +492,11 @@ struct Vec {
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static F u8s(const uint8_t* p) {  // R unsigned bytes -> R floats
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
 };
 #else
@@ -528,11 +533,22 @@ struct Vec {
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static F u8s(const uint8_t* p) {  // R unsigned bytes -> R floats
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
 };
 #endif
 
-int64_t packed_stride(int64_t type) { return kRows * block_bytes(type); }
+// bytes of one packed block (one 256-weight super-block for Q4_K, with its 6-bit scales and
+// mins unpacked to bytes: 148 bytes per row where the GGUF has 144)
+int64_t packed_stride(int64_t type) {
+  return type == Q4_K ? kRows * 148 : kRows * block_bytes(type);
+}
+
+bool packable(int64_t type) { return has_q8_path(type) || type == Q4_K; }
 
 // offsets inside a packed block: scales, mins (Q4_1), quants
 constexpr int64_t kScales = 0, kMins = 2 * kRows;
@@ -580,22 +596,77 @@ void packed_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, in
   for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
 }
 
+// Q4_K, packed per super-block: half d[R], dmin[R], uint8 sc[8][R], m[8][R], then for each
+// pair j of 32-weight sub-blocks uint8 q[8][4R] with q[k][4r + i] = qs_r[32j + 4k + i] (low
+// nibbles: sub-block 2j, high: 2j + 1). Sub-block s of row r weighs w = d1 q - m1 with
+// d1 = d sc[s] and m1 = dmin m[s] in float32, as ggml decodes it, against the 32-value
+// activation block it covers: acc = fma(float(dot), d1 d_x, acc); acc -= m1 d_x sum(q_x).
+template <int T>
+void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, int64_t r0,
+                     float* y, int64_t ldy, int64_t o0) {
+  const int64_t supers = in / 256, blocks = in / 32, stride = packed_stride(Q4_K);
+  const int64_t lane_bytes = 4 * kRows;
+  typename Vec::F acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = Vec::fzero();
+  for (int64_t sb = 0; sb < supers; ++sb) {
+    const uint8_t* blk = group + sb * stride;
+    const typename Vec::F d = Vec::halves(blk), dmin = Vec::halves(blk + 2 * kRows);
+    const uint8_t* sc = blk + 4 * kRows;
+    const uint8_t* mn = blk + 12 * kRows;
+    const uint8_t* q = blk + 20 * kRows;
+    for (int s = 0; s < 8; ++s) {
+      const typename Vec::F d1 = Vec::mul(d, Vec::u8s(sc + s * kRows));
+      const typename Vec::F m1 = Vec::mul(dmin, Vec::u8s(mn + s * kRows));
+      typename Vec::I w[8];
+      const uint8_t* pair = q + (s / 2) * 8 * lane_bytes;
+      for (int k = 0; k < 8; ++k) {
+        const typename Vec::I p = Vec::load(pair + lane_bytes * k);
+        w[k] = s % 2 ? Vec::high_nibbles(p) : Vec::low_nibbles(p);
+      }
+      const int64_t b = 8 * sb + s;  // the activation block
+      for (int t = 0; t < T; ++t) {
+        const int64_t r = r0 + t;
+        const int8_t* xb = xq.q.data() + r * in + 32 * b;
+        typename Vec::I part[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
+        for (int g = 0; g < 8; ++g) {
+          int32_t four;
+          std::memcpy(&four, xb + 4 * g, 4);
+          part[g % 4] = Vec::dot_u4(part[g % 4], w[g], Vec::set1(four));
+        }
+        const typename Vec::I dot =
+            Vec::add(Vec::add(part[0], part[1]), Vec::add(part[2], part[3]));
+        acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(d1, Vec::fset1(xq.scale[r * blocks + b])),
+                          acc[t]);
+        acc[t] = Vec::fnma(m1, Vec::fset1(xq.sum[r * blocks + b]), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
+}
+
+template <int T>
+inline void any_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, int64_t in,
+                     int64_t r0, float* y, int64_t ldy, int64_t o0) {
+  if (type == Q4_K) return packed_tile_q4k<T>(group, xq, in, r0, y, ldy, o0);
+  packed_tile<T>(type, group, xq, in, r0, y, ldy, o0);
+}
+
 void matmul_packed(int64_t type, const uint8_t* wp, int64_t out, const QuantizedRows& xq,
                    int64_t n, int64_t in, float* yp, int64_t ldy) {
-  const int64_t group_bytes = (in / 32) * packed_stride(type);
+  const int64_t group_bytes = (in / block_weights(type)) * packed_stride(type);
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < out / kRows; ++g) {
     const uint8_t* group = wp + g * group_bytes;
     const int64_t o0 = kRows * g;
     int64_t r0 = 0;
     if (kRows == 16) {  // 32 vector registers: weights stay put for 8 activation rows
-      for (; r0 + 8 <= n; r0 += 8) packed_tile<8>(type, group, xq, in, r0, yp, ldy, o0);
+      for (; r0 + 8 <= n; r0 += 8) any_tile<8>(type, group, xq, in, r0, yp, ldy, o0);
     }
-    for (; r0 + 4 <= n; r0 += 4) packed_tile<4>(type, group, xq, in, r0, yp, ldy, o0);
+    for (; r0 + 4 <= n; r0 += 4) any_tile<4>(type, group, xq, in, r0, yp, ldy, o0);
     switch (n - r0) {
-      case 3: packed_tile<3>(type, group, xq, in, r0, yp, ldy, o0); break;
-      case 2: packed_tile<2>(type, group, xq, in, r0, yp, ldy, o0); break;
-      case 1: packed_tile<1>(type, group, xq, in, r0, yp, ldy, o0); break;
+      case 3: any_tile<3>(type, group, xq, in, r0, yp, ldy, o0); break;
+      case 2: any_tile<2>(type, group, xq, in, r0, yp, ldy, o0); break;
+      case 1: any_tile<1>(type, group, xq, in, r0, yp, ldy, o0); break;
       default: break;
     }
   }
@@ -603,7 +674,27 @@ void matmul_packed(int64_t type, const uint8_t* wp, int64_t out, const Quantized
 
 // one row of a packed matrix, decoded to float32 (as ggml dequantizes the original block)
 void decode_packed_row(int64_t type, const uint8_t* wp, int64_t o, int64_t in, float* out) {
-  const int64_t blocks = in / 32, stride = packed_stride(type), r = o % kRows;
+  const int64_t r = o % kRows;
+  if (type == Q4_K) {
+    const int64_t supers = in / 256, stride = packed_stride(type);
+    const uint8_t* group = wp + (o / kRows) * supers * stride;
+    for (int64_t sb = 0; sb < supers; ++sb) {
+      const uint8_t* blk = group + sb * stride;
+      const float d = half_to_float(blk + 2 * r), dmin = half_to_float(blk + 2 * kRows + 2 * r);
+      const uint8_t* q = blk + 20 * kRows;
+      for (int s = 0; s < 8; ++s) {
+        const float d1 = d * blk[4 * kRows + s * kRows + r];
+        const float m1 = dmin * blk[12 * kRows + s * kRows + r];
+        for (int l = 0; l < 32; ++l) {
+          const uint8_t byte = q[(s / 2) * 32 * kRows + (l / 4) * 4 * kRows + 4 * r + l % 4];
+          const float nib = static_cast<float>(s % 2 ? byte >> 4 : byte & 0xF);
+          out[256 * sb + 32 * s + l] = std::fma(d1, nib, -m1);  // as decode256: one rounding
+        }
+      }
+    }
+    return;
+  }
+  const int64_t blocks = in / 32, stride = packed_stride(type);
   const uint8_t* group = wp + (o / kRows) * blocks * stride;
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* blk = group + b * stride;
@@ -628,12 +719,42 @@ void decode_packed_row(int64_t type, const uint8_t* wp, int64_t o, int64_t in, f
 
 }  // namespace
 
-// GGUF blocks [out, row_bytes] (Q4_0/Q4_1/Q8_0, out % rows_per_pack() == 0) -> the packed
-// layout, the same bytes regrouped
+torch::Tensor pack_q4k(torch::Tensor weight, int64_t in) {
+  const int64_t out = weight.size(0), row_bytes = weight.size(1), supers = in / 256;
+  const int64_t stride = packed_stride(Q4_K);
+  auto packed = torch::empty({out / kRows, supers * stride}, weight.options());
+  const uint8_t* src = weight.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  for (int64_t g = 0; g < out / kRows; ++g) {
+    for (int64_t sb = 0; sb < supers; ++sb) {
+      uint8_t* blk = dst + (g * supers + sb) * stride;
+      for (int64_t r = 0; r < kRows; ++r) {
+        const uint8_t* orig = src + (kRows * g + r) * row_bytes + sb * 144;
+        std::memcpy(blk + 2 * r, orig, 2);                  // d
+        std::memcpy(blk + 2 * kRows + 2 * r, orig + 2, 2);  // dmin
+        for (int s = 0; s < 8; ++s) {
+          uint8_t sc, m;
+          scale_min_k4(s, orig + 4, &sc, &m);
+          blk[4 * kRows + s * kRows + r] = sc;
+          blk[12 * kRows + s * kRows + r] = m;
+        }
+        const uint8_t* qs = orig + 16;
+        uint8_t* q = blk + 20 * kRows;
+        for (int64_t c = 0; c < 32; ++c)  // 4-byte groups: pair c / 8, group c % 8
+          std::memcpy(q + 4 * kRows * c + 4 * r, qs + 4 * c, 4);
+      }
+    }
+  }
+  return packed;
+}
+
+// GGUF blocks [out, row_bytes] (Q4_0/Q4_1/Q8_0/Q4_K, out % rows_per_pack() == 0) -> the packed
+// layout (the same bytes regrouped; Q4_K's 6-bit scales unpacked to bytes)
 torch::Tensor pack_rows(torch::Tensor weight, int64_t type, int64_t in) {
   check(weight, type, in);
-  TORCH_CHECK(has_q8_path(type) && weight.size(0) % kRows == 0,
-              "packing needs Q4_0/Q4_1/Q8_0 and a multiple of ", kRows, " rows");
+  TORCH_CHECK(packable(type) && weight.size(0) % kRows == 0,
+              "packing needs Q4_0/Q4_1/Q8_0/Q4_K and a multiple of ", kRows, " rows");
+  if (type == Q4_K) return pack_q4k(weight, in);
   const int64_t out = weight.size(0), row_bytes = weight.size(1), blocks = in / 32;
   const int64_t bb = block_bytes(type), stride = packed_stride(type);
   auto packed = torch::empty({out / kRows, blocks * stride}, weight.options());
@@ -689,9 +810,10 @@ namespace {
 
 void check_any(const torch::Tensor& weight, int64_t type, int64_t in) {
   if (type <= kPacked) return check(weight, type, in);
-  TORCH_CHECK(has_q8_path(type - kPacked), "packed type ", type, " is not implemented");
+  TORCH_CHECK(packable(type - kPacked), "packed type ", type, " is not implemented");
+  const int64_t bw = block_weights(type - kPacked);
   TORCH_CHECK(weight.dtype() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous() &&
-                  in % 32 == 0 && weight.size(1) == in / 32 * packed_stride(type - kPacked),
+                  in % bw == 0 && weight.size(1) == in / bw * packed_stride(type - kPacked),
               "packed weight must be a contiguous uint8 [out / R, blocks * stride] tensor");
 }
 
