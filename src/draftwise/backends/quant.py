@@ -151,7 +151,7 @@ def load_kernels(cache_dir: Path, progress: bool = True) -> Any:
 
 ACTIVATIONS = ("int8", "float32")
 _INT8_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the kernels' 8-bit path on the GGUF layout
-_PACKABLE = (*_INT8_TYPES, "Q4_K")  # ... and on blocks packed R rows at a time
+_PACKABLE = (*_INT8_TYPES, "Q4_K", "Q6_K")  # ... and on blocks packed R rows at a time
 
 
 class QuantLinear:

@@ -313,12 +313,13 @@ struct QuantizedRows {
   std::vector<int8_t> q;     // [n, in]
   std::vector<float> scale;  // [n, in / 32]
   std::vector<float> sum;    // [n, in / 32]: scale * sum(q) of the block
+  std::vector<int32_t> half_sums;  // [n, in / 16]: sum(q) of each 16 values (Q6_K)
 };
 
 QuantizedRows quantize_rows(const float* x, int64_t n, int64_t in) {
   const int64_t blocks = in / 32;
   QuantizedRows out{std::vector<int8_t>(n * in), std::vector<float>(n * blocks),
-                    std::vector<float>(n * blocks)};
+                    std::vector<float>(n * blocks), std::vector<int32_t>(2 * n * blocks)};
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
@@ -343,6 +344,7 @@ QuantizedRows quantize_rows(const float* x, int64_t n, int64_t in) {
         for (int j = 0; j < 8; ++j) {
           qb[8 * k + j] = static_cast<int8_t>(lanes[j]);
           total += lanes[j];
+          out.half_sums[2 * (r * blocks + b) + k / 2] += lanes[j];
         }
       }
       out.scale[r * blocks + b] = d;
@@ -497,6 +499,15 @@ struct Vec {
         _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
   static F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I shr(I a, int bits) { return _mm512_srl_epi16(a, _mm_cvtsi32_si128(bits)); }
+  static I shl4(I a) { return _mm512_slli_epi16(a, 4); }
+  static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static F s8s(const int8_t* p) {  // R signed bytes -> R floats
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
 };
 #else
@@ -538,6 +549,15 @@ struct Vec {
         _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static I shr(I a, int bits) { return _mm256_srl_epi16(a, _mm_cvtsi32_si128(bits)); }
+  static I shl4(I a) { return _mm256_slli_epi16(a, 4); }
+  static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static F s8s(const int8_t* p) {  // R signed bytes -> R floats
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
 };
 #endif
@@ -548,7 +568,7 @@ int64_t packed_stride(int64_t type) {
   return type == Q4_K ? kRows * 148 : kRows * block_bytes(type);
 }
 
-bool packable(int64_t type) { return has_q8_path(type) || type == Q4_K; }
+bool packable(int64_t type) { return has_q8_path(type) || type == Q4_K || type == Q6_K; }
 
 // offsets inside a packed block: scales, mins (Q4_1), quants
 constexpr int64_t kScales = 0, kMins = 2 * kRows;
@@ -644,10 +664,69 @@ void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
   for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
 }
 
+// Q6_K, packed per super-block: half d[R], int8 sc[16][R], then per 128-weight half n the
+// bytes ql[n*64 + 4k..], ql[n*64 + 32 + 4k..] and qh[n*32 + 4k..] of every row as
+// A[8][4R], B[8][4R], H[8][4R] (k = 0..7). 32-weight block c of half n is
+// q = (A or B nibble) | (2 bits of H) << 4, minus 32; its first and last 16 weights have scales
+// d sc[8n + 2c] and d sc[8n + 2c + 1]. Per 16 weights: integer dot of q (0..63) with q_x, less
+// 32 sum(q_x) (exact), then acc = fma(float(that), d sc d_x, acc).
+template <int T>
+void packed_tile_q6k(const uint8_t* group, const QuantizedRows& xq, int64_t in, int64_t r0,
+                     float* y, int64_t ldy, int64_t o0) {
+  const int64_t supers = in / 256, blocks = in / 32, stride = packed_stride(Q6_K);
+  const int64_t lane_bytes = 4 * kRows;
+  typename Vec::F acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = Vec::fzero();
+  const typename Vec::I two = Vec::set1(0x03030303);
+  for (int64_t sb = 0; sb < supers; ++sb) {
+    const uint8_t* blk = group + sb * stride;
+    const typename Vec::F d = Vec::halves(blk);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 2 * kRows);
+    for (int n = 0; n < 2; ++n) {
+      const uint8_t* A = blk + 18 * kRows + n * 96 * kRows;
+      const uint8_t* B = A + 8 * lane_bytes;
+      const uint8_t* H = B + 8 * lane_bytes;
+      for (int c = 0; c < 4; ++c) {
+        typename Vec::I w[8];
+        for (int k = 0; k < 8; ++k) {
+          const typename Vec::I low = Vec::load((c % 2 ? B : A) + lane_bytes * k);
+          const typename Vec::I nib = c < 2 ? Vec::low_nibbles(low) : Vec::high_nibbles(low);
+          const typename Vec::I h = Vec::load(H + lane_bytes * k);
+          w[k] = Vec::or_(nib, Vec::shl4(Vec::and_(Vec::shr(h, 2 * c), two)));
+        }
+        const typename Vec::F d_a = Vec::mul(d, Vec::s8s(sc + (8 * n + 2 * c) * kRows));
+        const typename Vec::F d_b = Vec::mul(d, Vec::s8s(sc + (8 * n + 2 * c + 1) * kRows));
+        const int64_t b = 8 * sb + 4 * n + c;  // the activation block
+        for (int t = 0; t < T; ++t) {
+          const int64_t r = r0 + t;
+          const int8_t* xb = xq.q.data() + r * in + 32 * b;
+          typename Vec::I part[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
+          for (int g = 0; g < 8; ++g) {
+            int32_t four;
+            std::memcpy(&four, xb + 4 * g, 4);
+            part[g % 2 + 2 * (g / 4)] = Vec::dot_u4(part[g % 2 + 2 * (g / 4)], w[g],
+                                                    Vec::set1(four));
+          }
+          const int32_t* halves = xq.half_sums.data() + 2 * (r * blocks + b);
+          const typename Vec::I dot_a =
+              Vec::sub(Vec::add(part[0], part[1]), Vec::set1(32 * halves[0]));
+          const typename Vec::I dot_b =
+              Vec::sub(Vec::add(part[2], part[3]), Vec::set1(32 * halves[1]));
+          const typename Vec::F dx = Vec::fset1(xq.scale[r * blocks + b]);
+          acc[t] = Vec::fma(Vec::to_float(dot_a), Vec::mul(d_a, dx), acc[t]);
+          acc[t] = Vec::fma(Vec::to_float(dot_b), Vec::mul(d_b, dx), acc[t]);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
+}
+
 template <int T>
 inline void any_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, int64_t in,
                      int64_t r0, float* y, int64_t ldy, int64_t o0) {
   if (type == Q4_K) return packed_tile_q4k<T>(group, xq, in, r0, y, ldy, o0);
+  if (type == Q6_K) return packed_tile_q6k<T>(group, xq, in, r0, y, ldy, o0);
   packed_tile<T>(type, group, xq, in, r0, y, ldy, o0);
 }
 
@@ -689,6 +768,31 @@ void decode_packed_row(int64_t type, const uint8_t* wp, int64_t o, int64_t in, f
           const uint8_t byte = q[(s / 2) * 32 * kRows + (l / 4) * 4 * kRows + 4 * r + l % 4];
           const float nib = static_cast<float>(s % 2 ? byte >> 4 : byte & 0xF);
           out[256 * sb + 32 * s + l] = std::fma(d1, nib, -m1);  // as decode256: one rounding
+        }
+      }
+    }
+    return;
+  }
+  if (type == Q6_K) {
+    const int64_t supers = in / 256, stride = packed_stride(type);
+    const uint8_t* group = wp + (o / kRows) * supers * stride;
+    for (int64_t sb = 0; sb < supers; ++sb) {
+      const uint8_t* blk = group + sb * stride;
+      const float d = half_to_float(blk + 2 * r);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 2 * kRows);
+      for (int n = 0; n < 2; ++n) {
+        const uint8_t* A = blk + 18 * kRows + n * 96 * kRows;
+        const uint8_t* B = A + 32 * kRows;
+        const uint8_t* H = B + 32 * kRows;
+        for (int c = 0; c < 4; ++c) {
+          for (int l = 0; l < 32; ++l) {
+            const int64_t at = (l / 4) * 4 * kRows + 4 * r + l % 4;
+            const uint8_t low = (c % 2 ? B : A)[at];
+            const int nib = c < 2 ? (low & 0xF) : (low >> 4);
+            const int q = (nib | (((H[at] >> (2 * c)) & 3) << 4)) - 32;
+            const float scale = d * static_cast<float>(sc[(8 * n + 2 * c + l / 16) * kRows + r]);
+            out[256 * sb + 128 * n + 32 * c + l] = scale * static_cast<float>(q);
+          }
         }
       }
     }
@@ -748,13 +852,43 @@ torch::Tensor pack_q4k(torch::Tensor weight, int64_t in) {
   return packed;
 }
 
-// GGUF blocks [out, row_bytes] (Q4_0/Q4_1/Q8_0/Q4_K, out % rows_per_pack() == 0) -> the packed
+torch::Tensor pack_q6k(torch::Tensor weight, int64_t in) {
+  const int64_t out = weight.size(0), row_bytes = weight.size(1), supers = in / 256;
+  const int64_t stride = packed_stride(Q6_K);
+  auto packed = torch::empty({out / kRows, supers * stride}, weight.options());
+  const uint8_t* src = weight.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  for (int64_t g = 0; g < out / kRows; ++g) {
+    for (int64_t sb = 0; sb < supers; ++sb) {
+      uint8_t* blk = dst + (g * supers + sb) * stride;
+      for (int64_t r = 0; r < kRows; ++r) {
+        const uint8_t* orig = src + (kRows * g + r) * row_bytes + sb * 210;
+        std::memcpy(blk + 2 * r, orig + 208, 2);  // d
+        for (int s = 0; s < 16; ++s) blk[2 * kRows + s * kRows + r] = orig[192 + s];
+        for (int n = 0; n < 2; ++n) {
+          uint8_t* A = blk + 18 * kRows + n * 96 * kRows;
+          uint8_t* B = A + 32 * kRows;
+          uint8_t* H = B + 32 * kRows;
+          for (int k = 0; k < 8; ++k) {
+            std::memcpy(A + 4 * kRows * k + 4 * r, orig + 64 * n + 4 * k, 4);
+            std::memcpy(B + 4 * kRows * k + 4 * r, orig + 64 * n + 32 + 4 * k, 4);
+            std::memcpy(H + 4 * kRows * k + 4 * r, orig + 128 + 32 * n + 4 * k, 4);
+          }
+        }
+      }
+    }
+  }
+  return packed;
+}
+
+// GGUF blocks [out, row_bytes] (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K, out % rows_per_pack() == 0) -> the packed
 // layout (the same bytes regrouped; Q4_K's 6-bit scales unpacked to bytes)
 torch::Tensor pack_rows(torch::Tensor weight, int64_t type, int64_t in) {
   check(weight, type, in);
   TORCH_CHECK(packable(type) && weight.size(0) % kRows == 0,
               "packing needs Q4_0/Q4_1/Q8_0/Q4_K and a multiple of ", kRows, " rows");
   if (type == Q4_K) return pack_q4k(weight, in);
+  if (type == Q6_K) return pack_q6k(weight, in);
   const int64_t out = weight.size(0), row_bytes = weight.size(1), blocks = in / 32;
   const int64_t bb = block_bytes(type), stride = packed_stride(type);
   auto packed = torch::empty({out / kRows, blocks * stride}, weight.options());
