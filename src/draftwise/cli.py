@@ -292,7 +292,8 @@ def _generate(args: argparse.Namespace) -> int:
     if fallback or slow:
         result.update(float32_tensors=fallback, slow_reason=slow)
         if fallback:
-            line += f" | float32 (no quantized kernel): {', '.join(fallback)}"
+            summary = generator.backend.float32_summary()  # type: ignore[attr-defined]
+            line += f" | float32 (no quantized kernel): {summary}"
         if slow:
             line += f" | without quantized kernels: {slow}"
     if constraint is not None:

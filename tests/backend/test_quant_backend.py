@@ -76,7 +76,7 @@ def test_kernels_decode_as_gguf_and_sum_within_float32_bounds(qtype: str, ops: o
         assert torch.equal(alone[0], y[-1].float()), (qtype, rows)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"])
 def test_packed_blocks_hold_the_same_weights(qtype: str, ops: object) -> None:
     """pack_rows regroups R rows' blocks (R = 8 or 16 by build); every row decodes, bit for
     bit, to what the original blocks decode to."""
@@ -96,7 +96,8 @@ def test_packed_blocks_hold_the_same_weights(qtype: str, ops: object) -> None:
 
 @pytest.mark.parametrize(("qtype", "packed"), [
     ("Q4_0", False), ("Q4_1", False), ("Q8_0", False),
-    ("Q4_0", True), ("Q4_1", True), ("Q8_0", True), ("Q4_K", True), ("Q6_K", True),
+    ("Q4_0", True), ("Q4_1", True), ("Q5_0", True), ("Q8_0", True), ("Q4_K", True),
+    ("Q6_K", True),
 ])
 def test_int8_activation_products_within_the_rounding_of_the_activations(
     qtype: str, packed: bool, ops: object

@@ -2,12 +2,12 @@
 
 The fast backend computes on float32 copies of the weights; for a 4-bit GGUF that is 5-8x more
 bytes to read per step than the file holds, and a CPU decoding step is a read of every weight.
-This backend keeps each weight matrix as the GGUF stores it (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K:
-``[out, row_bytes]`` bytes) and multiplies with the C++ kernels of ``quant_kernels.cpp``, which
-decode each block once per call and use it for every row of the tree — so verifying n rows
-costs far less than n steps. Everything else (attention, norms, rotary, KV cache, tree masks,
-commit by compaction) is :class:`~draftwise.backends.fast.FastBackend`'s, so every drafter and
-structured output run on it unchanged.
+This backend keeps each weight matrix as the GGUF stores it (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K:
+``[out, row_bytes]`` bytes) and runs the decoder with the C++ kernels of ``quant_kernels.cpp``,
+which read each block once per call and use it for every row of the tree — so verifying n rows
+costs far less than n steps. The step contract (tree masks, positions, KV cache, commit by
+compaction) is :class:`~draftwise.backends.fast.FastBackend`'s, so every drafter and structured
+output run on it unchanged.
 
 Exactness: with the kernels, every decoder layer runs in one C++ call (``Model`` in the
 kernels) that computes each row alone — row-independent matrix products, per-row norms, and
@@ -17,18 +17,20 @@ exact by construction (``--exact`` costs nothing here), and greedy output equals
 decoding on this backend for every method, with no near-tie caveat.
 
 Precision: the weights are exactly the values ggml's dequantization gives. By default
-(``activations="int8"``) the input of each Q4_0/Q4_1/Q8_0 product is rounded to 8 bits per
-32-value block with its own scale, and the block products are exact integer dot products
-scaled in float32: the computation llama.cpp does for these types (its Q8_0/Q8_1 activations),
-so this backend renders the GGUF model as llama.cpp does, not as a float32 copy would.
-Q4_K/Q6_K products and everything else (norms, rotary, attention, SiLU) are float32.
+(``activations="int8"``) the input of each product is rounded to 8 bits per 32-value block with
+its own scale and each block's (Q6_K: each 16 weights') product is an exact integer dot product
+scaled in float32: the computation llama.cpp does (its Q8_0/Q8_1/Q8_K activations), so this
+backend renders the GGUF model as llama.cpp does, not as a float32 copy would. The weights are
+regrouped at load, R output rows per block (``pack_rows``; R = 16 on AVX-512 builds, else 8),
+so that one vector lane computes one output row. Norms, rotary, attention and SiLU are float32.
 ``activations="float32"`` keeps every product float32 (slower; each product is then the float32
-rendering of the dequantized model's). A prefill of 32 tokens or more uses torch's batched
-float32 products on weights decoded for that call: plain and speculative decoding share the
-prefill, so it need not match the row-by-row path.
+rendering of the dequantized model's). A prefill of 32 tokens or more takes its attention from
+torch's fused kernel: plain and speculative decoding share the prefill, so it need not match
+the row-by-row path.
 
-The kernels are compiled once per machine (AVX2 + FMA + F16C, ``torch.utils.cpp_extension``,
-about a minute, cached under ``~/.cache/draftwise/kernels``). Without a compiler, ninja or those
+The kernels are compiled once per machine for the widest instruction set it has (AVX-512 VNNI,
+AVX-VNNI or AVX2, see :func:`kernel_isa`; ``torch.utils.cpp_extension``, about a minute, cached
+under ``~/.cache/draftwise/kernels``). Without a compiler, ninja or those
 instructions the backend still runs, on float32 copies of the weights (the speed of the fast
 backend), and :attr:`QuantBackend.slow_reason` says why. A tensor type the kernels do not
 implement is dequantized to float32 for that tensor alone and listed in
@@ -54,7 +56,7 @@ __all__ = ["KernelsUnavailable", "QuantBackend", "QuantLinear", "kernels_unavail
            "load_kernels", "IMPLEMENTED"]
 
 # ggml type ids the kernels implement: name -> (id, weights per block, bytes per block)
-IMPLEMENTED = {"Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q8_0": (8, 32, 34),
+IMPLEMENTED = {"Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q8_0": (8, 32, 34),
                "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210)}
 _TYPE_IDS = {"F32": 0, **{name: spec[0] for name, spec in IMPLEMENTED.items()}}
 _PACKED = 100  # type code of blocks regrouped R rows at a time (the kernels' kPacked)
@@ -151,7 +153,7 @@ def load_kernels(cache_dir: Path, progress: bool = True) -> Any:
 
 ACTIVATIONS = ("int8", "float32")
 _INT8_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the kernels' 8-bit path on the GGUF layout
-_PACKABLE = (*_INT8_TYPES, "Q4_K", "Q6_K")  # ... and on blocks packed R rows at a time
+_PACKABLE = (*_INT8_TYPES, "Q5_0", "Q4_K", "Q6_K")  # ... and on blocks packed R rows at a time
 
 
 class QuantLinear:
@@ -357,6 +359,18 @@ class QuantBackend(FastBackend):
             hidden = hidden[-1:]
         logits: torch.Tensor = self.head(hidden)
         return logits
+
+    def float32_summary(self) -> str:
+        """``"169 tensors of type Q5_0 (blk.0.attn_q.weight, ...)"``: what runs in float32."""
+        by_type: dict[str, list[str]] = {}
+        for entry in self.float32_tensors:
+            name, qtype = entry.rsplit(" (", 1)
+            by_type.setdefault(qtype.rstrip(")"), []).append(name)
+        return "; ".join(
+            f"{len(names)} tensor{'s' if len(names) > 1 else ''} of type {qtype} "
+            f"({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"
+            for qtype, names in by_type.items()
+        )
 
     def _raw(self, name: str) -> tuple[torch.Tensor, str, int]:
         if name not in self._tensors:

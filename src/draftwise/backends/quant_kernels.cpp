@@ -29,7 +29,7 @@
 
 namespace {
 
-enum Type : int64_t { F32 = 0, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+enum Type : int64_t { F32 = 0, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
 
 inline float half_to_float(const uint8_t* p) {
   uint16_t h;
@@ -44,6 +44,7 @@ int64_t block_bytes(int64_t type) {
     case F32: return 128;  // dense rows, read as 32-float "blocks"
     case Q4_0: return 18;
     case Q4_1: return 20;
+    case Q5_0: return 22;
     case Q8_0: return 34;
     case Q4_K: return 144;
     case Q6_K: return 210;
@@ -65,6 +66,21 @@ inline __m256 sbytes_to_floats(__m128i bytes) {
 inline void decode32(int64_t type, const uint8_t* b, __m256 v[4]) {
   if (type == F32) {
     for (int k = 0; k < 4; ++k) v[k] = _mm256_loadu_ps(reinterpret_cast<const float*>(b) + 8 * k);
+    return;
+  }
+  if (type == Q5_0) {  // d, 32 high bits, 16 bytes of nibbles: w = d * ((nibble | bit << 4) - 16)
+    const float d = half_to_float(b);
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    const uint8_t* qs = b + 6;
+    alignas(32) float w[32];
+    for (int j = 0; j < 16; ++j) {
+      const int lo = static_cast<int>((qs[j] & 0xF) | (((qh >> j) & 1) << 4));
+      const int hi = static_cast<int>((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+      w[j] = static_cast<float>(lo - 16) * d;
+      w[j + 16] = static_cast<float>(hi - 16) * d;
+    }
+    for (int k = 0; k < 4; ++k) v[k] = _mm256_load_ps(w + 8 * k);
     return;
   }
   if (type == Q8_0) {
@@ -503,6 +519,8 @@ struct Vec {
   static I and_(I a, I b) { return _mm512_and_si512(a, b); }
   static I shr(I a, int bits) { return _mm512_srl_epi16(a, _mm_cvtsi32_si128(bits)); }
   static I shl4(I a) { return _mm512_slli_epi16(a, 4); }
+  static I shr32(I a, int bits) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(bits)); }
+  static I mullo(I a, I b) { return _mm512_mullo_epi32(a, b); }
   static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
   static F s8s(const int8_t* p) {  // R signed bytes -> R floats
     return _mm512_cvtepi32_ps(
@@ -553,6 +571,8 @@ struct Vec {
   static I and_(I a, I b) { return _mm256_and_si256(a, b); }
   static I shr(I a, int bits) { return _mm256_srl_epi16(a, _mm_cvtsi32_si128(bits)); }
   static I shl4(I a) { return _mm256_slli_epi16(a, 4); }
+  static I shr32(I a, int bits) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(bits)); }
+  static I mullo(I a, I b) { return _mm256_mullo_epi32(a, b); }
   static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
   static F s8s(const int8_t* p) {  // R signed bytes -> R floats
     return _mm256_cvtepi32_ps(
@@ -568,7 +588,9 @@ int64_t packed_stride(int64_t type) {
   return type == Q4_K ? kRows * 148 : kRows * block_bytes(type);
 }
 
-bool packable(int64_t type) { return has_q8_path(type) || type == Q4_K || type == Q6_K; }
+bool packable(int64_t type) {
+  return has_q8_path(type) || type == Q5_0 || type == Q4_K || type == Q6_K;
+}
 
 // offsets inside a packed block: scales, mins (Q4_1), quants
 constexpr int64_t kScales = 0, kMins = 2 * kRows;
@@ -722,9 +744,56 @@ void packed_tile_q6k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
   for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
 }
 
+// Q5_0, packed: half d[R], uint32 qh[R], uint8 q[4][4R] laid out as Q4_0's. Group g (weights
+// 4g..4g+3) of lane r is its nibbles plus bits 4g..4g+3 of qh_r, each moved to bit 4 of its byte
+// (t * 0x00204081 spreads 4 bits to the low bit of 4 bytes, no carries); q - 16 in integers.
+template <int T>
+void packed_tile_q5(const uint8_t* group, const QuantizedRows& xq, int64_t in, int64_t r0,
+                    float* y, int64_t ldy, int64_t o0) {
+  const int64_t blocks = in / 32, stride = packed_stride(Q5_0), lane_bytes = 4 * kRows;
+  typename Vec::F acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = Vec::fzero();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = group + b * stride;
+    const typename Vec::F dw = Vec::halves(blk);
+    const typename Vec::I qh = Vec::load(blk + 2 * kRows);
+    const uint8_t* q = blk + 6 * kRows;
+    typename Vec::I w[8];
+    for (int k = 0; k < 4; ++k) {
+      const typename Vec::I p = Vec::load(q + lane_bytes * k);
+      w[k] = Vec::low_nibbles(p);
+      w[k + 4] = Vec::high_nibbles(p);
+    }
+    for (int g = 0; g < 8; ++g) {
+      const typename Vec::I bits = Vec::and_(Vec::shr32(qh, 4 * g), Vec::set1(0xF));
+      const typename Vec::I spread =
+          Vec::and_(Vec::mullo(bits, Vec::set1(0x00204081)), Vec::set1(0x01010101));
+      w[g] = Vec::or_(w[g], Vec::shl4(spread));
+    }
+    for (int t = 0; t < T; ++t) {
+      const int64_t r = r0 + t;
+      const int8_t* xb = xq.q.data() + r * in + 32 * b;
+      typename Vec::I part[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
+      for (int g = 0; g < 8; ++g) {
+        int32_t four;
+        std::memcpy(&four, xb + 4 * g, 4);
+        part[g % 4] = Vec::dot_u4(part[g % 4], w[g], Vec::set1(four));
+      }
+      const int32_t* halves = xq.half_sums.data() + 2 * (r * blocks + b);
+      const typename Vec::I dot = Vec::sub(
+          Vec::add(Vec::add(part[0], part[1]), Vec::add(part[2], part[3])),
+          Vec::set1(16 * (halves[0] + halves[1])));
+      acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(dw, Vec::fset1(xq.scale[r * blocks + b])),
+                        acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
+}
+
 template <int T>
 inline void any_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, int64_t in,
                      int64_t r0, float* y, int64_t ldy, int64_t o0) {
+  if (type == Q5_0) return packed_tile_q5<T>(group, xq, in, r0, y, ldy, o0);
   if (type == Q4_K) return packed_tile_q4k<T>(group, xq, in, r0, y, ldy, o0);
   if (type == Q6_K) return packed_tile_q6k<T>(group, xq, in, r0, y, ldy, o0);
   packed_tile<T>(type, group, xq, in, r0, y, ldy, o0);
@@ -770,6 +839,22 @@ void decode_packed_row(int64_t type, const uint8_t* wp, int64_t o, int64_t in, f
           out[256 * sb + 32 * s + l] = std::fma(d1, nib, -m1);  // as decode256: one rounding
         }
       }
+    }
+    return;
+  }
+  if (type == Q5_0) {
+    const int64_t blocks = in / 32, stride = packed_stride(type);
+    const uint8_t* group = wp + (o / kRows) * blocks * stride;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* blk = group + b * stride;
+      uint8_t original[22];  // rebuild the GGUF block, decode it as decode32 does
+      std::memcpy(original, blk + 2 * r, 2);
+      std::memcpy(original + 2, blk + 2 * kRows + 4 * r, 4);
+      for (int k = 0; k < 4; ++k)
+        std::memcpy(original + 6 + 4 * k, blk + 6 * kRows + 4 * kRows * k + 4 * r, 4);
+      __m256 v[4];
+      decode32(Q5_0, original, v);
+      for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 32 * b + 8 * k, v[k]);
     }
     return;
   }
@@ -852,6 +937,27 @@ torch::Tensor pack_q4k(torch::Tensor weight, int64_t in) {
   return packed;
 }
 
+torch::Tensor pack_q5(torch::Tensor weight, int64_t in) {
+  const int64_t out = weight.size(0), row_bytes = weight.size(1), blocks = in / 32;
+  const int64_t stride = packed_stride(Q5_0);
+  auto packed = torch::empty({out / kRows, blocks * stride}, weight.options());
+  const uint8_t* src = weight.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  for (int64_t g = 0; g < out / kRows; ++g) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      uint8_t* blk = dst + (g * blocks + b) * stride;
+      for (int64_t r = 0; r < kRows; ++r) {
+        const uint8_t* orig = src + (kRows * g + r) * row_bytes + b * 22;
+        std::memcpy(blk + 2 * r, orig, 2);                  // d
+        std::memcpy(blk + 2 * kRows + 4 * r, orig + 2, 4);  // qh
+        for (int64_t k = 0; k < 4; ++k)
+          std::memcpy(blk + 6 * kRows + 4 * kRows * k + 4 * r, orig + 6 + 4 * k, 4);
+      }
+    }
+  }
+  return packed;
+}
+
 torch::Tensor pack_q6k(torch::Tensor weight, int64_t in) {
   const int64_t out = weight.size(0), row_bytes = weight.size(1), supers = in / 256;
   const int64_t stride = packed_stride(Q6_K);
@@ -889,6 +995,7 @@ torch::Tensor pack_rows(torch::Tensor weight, int64_t type, int64_t in) {
               "packing needs Q4_0/Q4_1/Q8_0/Q4_K and a multiple of ", kRows, " rows");
   if (type == Q4_K) return pack_q4k(weight, in);
   if (type == Q6_K) return pack_q6k(weight, in);
+  if (type == Q5_0) return pack_q5(weight, in);
   const int64_t out = weight.size(0), row_bytes = weight.size(1), blocks = in / 32;
   const int64_t bb = block_bytes(type), stride = packed_stride(type);
   auto packed = torch::empty({out / kRows, blocks * stride}, weight.options());
@@ -1045,8 +1152,9 @@ int64_t width(const std::vector<Linear>& parts) {
 
 // y[:, :] = x @ [parts].T (+ bias), y row stride ldy
 // y[:, :] = x @ [parts].T (+ bias), y row stride ldy. ``batched`` (a prefill of many rows): a
-// part without an 8-bit path (Q4_K, Q6_K) is decoded to float32 once and multiplied by torch's
-// batched kernel, which beats decoding-and-dotting row after row once there are ~32 rows.
+// part on the float32 path (activations="float32", or a shape the packed kernels do not take)
+// is decoded to float32 once and multiplied by torch's batched kernel, which beats
+// decoding-and-dotting row after row once there are ~32 rows.
 void apply(const std::vector<Linear>& parts, const float* x, int64_t n, float* y, int64_t ldy,
            bool int8, bool batched = false) {
   const int64_t in = parts[0].in;

@@ -122,6 +122,6 @@ def _quant(model: Any, cache_dir: Path, exact: bool, progress: bool) -> KVBacken
     backend = QuantBackend(model.source, model.config, ops=ops, slow_reason=reason,
                            exact=exact)
     if backend.float32_tensors:
-        print("draftwise: no quantized kernel for " + ", ".join(backend.float32_tensors)
+        print("draftwise: no quantized kernel for " + backend.float32_summary()
               + ": those tensors run in float32", file=sys.stderr)
     return backend
