@@ -161,9 +161,10 @@ def test_cli_fast_backend_compare() -> None:
 
 
 def test_quant_backend_on_the_default_gguf(generator: Generator) -> None:
-    """The GGUF's own Q4_1/Q8_0 blocks: logits of the fp32 conversion to float32 rounding
-    (summed over 30 layers: the tolerance of the fast backend's test above), speculation
-    identical to plain decoding on the same backend, 5x fewer weight bytes than float32."""
+    """The GGUF's own Q4_1/Q8_0 blocks: with float32 activations, logits of the fp32 conversion
+    to float32 rounding (summed over 30 layers: the tolerance of the fast backend's test above);
+    with the default 8-bit activations, a tree's rows bit-identical to plain decoding and
+    speculation identical to plain decoding; 5x fewer weight bytes than float32."""
     from draftwise.backends.fast import FastBackend
     from draftwise.backends.quant import QuantBackend, kernels_unavailable, load_kernels
     from draftwise.drafters import create_drafter
@@ -174,17 +175,28 @@ def test_quant_backend_on_the_default_gguf(generator: Generator) -> None:
     if kernels_unavailable():
         pytest.skip(f"no quantized kernels here: {kernels_unavailable()}")
     ops = load_kernels(default_cache_dir(), progress=False)
-    quant = QuantBackend(generator.model.source, generator.model.model.config, ops=ops)
-    assert quant.float32_tensors == []
+    config32 = generator.model.config
+    quant32 = QuantBackend(generator.model.source, config32, ops=ops, activations="float32")
+    assert quant32.float32_tensors == []
     fast = FastBackend(generator.model.model)
     dense = sum(p.numel() * 4 for p in generator.model.model.parameters())
-    assert quant.weight_bytes() < dense / 5
+    assert quant32.weight_bytes() < dense / 5
     ids = generator.encode(PROMPTS[0])
     tree = DraftTree.chain([ids[3], ids[4], ids[5]])
-    for backend in (quant, fast):
+    for backend in (quant32, fast):
         backend.prefill(ids)
-    torch.testing.assert_close(quant.forward_tree(tree), fast.forward_tree(tree),
+    torch.testing.assert_close(quant32.forward_tree(tree), fast.forward_tree(tree),
                                rtol=1e-3, atol=1e-3)
+
+    quant = QuantBackend(generator.model.source, config32, ops=ops)  # 8-bit activations
+    assert quant.weight_bytes() < dense / 5
+    quant.prefill(ids)
+    logits = quant.forward_tree(tree)
+    quant.prefill(ids)
+    for i, token in enumerate([ids[3], ids[4], ids[5]]):
+        row = quant.forward_tree(DraftTree.chain([]))[0]
+        assert torch.equal(row, logits[i]), i
+        quant.commit((), token)
     for prompt in PROMPTS[:3]:
         ids = generator.encode(prompt)
         config = generator.config(max_new_tokens=32)
