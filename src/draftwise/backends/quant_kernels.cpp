@@ -597,24 +597,27 @@ constexpr int64_t kScales = 0, kMins = 2 * kRows;
 inline int64_t quants_at(int64_t type) { return (type == Q4_1 ? 4 : 2) * kRows; }
 
 // The 8 four-weight groups of one 32-weight block against one activation row's block, as four
-// independent integer chains (integer sums: any grouping gives the same bits). ``halves``:
+// independent integer chains (integer sums: any grouping gives the same bits). ``kHalves``:
 // chains 0-1 take weights 0..15 and chains 2-3 weights 16..31 (Q6_K's 16-weight scales); else
-// group g goes to chain g % 4. ``is_signed``: w is int8 (Q8_0), else unsigned (nibbles, 5/6 bits).
-inline void group_dots(const typename Vec::I w[8], const int8_t* xb, bool is_signed, bool halves,
-                       typename Vec::I part[4]) {
+// group g goes to chain g % 4. ``kSigned``: w is int8 (Q8_0), else unsigned (nibbles, 5/6 bits).
+template <bool kSigned, bool kHalves>
+__attribute__((always_inline)) inline void group_dots(const typename Vec::I w[8], const int8_t* xb,
+                                                      typename Vec::I part[4]) {
   for (int c = 0; c < 4; ++c) part[c] = Vec::zero();
   for (int g = 0; g < 8; ++g) {
     int32_t four;
     std::memcpy(&four, xb + 4 * g, 4);
-    const int c = halves ? g % 2 + 2 * (g / 4) : g % 4;
-    part[c] = is_signed ? Vec::dot_s8(part[c], w[g], Vec::set1(four))
-                        : Vec::dot_u4(part[c], w[g], Vec::set1(four));
+    const int c = kHalves ? g % 2 + 2 * (g / 4) : g % 4;
+    part[c] = kSigned ? Vec::dot_s8(part[c], w[g], Vec::set1(four))
+                      : Vec::dot_u4(part[c], w[g], Vec::set1(four));
   }
 }
 
-inline typename Vec::I block_dot(const typename Vec::I w[8], const int8_t* xb, bool is_signed) {
+template <bool kSigned>
+__attribute__((always_inline)) inline typename Vec::I block_dot(const typename Vec::I w[8],
+                                                                const int8_t* xb) {
   typename Vec::I part[4];
-  group_dots(w, xb, is_signed, false, part);
+  group_dots<kSigned, false>(w, xb, part);
   return Vec::add(Vec::add(part[0], part[1]), Vec::add(part[2], part[3]));
 }
 
@@ -643,7 +646,7 @@ void packed_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, in
     for (int t = 0; t < T; ++t) {
       const int64_t r = r0 + t;
       const int8_t* xb = xq.q.data() + r * in + 32 * b;
-      const typename Vec::I dot = block_dot(w, xb, type == Q8_0);
+      const typename Vec::I dot = type == Q8_0 ? block_dot<true>(w, xb) : block_dot<false>(w, xb);
       const typename Vec::F dx = Vec::fset1(xq.scale[r * blocks + b]);
       acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(dw, dx), acc[t]);
       if (type != Q8_0) acc[t] = Vec::fma(mw, Vec::fset1(xq.sum[r * blocks + b]), acc[t]);
@@ -683,7 +686,7 @@ void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
       for (int t = 0; t < T; ++t) {
         const int64_t r = r0 + t;
         const int8_t* xb = xq.q.data() + r * in + 32 * b;
-        const typename Vec::I dot = block_dot(w, xb, false);
+        const typename Vec::I dot = block_dot<false>(w, xb);
         acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(d1, Vec::fset1(xq.scale[r * blocks + b])),
                           acc[t]);
         acc[t] = Vec::fnma(m1, Vec::fset1(xq.sum[r * blocks + b]), acc[t]);
@@ -730,7 +733,7 @@ void packed_tile_q6k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
           const int64_t r = r0 + t;
           const int8_t* xb = xq.q.data() + r * in + 32 * b;
           typename Vec::I part[4];
-          group_dots(w, xb, false, true, part);
+          group_dots<false, true>(w, xb, part);
           const int32_t* halves = xq.half_sums.data() + 2 * (r * blocks + b);
           const typename Vec::I dot_a =
               Vec::sub(Vec::add(part[0], part[1]), Vec::set1(32 * halves[0]));
@@ -777,7 +780,7 @@ void packed_tile_q5(const uint8_t* group, const QuantizedRows& xq, int64_t in, i
       const int8_t* xb = xq.q.data() + r * in + 32 * b;
       const int32_t* halves = xq.half_sums.data() + 2 * (r * blocks + b);
       const typename Vec::I dot =
-          Vec::sub(block_dot(w, xb, false), Vec::set1(16 * (halves[0] + halves[1])));
+          Vec::sub(block_dot<false>(w, xb), Vec::set1(16 * (halves[0] + halves[1])));
       acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(dw, Vec::fset1(xq.scale[r * blocks + b])),
                         acc[t]);
     }
