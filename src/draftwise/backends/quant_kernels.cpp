@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <cstring>
 #include <vector>
+#include <numeric>
 #include <cmath>
 #include <memory>
 
@@ -1138,8 +1139,8 @@ struct Linear {
 
 struct Layer {
   torch::Tensor attn_norm, mlp_norm;
-  std::vector<Linear> qkv, gate_up;  // parts on one input, outputs side by side
-  Linear out, down;
+  // parts on one input, outputs side by side (out and down: one part each)
+  std::vector<Linear> qkv, out, gate_up, down;
 };
 
 int64_t width(const std::vector<Linear>& parts) {
@@ -1295,7 +1296,16 @@ class Model {
     float* xp = x.data_ptr<float>();
     std::vector<float> normed(T * hidden), tmp(T * hidden), attn(T * heads_ * d);
     const int64_t qkv_width = (heads_ + 2 * kv_heads_) * d;
-    std::vector<float> qkv(T * qkv_width);
+    std::vector<float> qkv(T * qkv_width), gu, act;
+    // the cache slots each row may see, in position order: the same for every head and layer
+    std::vector<std::vector<int64_t>> visible(T);
+    const uint8_t* tp = tree.data_ptr<uint8_t>();
+    for (int64_t r = 0; r < T && !(batched && start == 0); ++r) {
+      visible[r].resize(start);
+      std::iota(visible[r].begin(), visible[r].end(), int64_t{0});
+      for (int64_t j = 0; j < T; ++j)
+        if (tp[r * T + j]) visible[r].push_back(start + j);
+    }
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& layer = layers_[l];
       float* K = keys.data_ptr<float>() + l * kv_heads_ * S * d;
@@ -1317,18 +1327,19 @@ class Model {
       if (batched && start == 0) {
         prefill_attention(qkv.data(), qkv_width, T, attn.data());
       } else {
-        attend(qkv.data(), qkv_width, T, K, V, S, start, tree.data_ptr<uint8_t>(), attn.data());
+        attend(qkv.data(), qkv_width, T, K, V, S, visible, attn.data());
       }
-      apply({layer.out}, attn.data(), T, tmp.data(), hidden, int8_, batched);
+      apply(layer.out, attn.data(), T, tmp.data(), hidden, int8_, batched);
       for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
       rms_norm(xp, T, hidden, layer.mlp_norm.data_ptr<float>(), eps_, normed.data());
-      const int64_t inter = layer.down.in, gu_width = width(layer.gate_up);
+      const int64_t inter = layer.down[0].in, gu_width = width(layer.gate_up);
       TORCH_CHECK(gu_width == 2 * inter, "gate/up width does not match down's input");
-      std::vector<float> gu(T * gu_width), act(T * inter);
+      gu.resize(T * gu_width);
+      act.resize(T * inter);
       apply(layer.gate_up, normed.data(), T, gu.data(), gu_width, int8_, batched);
       for (int64_t r = 0; r < T; ++r) silu_mul(gu.data() + r * gu_width, inter,
                                                act.data() + r * inter);
-      apply({layer.down}, act.data(), T, tmp.data(), hidden, int8_, batched);
+      apply(layer.down, act.data(), T, tmp.data(), hidden, int8_, batched);
       for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
     }
     auto out = torch::empty({T, hidden}, torch::kFloat32);
@@ -1368,22 +1379,18 @@ class Model {
 
   // out[r, h*d:(h+1)*d] = softmax(q . K_visible / sqrt(d)) V_visible for each row r, head h
   void attend(const float* qkv, int64_t ldq, int64_t T, const float* K, const float* V,
-              int64_t S, int64_t start, const uint8_t* tree, float* out) const {
+              int64_t S, const std::vector<std::vector<int64_t>>& visible, float* out) const {
     const int64_t d = d_, group = heads_ / kv_heads_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 #pragma omp parallel
     {
-      std::vector<int64_t> slots;
       std::vector<float> scores;
       const std::vector<float> zero_row(d, 0.0f);
 #pragma omp for schedule(static)
       for (int64_t item = 0; item < heads_ * T; ++item) {
         const int64_t h = item / T, r = item % T, kvh = h / group;
         const float* q = qkv + r * ldq + h * d;
-        slots.clear();
-        for (int64_t j = 0; j < start; ++j) slots.push_back(j);
-        for (int64_t j = 0; j < T; ++j)
-          if (tree[r * T + j]) slots.push_back(start + j);
+        const std::vector<int64_t>& slots = visible[r];
         const int64_t count = static_cast<int64_t>(slots.size());
         const int64_t padded = (count + 7) / 8 * 8;
         scores.assign(padded, 0.0f);
@@ -1429,8 +1436,8 @@ Linear make_linear(torch::Tensor w, int64_t type, int64_t in, torch::Tensor bias
 
 Layer make_layer(torch::Tensor attn_norm, std::vector<Linear> qkv, Linear out,
                  torch::Tensor mlp_norm, std::vector<Linear> gate_up, Linear down) {
-  return Layer{attn_norm.contiguous(), mlp_norm.contiguous(), std::move(qkv), std::move(gate_up),
-               std::move(out), std::move(down)};
+  return Layer{attn_norm.contiguous(), mlp_norm.contiguous(), std::move(qkv), {std::move(out)},
+               std::move(gate_up), {std::move(down)}};
 }
 
 }  // namespace
