@@ -73,6 +73,7 @@ class LoadedModel:
         self.tokenizer, self.name, self.source = tokenizer, name, source
         self.load_s, self.converted = load_s, converted
         self._config: Any = None
+        self._generation: tuple[Any] | None = None  # generation_config.json, read once
 
     @property
     def model(self) -> Any:
@@ -120,13 +121,16 @@ class LoadedModel:
     def _generation_config(self) -> Any:
         if self._model is not None:
             return getattr(self._model, "generation_config", None)
-        from transformers import GenerationConfig
+        if self._generation is None:
+            from transformers import GenerationConfig
 
-        assert self._folder is not None
-        try:
-            return GenerationConfig.from_pretrained(self._folder, local_files_only=True)
-        except OSError:  # no generation_config.json: the model's defaults
-            return None
+            assert self._folder is not None
+            try:
+                self._generation = (GenerationConfig.from_pretrained(self._folder,
+                                                                      local_files_only=True),)
+            except OSError:  # no generation_config.json: the model's defaults
+                self._generation = (None,)
+        return self._generation[0]
 
 
 def default_cache_dir() -> Path:

@@ -255,7 +255,7 @@ class QuantBackend(FastBackend):
             raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
         self.activations = activations
         self.slow_reason = None if ops is not None else (slow_reason or "no kernels given")
-        self.float32_tensors: list[str] = []
+        self._fallbacks: list[tuple[str, str]] = []  # (tensor, its GGUF type) run in float32
         reader = GGUFReader(str(gguf_path))
         self._tensors = {t.name: t for t in reader.tensors}
         arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
@@ -269,7 +269,7 @@ class QuantBackend(FastBackend):
                 data = data[_unpermute_rows(data.shape[0], heads_of)]
             b = self._dense(bias) if bias and bias in self._tensors else None
             if qtype not in IMPLEMENTED and qtype != "F32":
-                self.float32_tensors.append(f"{name} ({qtype})")
+                self._fallbacks.append((name, qtype))
                 data, qtype = dequantize(data, qtype, in_features), "F32"
             return QuantLinear(data, qtype, in_features, b, ops, activations)
 
@@ -360,12 +360,16 @@ class QuantBackend(FastBackend):
         logits: torch.Tensor = self.head(hidden)
         return logits
 
+    @property
+    def float32_tensors(self) -> list[str]:
+        """``"name (type)"`` of each tensor that runs in float32 (no kernel for its type)."""
+        return [f"{name} ({qtype})" for name, qtype in self._fallbacks]
+
     def float32_summary(self) -> str:
         """``"169 tensors of type Q5_0 (blk.0.attn_q.weight, ...)"``: what runs in float32."""
         by_type: dict[str, list[str]] = {}
-        for entry in self.float32_tensors:
-            name, qtype = entry.rsplit(" (", 1)
-            by_type.setdefault(qtype.rstrip(")"), []).append(name)
+        for name, qtype in self._fallbacks:
+            by_type.setdefault(qtype, []).append(name)
         return "; ".join(
             f"{len(names)} tensor{'s' if len(names) > 1 else ''} of type {qtype} "
             f"({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"

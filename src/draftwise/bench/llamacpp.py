@@ -46,9 +46,8 @@ def peer_folder() -> Path:
 class LlamaCppPeer:
     """One Node process holding the GGUF; :meth:`generate` runs one greedy request."""
 
-    def __init__(self, process: subprocess.Popen[str], info: dict[str, Any]) -> None:
+    def __init__(self, process: subprocess.Popen[str]) -> None:
         self.process = process
-        self.info = info
 
     def generate(self, tokens: list[int], max_new_tokens: int, eos: tuple[int, ...],
                  *, lookup: bool) -> dict[str, Any]:
@@ -103,12 +102,11 @@ def start_peer(gguf: str | Path, *, context: int = 4096, threads: int | None = N
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True,
     )
     _, stdout = _pipes(process)
-    line = stdout.readline()
-    if not line:
+    if not stdout.readline():  # the script's {"ready": true} line
         process.wait()
         errors.seek(0)
         error = errors.read()
         lines = error.strip().splitlines()
         last = lines[-1] if lines else f"exit code {process.returncode}"
         raise PeerUnavailable(f"llama.cpp did not start: {last}")
-    return LlamaCppPeer(process, json.loads(line))
+    return LlamaCppPeer(process)
