@@ -38,7 +38,7 @@ from draftwise.sizing import TreeSizer
 from draftwise.tree import DraftTree
 from draftwise.verify import Acceptance, verify
 
-__all__ = ["GenerationConfig", "Engine", "Run"]
+__all__ = ["GenerationConfig", "Engine", "Run", "Step"]
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,12 @@ class Engine:
 
 
 class Run:
-    """One request: iterate to decode; ``tokens`` and ``stats`` fill in as it goes."""
+    """One request: iterate to decode; ``tokens`` and ``stats`` fill in as it goes.
+
+    A step has three phases, which a scheduler running many requests calls itself
+    (:mod:`draftwise.serve.scheduler`): :meth:`plan` drafts the tree, :meth:`finish` verifies
+    the model's logits over it, and between them someone runs the forward pass — here
+    ``backend.forward_tree``, there one pass over every request's tree."""
 
     def __init__(
         self,
@@ -110,111 +115,174 @@ class Run:
         self.constraint = constraint
         self.tokens: list[int] = []  # committed new tokens
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.done = False
+        self._context = list(prompt_ids)
+        self._sampling = Sampling(config.sampling)
+        self._rng = torch.Generator().manual_seed(config.seed)
+        self._eos = set(config.eos_token_ids)
+        self._seen: torch.Tensor | None = None
+        self._start = 0.0
 
     def __iter__(self) -> Iterator[list[int]]:
+        self.start()
+        while not self.done:
+            step = self.plan()
+            if step is None:
+                break
+            if step.emitted:  # the grammar alone ended the generation
+                yield step.emitted
+                break
+            t1 = time.perf_counter()
+            logits = self.engine.backend.forward_tree(step.full)  # 2. [N + 1, vocab]
+            step.verify_s = time.perf_counter() - t1
+            yield self.finish(step, logits)  # 6.
+
+    def start(self) -> None:
+        """Prefill the prompt and start the drafter."""
+        backend, cfg = self.engine.backend, self.config
+        if cfg.sampling.repetition_penalty != 1.0:
+            self._seen = torch.zeros(backend.vocab_size, dtype=torch.bool)
+            self._seen[torch.tensor(self._context, dtype=torch.long)] = True
+        self._start = time.perf_counter()
+        backend.prefill(self._context)
+        self.engine.drafter.begin(self._context, cfg.sampling)
+        self.stats.prefill_s = time.perf_counter() - self._start
+
+    def plan(self, size: bool = True) -> Step | None:
+        """Draft this step's tree (1.), or None when the run is over (``stats.finish_reason``
+        says why). ``size=False`` leaves the tree unsized: the caller sizes it (several
+        requests' trees together) and passes the result to :meth:`Step.settle`."""
         backend, drafter, sizer = self.engine.backend, self.engine.drafter, self.engine.sizer
         cfg, stats, constraint = self.config, self.stats, self.constraint
-        sampling = Sampling(cfg.sampling)
-        rng = torch.Generator().manual_seed(cfg.seed)
-        eos = set(cfg.eos_token_ids)
-        context = list(self.prompt_ids)
-        seen: torch.Tensor | None = None
-        if cfg.sampling.repetition_penalty != 1.0:
-            seen = torch.zeros(backend.vocab_size, dtype=torch.bool)
-            seen[torch.tensor(context, dtype=torch.long)] = True
+        remaining = cfg.max_new_tokens - len(self.tokens)
+        room = backend.max_length - backend.length
+        if remaining <= 0 or room <= 0:
+            stats.finish_reason = "length" if remaining <= 0 else "context"
+            self._end()
+            return None
+        max_depth = min(remaining, room) - 1
 
-        start = time.perf_counter()
-        backend.prefill(context)
-        drafter.begin(context, cfg.sampling)
-        stats.prefill_s = time.perf_counter() - start
-        while True:
-            remaining = cfg.max_new_tokens - len(self.tokens)
-            room = backend.max_length - backend.length
-            if remaining <= 0 or room <= 0:
-                stats.finish_reason = "length" if remaining <= 0 else "context"
-                break
-            max_depth = min(remaining, room) - 1
-
-            t0 = time.perf_counter()
-            forced: list[int] = []
-            if constraint is not None:
-                limit = min(remaining, room)
-                forced = constraint.forced(limit)
-                if forced and (forced[-1] in eos or len(forced) == limit):
-                    # The grammar alone ends the generation: emit without a model step.
-                    emitted = forced
-                    constraint.commit(emitted)
-                    constraint.stats.forced += len(emitted)
-                    context.extend(emitted)
-                    self.tokens.extend(emitted)
-                    stats.new_tokens += len(emitted)
-                    stats.draft_s += time.perf_counter() - t0
-                    stats.total_s = time.perf_counter() - start
-                    yield emitted
-                    stats.finish_reason = (
-                        "eos" if emitted[-1] in eos else "length" if limit == remaining
-                        else "context"
-                    )
-                    break
-                forced = forced[:max_depth]
-            depth = max_depth - len(forced)
-            # A step that cannot pay for its draft decodes plainly (the sizer's gate): the
-            # drafter is asked for nothing (depth 0) but keeps its bookkeeping and feedback.
-            drafting = sizer is None or sizer.wants_draft()
-            asked = depth if drafting else 0
-            tp = time.perf_counter()
-            tree = drafter.propose(context + forced, asked).truncated(depth)  # 1.
-            propose_s = time.perf_counter() - tp
-            if constraint is not None:
-                tree = constraint.prune(tree, after=forced)
-            if sizer is not None:
-                tree = sizer.size(tree)
-            full, masks = _graft(forced, tree), None
-            if constraint is not None:
-                full, masks = constraint.tree_masks(full)
-            t1 = time.perf_counter()
-            logits = backend.forward_tree(full)  # 2. [N + 1, vocab]
-            if masks is not None:
-                logits = apply_mask(logits, masks)
-            acceptance = verify(full, logits, sampling, rng, seen)  # 3.
-            backend.commit(acceptance.path, acceptance.tokens[-1])  # 4.
-            t2 = time.perf_counter()
-            # The masks may prune more than prune() did (llguidance's masks also insist on
-            # canonical tokenizations of forced text): the drafter sees the tree verified.
-            tree = _below(len(forced), full)
-            own = _ungraft(len(forced), tree, acceptance)
-            drafter.observe(StepResult(tree, own, logits[len(forced) :]))  # 5.
-            if sizer is not None:
-                sizer.observe(tree, own)
-            t3 = time.perf_counter()
-            if sizer is not None:
-                sizer.record(drafting and depth > 0, len(acceptance.tokens), t3 - t0,
-                             len(full) + 1, t2 - t1, propose_s)
-
-            emitted = list(acceptance.tokens)
-            hit = next((i for i, token in enumerate(emitted) if token in eos), None)
-            if hit is not None:
-                emitted = emitted[: hit + 1]
-            if constraint is not None:
+        t0 = time.perf_counter()
+        forced: list[int] = []
+        if constraint is not None:
+            limit = min(remaining, room)
+            forced = constraint.forced(limit)
+            if forced and (forced[-1] in self._eos or len(forced) == limit):
+                # The grammar alone ends the generation: emit without a model step.
+                emitted = forced
                 constraint.commit(emitted)
-                constraint.stats.forced += len(forced)
-            context.extend(emitted)
-            self.tokens.extend(emitted)
-            if seen is not None:
-                seen[torch.tensor(emitted, dtype=torch.long)] = True
-            stats.steps += 1
-            stats.new_tokens += len(emitted)
-            stats.step_tokens.append(len(emitted))
-            stats.tree_sizes.append(len(full))
-            stats.margins.extend(acceptance.margins[: len(emitted)])
-            stats.draft_s += (t1 - t0) + (t3 - t2)
-            stats.verify_s += t2 - t1
-            stats.total_s = time.perf_counter() - start
-            yield emitted  # 6.
-            if hit is not None:
-                stats.finish_reason = "eos"
-                break
-        stats.total_s = time.perf_counter() - start
+                constraint.stats.forced += len(emitted)
+                self._context.extend(emitted)
+                self.tokens.extend(emitted)
+                stats.new_tokens += len(emitted)
+                stats.draft_s += time.perf_counter() - t0
+                stats.finish_reason = (
+                    "eos" if emitted[-1] in self._eos else "length" if limit == remaining
+                    else "context"
+                )
+                self._end()
+                return Step(self, forced, DraftTree.empty(), t0, False, 0.0, emitted)
+            forced = forced[:max_depth]
+        depth = max_depth - len(forced)
+        # A step that cannot pay for its draft decodes plainly (the sizer's gate): the
+        # drafter is asked for nothing (depth 0) but keeps its bookkeeping and feedback.
+        drafting = sizer is None or sizer.wants_draft()
+        asked = depth if drafting else 0
+        tp = time.perf_counter()
+        tree = drafter.propose(self._context + forced, asked).truncated(depth)
+        propose_s = time.perf_counter() - tp
+        if constraint is not None:
+            tree = constraint.prune(tree, after=forced)
+        step = Step(self, forced, tree, t0, drafting and depth > 0, propose_s)
+        if size:
+            step.settle(sizer.size(tree) if sizer is not None else tree)
+        return step
+
+    def finish(self, step: Step, logits: torch.Tensor) -> list[int]:
+        """Verify ``logits`` (``[N + 1, vocab]`` over ``step.full``), commit, let the drafter
+        learn; return the tokens this step committed (3.-5.)."""
+        backend, drafter, sizer = self.engine.backend, self.engine.drafter, self.engine.sizer
+        stats, constraint, forced, full = self.stats, self.constraint, step.forced, step.full
+        t1 = time.perf_counter()
+        if step.masks is not None:
+            logits = apply_mask(logits, step.masks)
+        acceptance = verify(full, logits, self._sampling, self._rng, self._seen)  # 3.
+        backend.commit(acceptance.path, acceptance.tokens[-1])  # 4.
+        t2 = time.perf_counter()
+        # The masks may prune more than prune() did (llguidance's masks also insist on
+        # canonical tokenizations of forced text): the drafter sees the tree verified.
+        tree = _below(len(forced), full)
+        own = _ungraft(len(forced), tree, acceptance)
+        drafter.observe(StepResult(tree, own, logits[len(forced) :]))  # 5.
+        if sizer is not None:
+            sizer.observe(tree, own)
+        t3 = time.perf_counter()
+        verify_s = step.verify_s + (t2 - t1)
+        if sizer is not None and step.timed:
+            sizer.record(step.drafting, len(acceptance.tokens), t3 - step.t0,
+                         len(full) + 1, verify_s, step.propose_s)
+
+        emitted = list(acceptance.tokens)
+        hit = next((i for i, token in enumerate(emitted) if token in self._eos), None)
+        if hit is not None:
+            emitted = emitted[: hit + 1]
+        if constraint is not None:
+            constraint.commit(emitted)
+            constraint.stats.forced += len(forced)
+        self._context.extend(emitted)
+        self.tokens.extend(emitted)
+        if self._seen is not None:
+            self._seen[torch.tensor(emitted, dtype=torch.long)] = True
+        stats.steps += 1
+        stats.new_tokens += len(emitted)
+        stats.step_tokens.append(len(emitted))
+        stats.tree_sizes.append(len(full))
+        stats.margins.extend(acceptance.margins[: len(emitted)])
+        stats.draft_s += (step.t1 - step.t0) + (t3 - t2)
+        stats.verify_s += verify_s
+        if hit is not None:
+            stats.finish_reason = "eos"
+            self._end()
+        else:
+            stats.total_s = time.perf_counter() - self._start
+        return emitted
+
+    def _end(self) -> None:
+        self.done = True
+        self.stats.total_s = time.perf_counter() - self._start
+
+
+class Step:
+    """One step of a :class:`Run` between :meth:`Run.plan` and :meth:`Run.finish`.
+
+    Attributes:
+        tree: the drafter's tree (pruned by the grammar; sized once settled).
+        full: what the model verifies: forced tokens with ``tree`` below them.
+        masks: the grammar's masks over ``full``'s rows, or None.
+        emitted: tokens the grammar forced that end the run without a model step.
+        timed: the step's times feed the sizer's throughputs (False when the forward pass
+            was shared with other requests: its time is not this request's).
+    """
+
+    def __init__(self, run: Run, forced: list[int], tree: DraftTree, t0: float,
+                 drafting: bool, propose_s: float, emitted: list[int] | None = None) -> None:
+        self.run, self.forced, self.tree, self.t0 = run, forced, tree, t0
+        self.drafting, self.propose_s = drafting, propose_s
+        self.emitted = emitted or []
+        self.full = tree
+        self.masks: torch.Tensor | None = None
+        self.t1 = t0
+        self.verify_s = 0.0
+        self.timed = True
+
+    def settle(self, tree: DraftTree) -> None:
+        """Fix the (sized) tree: graft it below the forced tokens and mask it."""
+        self.tree = tree
+        self.full = _graft(self.forced, tree)
+        constraint = self.run.constraint
+        if constraint is not None:
+            self.full, self.masks = constraint.tree_masks(self.full)
+        self.t1 = time.perf_counter()
 
 
 def _graft(forced: list[int], tree: DraftTree) -> DraftTree:

@@ -293,3 +293,37 @@ def test_without_kernels_the_backend_runs_on_float32_copies(
     config = GenerationConfig(max_new_tokens=12)
     assert (Engine(backend, create_drafter("pld")).generate(prompt, config).tokens
             == Engine(fast, create_drafter("none")).generate(prompt, config).tokens)
+
+
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+def test_a_batched_pass_gives_each_sequence_its_logits_alone(
+    tiny_gguf: tuple[Path, torch.nn.Module], ops: object, activations: str
+) -> None:
+    """Several sequences' trees in one pass (the server's batching): each sequence's logits
+    equal, bit for bit, those of the same tree verified alone, whoever shares the pass; and
+    the sequences' caches stay apart through commits (compaction included)."""
+    from draftwise.backends.batch import SequencePool
+
+    path, twin = tiny_gguf
+    prompts = [[3, 9, 27, 1, 5], [8, 40, 2], [2, 7, 4, 4, 4, 4, 4, 1, 3]]
+    trees = [DraftTree((4, 7, 11, 2), (-1, 0, -1, 2)), DraftTree.chain([]),
+             DraftTree.chain([5, 6, 7])]
+    pool = SequencePool(QuantBackend(path, twin.config, ops=ops, activations=activations), 4)
+    assert pool.shared
+    alone = [QuantBackend(path, twin.config, ops=ops, activations=activations) for _ in prompts]
+    slots = [3, 0, 1]  # any slot order
+    for slot, backend, prompt in zip(slots, alone, prompts, strict=True):
+        pool.sequences[slot].prefill(prompt)
+        backend.prefill(prompt)
+    for step in range(3):
+        active = [0, 1, 2] if step != 1 else [2, 0]  # requests come and go between steps
+        got = pool.forward([(slots[i], trees[i]) for i in active])
+        for i, logits in zip(active, got, strict=True):
+            expected = alone[i].forward_tree(trees[i])
+            assert torch.equal(logits, expected), (activations, step, i)
+            path_nodes = (2, 3) if i == 0 and step == 0 else (0,) if len(trees[i]) else ()
+            next_root = int(expected[-1].argmax())
+            for backend in (pool.sequences[slots[i]], alone[i]):
+                backend.commit(path_nodes, next_root)
+    with pytest.raises(ValueError, match="one tree per pass"):
+        pool.forward([(0, trees[1]), (0, trees[1])])

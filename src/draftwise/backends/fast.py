@@ -187,10 +187,20 @@ class FastBackend(KVBackend):
         other = copy.copy(self)
         other.layers = [layer for i, layer in enumerate(self.layers) if i not in skip]
         shape = (len(other.layers), self.kv_heads, self._max_length, self.head_dim)
-        other.keys = torch.empty(shape, dtype=self.dtype)
-        other.values = torch.empty(shape, dtype=self.dtype)
-        other._cached, other._past, other._root = 0, 0, None
+        other = other.with_cache(torch.empty(shape, dtype=self.dtype),
+                                 torch.empty(shape, dtype=self.dtype))
         other.exact = False
+        return other
+
+    def with_cache(self, keys: torch.Tensor, values: torch.Tensor) -> FastBackend:
+        """Another sequence on the same weights, holding its KV cache in ``keys``/``values``
+        (``[layers, kv_heads, window, head_dim]``, contiguous): a region of a
+        :class:`~draftwise.backends.batch.SequencePool`'s cache, say."""
+        if keys.shape != (len(self.layers), self.kv_heads, self._max_length, self.head_dim):
+            raise ValueError(f"a cache of shape {tuple(keys.shape)} does not fit this model")
+        other = copy.copy(self)
+        other.keys, other.values = keys, values
+        other._cached, other._past, other._root = 0, 0, None
         return other
 
     def linears(self) -> list[Linear]:

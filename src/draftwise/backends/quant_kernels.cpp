@@ -1281,53 +1281,113 @@ class Model {
   // hidden states [T, hidden].
   torch::Tensor forward(torch::Tensor x, torch::Tensor keys, torch::Tensor values, int64_t start,
                         torch::Tensor cos, torch::Tensor sin, torch::Tensor tree, bool prefill) {
-    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [T, hidden]");
     TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "caches must be contiguous");
-    x = x.contiguous().clone();
-    cos = cos.contiguous();
-    sin = sin.contiguous();
     tree = tree.to(torch::kUInt8).contiguous();
-    const int64_t T = x.size(0), hidden = x.size(1), d = d_;
-    const int64_t S = keys.size(2);
+    const int64_t T = x.size(0), S = keys.size(2);
     TORCH_CHECK(keys.size(0) == static_cast<int64_t>(layers_.size()) && start + T <= S,
                 "cache shape does not match");
     TORCH_CHECK(tree.size(0) == T && tree.size(1) == T, "tree must be [T, T]");
-    const bool batched = prefill && T >= 32;
+    const bool whole_prompt = prefill && T >= 32 && start == 0;
+    Rows rows(T, keys.size(1) * S * d_, S);
+    // the cache slots each row may see, in position order: the same for every head and layer
+    const uint8_t* tp = tree.data_ptr<uint8_t>();
+    for (int64_t r = 0; r < T; ++r) {
+      rows.kbase[r] = keys.data_ptr<float>();
+      rows.vbase[r] = values.data_ptr<float>();
+      rows.write[r] = start + r;
+      if (whole_prompt) continue;  // torch's causal kernel: no slot lists
+      rows.visible[r].resize(start);
+      std::iota(rows.visible[r].begin(), rows.visible[r].end(), int64_t{0});
+      for (int64_t j = 0; j < T; ++j)
+        if (tp[r * T + j]) rows.visible[r].push_back(start + j);
+    }
+    return run(x, rows, cos, sin, prefill && T >= 32, whole_prompt);
+  }
+
+  // Several sequences' rows in one pass. keys/values: [B, layers, kv, W, d], one region per
+  // sequence; row r belongs to sequence seq[r], is written at slot write[r] of its region and
+  // sees the slots visible[offsets[r]:offsets[r+1]] of that region (in position order, itself
+  // included). Each row is computed alone, as in forward(): a row's result does not depend on
+  // which other rows share the pass.
+  torch::Tensor forward_batch(torch::Tensor x, torch::Tensor keys, torch::Tensor values,
+                              torch::Tensor seq, torch::Tensor write, torch::Tensor offsets,
+                              torch::Tensor visible, torch::Tensor cos, torch::Tensor sin) {
+    TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.dim() == 5,
+                "caches must be contiguous [B, layers, kv, W, d]");
+    TORCH_CHECK(keys.size(1) == static_cast<int64_t>(layers_.size()), "cache has other layers");
+    const int64_t T = x.size(0), B = keys.size(0), W = keys.size(3);
+    seq = seq.to(torch::kInt64).contiguous();
+    write = write.to(torch::kInt64).contiguous();
+    offsets = offsets.to(torch::kInt64).contiguous();
+    visible = visible.to(torch::kInt64).contiguous();
+    TORCH_CHECK(seq.numel() == T && write.numel() == T && offsets.numel() == T + 1,
+                "seq, write: [T]; offsets: [T + 1]");
+    const int64_t region = keys.size(1) * keys.size(2) * W * d_;
+    Rows rows(T, keys.size(2) * W * d_, W);
+    const int64_t *sp = seq.data_ptr<int64_t>(), *wp = write.data_ptr<int64_t>();
+    const int64_t *op = offsets.data_ptr<int64_t>(), *vp = visible.data_ptr<int64_t>();
+    TORCH_CHECK(op[T] == visible.numel(), "offsets do not match visible");
+    for (int64_t r = 0; r < T; ++r) {
+      TORCH_CHECK(sp[r] >= 0 && sp[r] < B && wp[r] >= 0 && wp[r] < W, "row outside the cache");
+      rows.kbase[r] = keys.data_ptr<float>() + sp[r] * region;
+      rows.vbase[r] = values.data_ptr<float>() + sp[r] * region;
+      rows.write[r] = wp[r];
+      rows.visible[r].assign(vp + op[r], vp + op[r + 1]);
+      for (int64_t slot : rows.visible[r]) TORCH_CHECK(slot >= 0 && slot < W, "slot outside");
+    }
+    return run(x, rows, cos, sin, false, false);
+  }
+
+ private:
+  // where each row's keys/values live and which of them it sees
+  struct Rows {
+    Rows(int64_t T, int64_t layer_stride_, int64_t S_)
+        : kbase(T), vbase(T), write(T), visible(T), layer_stride(layer_stride_), S(S_) {}
+    std::vector<float*> kbase, vbase;  // layer 0 of the row's cache, [layers, kv, S, d]
+    std::vector<int64_t> write;        // the slot the row's key/value is written to
+    std::vector<std::vector<int64_t>> visible;
+    int64_t layer_stride, S;
+  };
+
+  // every decoder layer over the rows, then the final norm
+  torch::Tensor run(torch::Tensor x, const Rows& rows, torch::Tensor cos, torch::Tensor sin,
+                    bool batched, bool whole_prompt) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [T, hidden]");
+    x = x.contiguous().clone();
+    cos = cos.contiguous();
+    sin = sin.contiguous();
+    const int64_t T = x.size(0), hidden = x.size(1), d = d_, S = rows.S;
+    TORCH_CHECK(cos.size(0) == T && sin.size(0) == T, "cos/sin must be [T, d]");
     float* xp = x.data_ptr<float>();
     std::vector<float> normed(T * hidden), tmp(T * hidden), attn(T * heads_ * d);
     const int64_t qkv_width = (heads_ + 2 * kv_heads_) * d;
     std::vector<float> qkv(T * qkv_width), gu, act;
-    // the cache slots each row may see, in position order: the same for every head and layer
-    std::vector<std::vector<int64_t>> visible(T);
-    const uint8_t* tp = tree.data_ptr<uint8_t>();
-    for (int64_t r = 0; r < T && !(batched && start == 0); ++r) {
-      visible[r].resize(start);
-      std::iota(visible[r].begin(), visible[r].end(), int64_t{0});
-      for (int64_t j = 0; j < T; ++j)
-        if (tp[r * T + j]) visible[r].push_back(start + j);
-    }
+    std::vector<const float*> K(T), V(T);
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& layer = layers_[l];
-      float* K = keys.data_ptr<float>() + l * kv_heads_ * S * d;
-      float* V = values.data_ptr<float>() + l * kv_heads_ * S * d;
       rms_norm(xp, T, hidden, layer.attn_norm.data_ptr<float>(), eps_, normed.data());
       TORCH_CHECK(width(layer.qkv) == qkv_width, "qkv width does not match the heads");
       apply(layer.qkv, normed.data(), T, qkv.data(), qkv_width, int8_, batched);
       for (int64_t r = 0; r < T; ++r) {
+        float* Kr = rows.kbase[r] + l * rows.layer_stride;
+        float* Vr = rows.vbase[r] + l * rows.layer_stride;
+        K[r] = Kr;
+        V[r] = Vr;
         float* row = qkv.data() + r * qkv_width;
         const float* c = cos.data_ptr<float>() + r * d;
         const float* s = sin.data_ptr<float>() + r * d;
         for (int64_t h = 0; h < heads_ + kv_heads_; ++h) rotate(row + h * d, c, s, d);
         for (int64_t h = 0; h < kv_heads_; ++h) {
-          std::memcpy(K + (h * S + start + r) * d, row + (heads_ + h) * d, d * sizeof(float));
-          std::memcpy(V + (h * S + start + r) * d, row + (heads_ + kv_heads_ + h) * d,
+          std::memcpy(Kr + (h * S + rows.write[r]) * d, row + (heads_ + h) * d,
+                      d * sizeof(float));
+          std::memcpy(Vr + (h * S + rows.write[r]) * d, row + (heads_ + kv_heads_ + h) * d,
                       d * sizeof(float));
         }
       }
-      if (batched && start == 0) {
+      if (whole_prompt) {
         prefill_attention(qkv.data(), qkv_width, T, attn.data());
       } else {
-        attend(qkv.data(), qkv_width, T, K, V, S, visible, attn.data());
+        attend(qkv.data(), qkv_width, T, K, V, S, rows.visible, attn.data());
       }
       apply(layer.out, attn.data(), T, tmp.data(), hidden, int8_, batched);
       for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
@@ -1347,7 +1407,6 @@ class Model {
     return out;
   }
 
- private:
   // silu(gate) * up for one row: gate = g[0..n), up = g[n..2n)
   static void silu_mul(const float* g, int64_t n, float* out) {
     const float* up = g + n;
@@ -1378,8 +1437,10 @@ class Model {
   }
 
   // out[r, h*d:(h+1)*d] = softmax(q . K_visible / sqrt(d)) V_visible for each row r, head h
-  void attend(const float* qkv, int64_t ldq, int64_t T, const float* K, const float* V,
-              int64_t S, const std::vector<std::vector<int64_t>>& visible, float* out) const {
+  // K[r], V[r]: the layer's [kv, S, d] cache of row r's sequence
+  void attend(const float* qkv, int64_t ldq, int64_t T, const std::vector<const float*>& K,
+              const std::vector<const float*>& V, int64_t S,
+              const std::vector<std::vector<int64_t>>& visible, float* out) const {
     const int64_t d = d_, group = heads_ / kv_heads_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 #pragma omp parallel
@@ -1394,8 +1455,8 @@ class Model {
         const int64_t count = static_cast<int64_t>(slots.size());
         const int64_t padded = (count + 7) / 8 * 8;
         scores.assign(padded, 0.0f);
-        const float* Kh = K + kvh * S * d;
-        const float* Vh = V + kvh * S * d;
+        const float* Kh = K[r] + kvh * S * d;
+        const float* Vh = V[r] + kvh * S * d;
         key_scores(q, Kh, slots.data(), count, d, scale, scores.data(), zero_row.data());
         float top = -INFINITY;
         for (int64_t j = 0; j < count; ++j) top = std::max(top, scores[j]);
@@ -1448,7 +1509,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Model>(m, "Model")
       .def(pybind11::init<std::vector<Layer>, torch::Tensor, double, int64_t, int64_t, int64_t,
                           bool>())
-      .def("forward", &Model::forward, "every decoder layer over T rows (see Model)");
+      .def("forward", &Model::forward, "every decoder layer over T rows (see Model)")
+      .def("forward_batch", &Model::forward_batch, "rows of several sequences in one pass");
   m.def("qmatmul", &qmatmul, "x @ dequantize(weight).T on GGUF blocks");
   m.def("dequantize_rows", &dequantize_rows, "rows of a GGUF-quantized matrix as float32");
   m.def("pack_rows", &pack_rows, "GGUF Q4_0/Q4_1/Q8_0 blocks regrouped R rows at a time");

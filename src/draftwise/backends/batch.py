@@ -1,0 +1,99 @@
+"""Many sequences on one model: a KV cache with one region per sequence, and one forward pass
+over several sequences' draft trees (the server's continuous batching, :mod:`draftwise.serve`).
+
+:class:`SequencePool` holds ``[slots, layers, kv_heads, window, head_dim]`` keys and values;
+``pool.sequences[i]`` is a complete backend (prefill, ``forward_tree``, commit) over region
+``i`` and the shared weights, so one request's engine runs on it unchanged. :meth:`forward`
+verifies several sequences' trees at once: the rows of every tree, concatenated, in one pass
+whose attention is block-diagonal — each row sees its own sequence's committed prefix, its own
+root and its tree ancestors, nothing of the others.
+
+On the quant backend with kernels that pass is one call of the kernels' ``forward_batch``, which
+computes every row alone (row-independent matrix products, attention per row over exactly its
+visible keys, in position order), so a request's logits in a batch equal, bit for bit, its
+logits alone: greedy output does not depend on who else is being served. Other backends run
+the trees one after the other (still exact, no sharing of the weight reads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from draftwise.backends.fast import FastBackend
+from draftwise.tree import DraftTree
+
+__all__ = ["SequencePool"]
+
+
+class SequencePool:
+    """``slots`` sequences sharing ``backend``'s weights, each with its own cache region."""
+
+    def __init__(self, backend: FastBackend, slots: int) -> None:
+        if slots < 1:
+            raise ValueError(f"a pool needs at least one slot, got {slots}")
+        self.backend = backend
+        shape = (slots, len(backend.layers), backend.kv_heads, backend.max_length,
+                 backend.head_dim)
+        # empty: a slot's pages are touched only as its sequence grows
+        self.keys = torch.empty(shape, dtype=backend.dtype)
+        self.values = torch.empty(shape, dtype=backend.dtype)
+        self.sequences = [backend.with_cache(self.keys[i], self.values[i]) for i in range(slots)]
+        self._native = getattr(backend, "_native", None)
+
+    @property
+    def shared(self) -> bool:
+        """Whether :meth:`forward` reads the weights once for all trees (one pass)."""
+        return self._native is not None
+
+    @torch.inference_mode()
+    def forward(self, items: Sequence[tuple[int, DraftTree]]) -> list[torch.Tensor]:
+        """Logits ``[N_i + 1, vocab]`` for each ``(slot, tree)``, as ``sequences[slot]
+        .forward_tree(tree)`` would give them (every slot at most once)."""
+        if len({slot for slot, _ in items}) != len(items):
+            raise ValueError("a slot can verify one tree per pass")
+        if self._native is None or len(items) == 1:
+            return [self.sequences[slot].forward_tree(tree) for slot, tree in items]
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        seq: list[torch.Tensor] = []
+        write: list[torch.Tensor] = []
+        visible: list[torch.Tensor] = []
+        counts: list[torch.Tensor] = []
+        for slot, tree in items:
+            backend = self.sequences[slot]
+            if backend._root is None:
+                raise RuntimeError(f"slot {slot} has no sequence (prefill first)")
+            past, t = backend._past, len(tree) + 1
+            depth = torch.tensor([0] + [d + 1 for d in tree.depths], dtype=torch.long)
+            if past + int(depth.max()) >= backend.max_length:
+                raise ValueError(f"slot {slot}: the tree reaches past the context window")
+            ids.append(backend._root)
+            ids.extend(tree.tokens)
+            positions.append(past + depth)
+            seq.append(torch.full((t,), slot, dtype=torch.long))
+            write.append(past + torch.arange(t))
+            # row r sees slots 0..past-1, then (in order) the tree rows its mask allows
+            mask = tree.ancestor_mask()  # [t, t]
+            prefix = torch.arange(past).expand(t, past)
+            tree_slots = (past + torch.arange(t)).expand(t, t)
+            rows = torch.cat([prefix, tree_slots], dim=1)
+            keep = torch.cat([torch.ones(t, past, dtype=torch.bool), mask], dim=1)
+            visible.append(rows[keep])  # row-major: row 0's slots, then row 1's, ...
+            counts.append(keep.sum(dim=1))
+        model = self.backend
+        pos = torch.cat(positions)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(counts).cumsum(0)])
+        hidden = self._native.forward_batch(
+            model.embed[torch.tensor(ids, dtype=torch.long)], self.keys, self.values,
+            torch.cat(seq), torch.cat(write), offsets, torch.cat(visible),
+            model.cos[pos], model.sin[pos])
+        logits: torch.Tensor = model.head(hidden)
+        out, row = [], 0
+        for slot, tree in items:
+            t = len(tree) + 1
+            self.sequences[slot]._cached += t
+            out.append(logits[row : row + t])
+            row += t
+        return out
