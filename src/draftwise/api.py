@@ -30,7 +30,7 @@ from draftwise.models import LoadedModel, default_cache_dir, load_model
 from draftwise.sampling import SamplingConfig
 from draftwise.sizing import CostCurve, SizingConfig, TreeSizer, parse_budget, split_budget
 
-__all__ = ["AlignedCompletion", "Completion", "Generator", "TextStream"]
+__all__ = ["AlignedCompletion", "Completion", "Generator", "TextStream", "TextTracker"]
 
 
 @dataclass
@@ -55,6 +55,40 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         return self.pieces
+
+
+class TextTracker:
+    """The text of a growing token list, piece by piece, cut before the first stop string.
+
+    :meth:`update` after each step returns the new text and whether a stop string appeared;
+    a multi-byte character split across tokens is held back until complete. Detokenization can
+    revise earlier text (rare); then the pieces resync silently and :attr:`text` stays the
+    true decode."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.longest = max((len(s) for s in self.stop), default=0)
+        self.text = ""
+
+    def update(self, tokens: Sequence[int]) -> tuple[str, bool]:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        start = max(0, len(self.text) - self.longest)
+        hits = [i for s in self.stop if (i := text.find(s, start)) >= 0]
+        if hits:
+            text = text[: min(hits)]
+        elif text.endswith("\ufffd"):
+            return "", False  # a multi-byte character is split across tokens: wait for the rest
+        return self._advance(text), bool(hits)
+
+    def final(self, tokens: Sequence[int]) -> str:
+        """What is left once the run has ended (held-back bytes included)."""
+        return self._advance(self.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    def _advance(self, text: str) -> str:
+        piece = text[len(self.text) :] if text.startswith(self.text) else ""
+        self.text = text
+        return piece
 
 
 class Generator:
@@ -155,12 +189,21 @@ class Generator:
         """Prompt ids: through the model's chat template unless ``raw`` or it has none."""
         tokenizer = self.model.tokenizer
         if not raw and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            ids: list[int] = tokenizer(text, add_special_tokens=False).input_ids
-        else:
-            ids = tokenizer(prompt).input_ids
+            return self.encode_chat([{"role": "user", "content": prompt}])
+        ids: list[int] = tokenizer(prompt).input_ids
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        return ids
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Prompt ids of a conversation (``[{"role": ..., "content": ...}, ...]``) through the
+        model's chat template, ready for the assistant's turn."""
+        tokenizer = self.model.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template: send a plain prompt instead")
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True)
+        ids: list[int] = tokenizer(text, add_special_tokens=False).input_ids
         if not ids:
             raise ValueError("the prompt encodes to no tokens")
         return ids
@@ -195,30 +238,19 @@ class Generator:
         return stream
 
     def _texts(self, stream: TextStream, stop: tuple[str, ...]) -> Iterator[str]:
-        tokenizer, run = self.model.tokenizer, stream.run
-        longest = max((len(s) for s in stop), default=0)
+        run, text = stream.run, TextTracker(self.model.tokenizer, stop)
         for _ in run:
-            text = tokenizer.decode(run.tokens, skip_special_tokens=True)
-            hits = [i for s in stop if (i := text.find(s, max(0, len(stream.text) - longest))) >= 0]
-            if hits:
-                text = text[: min(hits)]
-            elif text.endswith("\ufffd"):
-                continue  # a multi-byte character is split across tokens: wait for the rest
-            # Detokenization can revise earlier text (rare); then the stream resyncs silently
-            # and ``stream.text`` stays the true decode.
-            piece = text[len(stream.text) :] if text.startswith(stream.text) else ""
-            stream.text = text
+            piece, stopped = text.update(run.tokens)
+            stream.text = text.text
             if piece:
                 yield piece
-            if hits:
+            if stopped:
                 run.stats.finish_reason = "stop"
                 return
-        final = tokenizer.decode(run.tokens, skip_special_tokens=True)
-        if final != stream.text:
-            piece = final[len(stream.text) :] if final.startswith(stream.text) else ""
-            stream.text = final
-            if piece:
-                yield piece
+        piece = text.final(run.tokens)
+        stream.text = text.text
+        if piece:
+            yield piece
 
     def generate(
         self,

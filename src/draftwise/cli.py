@@ -140,6 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     assemble.add_argument("--sha256", default=None, help="expected checksum of the result")
     assemble.set_defaults(handler=_assemble)
 
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server that verifies many requests in one pass",
+        description="Serve POST /v1/chat/completions, /v1/completions, GET /v1/models, "
+        "/health and /metrics. Every step verifies all active requests' draft trees in one "
+        "forward pass (continuous batching; the quant backend shares the weight reads).",
+    )
+    add_model_flags(serve)
+    serve.add_argument("--method", default="pld",
+                       help="default method when a request names none (default: pld)")
+    add_budget_flag(serve)
+    serve.add_argument("--backend", choices=("auto", "quant", "fast"), default="auto",
+                       help="quant (GGUF blocks) or fast; auto picks quant for a GGUF "
+                       "(default: auto)")
+    serve.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="default: 8000")
+    serve.add_argument("--max-batch", type=positive_int, default=8,
+                       help="requests decoded together (KV cache regions; default: 8)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests waiting for a slot before 429 (default: 64)")
+    serve.set_defaults(handler=_serve)
+
     from draftwise.bench.cli import add_bench_parser
 
     add_bench_parser(commands)
@@ -452,6 +474,26 @@ def _assemble(args: argparse.Namespace) -> int:
 
     out = assemble_parts(args.prefix, args.count, Path(args.out), args.sha256)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.0f} MB)")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from draftwise.api import Generator
+    from draftwise.models import load_model
+    from draftwise.serve.app import create_app
+
+    validate_method(args.method, args.budget)
+    loaded = load_model(args.model, cache_dir=args.cache_dir)
+    generator = Generator(loaded, "none", budget=args.budget, cache_dir=args.cache_dir,
+                          backend=args.backend)
+    app = create_app(generator, args.method, max_batch=args.max_batch,
+                     max_queue=args.max_queue, budget=args.budget)
+    print(f"draftwise: serving {loaded.name} ({generator.backend_name}, method {args.method}, "
+          f"{args.max_batch} slots) on http://{args.host}:{args.port}/v1", file=sys.stderr,
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from draftwise.tree import DraftTree
 from draftwise.verify import Acceptance
 
-__all__ = ["CostCurve", "SizingConfig", "TreeSizer", "parse_budget", "split_budget"]
+__all__ = ["CostCurve", "SizingConfig", "TreeSizer", "parse_budget", "size_batch", "split_budget"]
 
 _MAX_DEPTH_BUCKET = 15
 _MAX_RANK_BUCKET = 7
@@ -186,12 +186,23 @@ class TreeSizer:
                     best, count = value, n
             if count == 0 and self._explore:
                 count = min(self.config.explore_nodes, len(order))
+        return self._take(tree, order, buckets, count)
+
+    def _take(self, tree: DraftTree, order: list[int], buckets: list[tuple[int, int]],
+              count: int) -> DraftTree:
+        """The first ``count`` nodes of ``order`` (as the subtree to verify)."""
         self._quiet = 0 if count else self._quiet + 1
+        self._pending = buckets
         if count == len(tree):
             return tree
         keep = sorted(order[:count])
         self._pending = [buckets[i] for i in keep]  # buckets as proposed, not as pruned
         return tree.subset(keep)
+
+    def ranked(self, tree: DraftTree) -> tuple[list[int], list[float]]:
+        """The nodes, most valuable first, and each node's acceptance probability."""
+        probs = self.node_probabilities(tree)
+        return sorted(range(len(tree)), key=lambda i: (-probs[i], i)), probs
 
     def observe(self, tree: DraftTree, acceptance: Acceptance) -> None:
         """Learn from a verified step: which offered nodes were accepted."""
@@ -272,6 +283,50 @@ class TreeSizer:
     def expected_tokens(self, tree: DraftTree) -> float:
         """``1 + sum P(i)``: expected tokens committed by verifying ``tree``."""
         return 1.0 + sum(self.node_probabilities(tree))
+
+
+def size_batch(steps: Sequence[tuple[TreeSizer | None, DraftTree]], cost: CostCurve,
+               ) -> list[DraftTree]:
+    """Size the trees of several requests verified in one forward pass (a server's step).
+
+    The single-request rule, over the union: with B requests (B root rows), keep the node set
+    maximizing ``(B + sum P(i)) / c(B + |set|)`` — aggregate tokens per unit of step cost — taking
+    nodes in order of acceptance probability across all trees. A pass that is already wide
+    gains little from more rows, so trees shrink as the batch grows. A sizer that pins a budget
+    keeps its own rule; no sizer (budget off) keeps the whole tree; an auto sizer that is due to
+    explore (see :meth:`TreeSizer.wants_draft`) keeps its ``explore_nodes`` likeliest nodes."""
+    out: list[DraftTree | None] = [None] * len(steps)
+    pooled: list[tuple[float, int, int]] = []  # (probability, request, rank in its order)
+    orders: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
+    for i, (sizer, tree) in enumerate(steps):
+        if sizer is None:
+            out[i] = tree
+        elif sizer.config.budget is not None or len(tree) == 0:
+            out[i] = sizer.size(tree)
+        else:
+            order, probs = sizer.ranked(tree)
+            orders[i] = (order, _buckets(tree))
+            pooled.extend((probs[node], i, rank) for rank, node in enumerate(order))
+    pooled.sort(key=lambda item: (-item[0], item[1], item[2]))
+    # rows fixed before pooling: every root, and the trees sized by their own rule
+    roots = len(steps) + sum(len(tree) for tree in out if tree is not None)
+    best, count, expected = len(steps) / cost(roots), 0, float(len(steps))
+    for n, (p, _, _) in enumerate(pooled, start=1):
+        expected += p
+        value = expected / cost(roots + n)
+        if value > best:
+            best, count = value, n
+    taken: dict[int, int] = {}
+    for _, i, _ in pooled[:count]:
+        taken[i] = taken.get(i, 0) + 1
+    for i, (order, buckets) in orders.items():
+        sizer, tree = steps[i]
+        assert sizer is not None
+        k = taken.get(i, 0)
+        if k == 0 and sizer._explore:
+            k = min(sizer.config.explore_nodes, len(tree))
+        out[i] = sizer._take(tree, order, buckets, k)
+    return [tree for tree in out if tree is not None]
 
 
 class Throughput:

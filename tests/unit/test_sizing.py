@@ -131,3 +131,28 @@ def test_pinned_budget_and_no_gate_always_draft() -> None:
     for config in (SizingConfig(budget=4), SizingConfig(gate=False)):
         sizer = TreeSizer(config, CURVE)
         assert all(run_gate(sizer, 50, drafted_tokens=1, draft_s=0.1))
+
+
+def test_batch_sizing_is_the_single_rule_over_all_trees() -> None:
+    """One request: size_batch keeps what size() keeps. Many: the pooled rule keeps fewer
+    nodes per request as the pass widens (a wide pass costs more per extra row), each kept
+    set closed under parents, the likeliest nodes first."""
+    from draftwise.sizing import size_batch
+
+    cost = CostCurve({1: 1.0, 2: 1.05, 4: 1.15, 8: 1.4, 16: 2.4, 32: 4.6, 64: 9.0})
+    tree = DraftTree.chain([1, 2, 3, 4, 5, 6])
+    alone = TreeSizer(SizingConfig(prior=0.8), cost).size(tree)
+    assert len(size_batch([(TreeSizer(SizingConfig(prior=0.8), cost), tree)], cost)[0]) \
+        == len(alone) > 0
+    for batch in (2, 4, 8, 16):
+        sized = size_batch([(TreeSizer(SizingConfig(prior=0.8), cost), tree)
+                            for _ in range(batch)], cost)
+        kept = [len(t) for t in sized]
+        assert all(t.parents == tuple(range(-1, len(t) - 1)) for t in sized)  # chains
+        assert max(kept) - min(kept) <= 1  # equal trees share the rows fairly
+        if batch == 16:
+            assert sum(kept) < batch * len(alone)
+    # pinned budgets and budget off keep their own rules inside a batch
+    pinned, whole = TreeSizer(SizingConfig(budget=2)), None
+    sized = size_batch([(pinned, tree), (whole, tree)], cost)
+    assert [len(t) for t in sized] == [2, len(tree)]

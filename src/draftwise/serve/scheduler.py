@@ -1,0 +1,300 @@
+"""Continuous batching: one thread steps every active request together.
+
+Each iteration of :meth:`Scheduler._loop`:
+
+1. admit queued requests into free slots of the :class:`~draftwise.backends.batch.SequencePool`
+   (prefill each: one request's prompt, alone, as the CLI would);
+2. ``plan`` every active run (its drafter proposes, its grammar prunes and forces);
+3. size all trees together (:func:`~draftwise.sizing.size_batch`: a wider pass gets smaller
+   trees);
+4. verify every tree in ONE forward pass (block-diagonal attention: each request in its own
+   cache region);
+5. ``finish`` every run (its own sampling state, seed, drafter, grammar) and hand each request
+   its new tokens; finished, stopped or cancelled requests leave and free their slot.
+
+A request's engine is the one the CLI runs (:class:`~draftwise.engine.Run`), on a backend that
+is its slot's region of the pool, so its greedy output is that of the same request alone. One
+request's failure (a grammar error at a step, a bug) fails that request only.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from draftwise.api import Generator, TextTracker
+from draftwise.backends.batch import SequencePool
+from draftwise.constraints import Constraint
+from draftwise.drafters.base import Drafter, TargetBound, create_drafter, drafter_config
+from draftwise.engine import Engine, GenerationConfig, Run, Step
+from draftwise.sizing import SizingConfig, TreeSizer, parse_budget, size_batch, split_budget
+
+__all__ = ["Job", "QueueFull", "Scheduler"]
+
+
+class QueueFull(RuntimeError):
+    """The scheduler's queue is at its bound; retry later."""
+
+
+@dataclass
+class Event:
+    """What a job reports: new ``text``/``tokens``, or the end (``finish_reason`` set), or an
+    ``error`` that ended it."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    """One sequence to generate. ``emit`` is called from the scheduler thread with each
+    :class:`Event` (the server forwards them to its event loop)."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig
+    method: str
+    emit: Callable[[Event], None]
+    stop: tuple[str, ...] = ()
+    constraint: Constraint | None = None
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    run: Run | None = None
+    text: TextTracker | None = None
+    slot: int = -1
+
+    def cancel(self) -> None:
+        """Stop generating (a client went away); the slot is freed at the next step."""
+        self.cancelled = True
+
+
+@dataclass
+class MethodStats:
+    """Per-method counters for /metrics."""
+
+    steps: int = 0
+    tokens: int = 0  # committed by steps (MAT = tokens / steps)
+    drafted: int = 0  # draft nodes verified
+    accepted: int = 0  # draft nodes accepted
+
+
+class Scheduler:
+    """Runs :class:`Job` s on ``generator``'s model, up to ``max_batch`` at a time."""
+
+    def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64,
+                 budget: str | int = "auto") -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.generator = generator
+        self.pool = SequencePool(generator.backend, max_batch)  # type: ignore[arg-type]
+        self.max_queue = max_queue
+        self.budget = parse_budget(budget)
+        self.cost = generator.cost_curve() if self.budget == "auto" else None
+        self._queue: collections.deque[Job] = collections.deque()
+        self._active: list[Job] = []
+        self._free = list(range(max_batch - 1, -1, -1))
+        self._engines: dict[tuple[int, str], Engine] = {}  # (slot, method) -> drafter, sizer
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="draftwise-scheduler",
+                                        daemon=True)
+        # metrics (read by the server; plain counters, written by the scheduler thread)
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.rows = 0
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.methods: dict[str, MethodStats] = collections.defaultdict(MethodStats)
+
+    # the server's side -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def check_method(self, method: str) -> None:
+        """Raise (UnknownMethodError, ValueError) unless ``method`` can be served."""
+        spec, at = split_budget(method)
+        drafter_config(spec)
+        if at is not None:
+            parse_budget(at)
+        if isinstance(create_drafter(spec), TargetBound):
+            raise ValueError(f"method {spec!r} drafts with a second model; the server runs "
+                             "training-free methods only")
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; :class:`QueueFull` when the queue is at its bound."""
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue jobs (``n`` choices of one request) together, or none of them
+        (:class:`QueueFull`): the bound counts the jobs that would wait for a slot."""
+        with self._wake:
+            waiting = len(self._queue) + len(jobs) - len(self._free)
+            if waiting > self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting")
+            self._queue.extend(jobs)
+            self._wake.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # the scheduler thread --------------------------------------------------------------------
+
+    def _engine(self, slot: int, method: str) -> Engine:
+        """The slot's engine for ``method``: its own drafter and sizer, kept across requests
+        (the sizer's acceptance rates keep learning; ``begin`` resets the drafter)."""
+        key = (slot, method)
+        if key not in self._engines:
+            spec, at = split_budget(method)
+            drafter: Drafter = create_drafter(spec)
+            budget = parse_budget(at) if at is not None else self.budget
+            sizer = None
+            if spec.split(":")[0] != "none" and budget != "off":
+                config = SizingConfig(budget=budget if isinstance(budget, int) else None)
+                sizer = TreeSizer(config, self.cost)
+            self._engines[key] = Engine(self.pool.sequences[slot], drafter, sizer)
+        return self._engines[key]
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._queue and not self._active:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                admitted = []
+                while self._queue and self._free:
+                    job = self._queue.popleft()
+                    job.slot = self._free.pop()
+                    admitted.append(job)
+            for job in admitted:
+                self._admit(job)
+            if self._active:
+                self._step()
+        for job in [*self._active, *self._queue]:
+            job.emit(Event(finish_reason="cancelled", error="the server is shutting down"))
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled:
+            self._release(job)
+            return
+        try:
+            engine = self._engine(job.slot, job.method)
+            job.run = engine.run(job.prompt_ids, job.config, job.constraint)
+            job.text = TextTracker(self.generator.model.tokenizer, job.stop)
+            job.run.start()
+        except Exception as error:  # noqa: BLE001 - one request's failure is its own
+            self._fail(job, error)
+            return
+        self._active.append(job)
+
+    def _step(self) -> None:
+        planned: list[tuple[Job, Step]] = []
+        for job in list(self._active):
+            run = job.run
+            assert run is not None
+            if job.cancelled:
+                self._finish(job, "cancelled")
+                continue
+            try:
+                step = run.plan(size=False)
+            except Exception as error:  # noqa: BLE001
+                self._fail(job, error)
+                continue
+            if step is None:
+                self._finish(job, run.stats.finish_reason)
+            elif step.emitted:
+                self._deliver(job, step.emitted)
+                if job in self._active:
+                    self._finish(job, run.stats.finish_reason)
+            else:
+                planned.append((job, step))
+        if not planned:
+            return
+        sizers = [(job.run.engine.sizer if job.run else None) for job, _ in planned]
+        if self.cost is not None:
+            trees = size_batch([(s, step.tree) for s, (_, step) in zip(sizers, planned,
+                                                                       strict=True)], self.cost)
+        else:
+            trees = [s.size(step.tree) if s is not None else step.tree
+                     for s, (_, step) in zip(sizers, planned, strict=True)]
+        for (_, step), tree in zip(planned, trees, strict=True):
+            step.settle(tree)
+            step.timed = False  # the pass is shared: its time is no one request's
+        start = time.perf_counter()
+        try:
+            logits = self.pool.forward([(job.slot, step.full) for job, step in planned])
+        except Exception as error:  # noqa: BLE001 - fail the step's requests, keep serving
+            for job, _ in planned:
+                self._fail(job, error)
+            return
+        elapsed = time.perf_counter() - start
+        self.steps += 1
+        self.step_seconds += elapsed
+        self.rows += sum(len(step.full) + 1 for _, step in planned)
+        self.batch_sizes[len(planned)] += 1
+        for (job, step), rows in zip(planned, logits, strict=True):
+            run = job.run
+            assert run is not None
+            step.verify_s = elapsed
+            try:
+                emitted = run.finish(step, rows)
+            except Exception as error:  # noqa: BLE001
+                self._fail(job, error)
+                continue
+            stats = self.methods[job.method]
+            stats.steps += 1
+            stats.tokens += len(emitted)
+            stats.drafted += len(step.tree)
+            stats.accepted += len(emitted) - 1
+            self._deliver(job, emitted)
+            if job in self._active and run.done:
+                self._finish(job, run.stats.finish_reason)
+
+    def _deliver(self, job: Job, tokens: list[int]) -> None:
+        run, text = job.run, job.text
+        assert run is not None and text is not None
+        piece, stopped = text.update(run.tokens)
+        job.emit(Event(text=piece, tokens=list(tokens)))
+        if stopped:
+            run.stats.finish_reason = "stop"
+            self._finish(job, "stop")
+
+    def _finish(self, job: Job, reason: str) -> None:
+        run, text = job.run, job.text
+        if reason not in ("stop", "cancelled") and run is not None and text is not None:
+            piece = text.final(run.tokens)
+            if piece:
+                job.emit(Event(text=piece))
+        self._release(job)
+        job.emit(Event(finish_reason=reason))
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        self._release(job)
+        job.emit(Event(finish_reason="error", error=f"{type(error).__name__}: {error}"))
+
+    def _release(self, job: Job) -> None:
+        if job in self._active:
+            self._active.remove(job)
+        if job.slot >= 0:
+            with self._wake:
+                self._free.append(job.slot)
+            job.slot = -1
+
+    def stats(self) -> dict[str, Any]:
+        return {"steps": self.steps, "step_seconds": self.step_seconds, "rows": self.rows}
