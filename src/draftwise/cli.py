@@ -478,6 +478,9 @@ def _assemble(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     import uvicorn
 
     from draftwise.api import Generator
@@ -489,11 +492,29 @@ def _serve(args: argparse.Namespace) -> int:
     generator = Generator(loaded, "none", budget=args.budget, cache_dir=args.cache_dir,
                           backend=args.backend)
     app = create_app(generator, args.method, max_batch=args.max_batch,
-                     max_queue=args.max_queue, budget=args.budget)
+                     max_queue=args.max_queue, budget=args.budget, scheduler_thread=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level="warning"))
+    http = threading.Thread(target=server.run, name="draftwise-http", daemon=True)
+    http.start()
     print(f"draftwise: serving {loaded.name} ({generator.backend_name}, method {args.method}, "
           f"{args.max_batch} slots) on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    scheduler = app.state.server.scheduler
+
+    def watch() -> None:  # the HTTP side ended (port taken, say): end the loop too
+        http.join()
+        scheduler.close()
+
+    threading.Thread(target=watch, daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.close())
+    try:
+        scheduler.run_forever()  # on the main thread (see Scheduler.run_forever)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
     return 0
 
 

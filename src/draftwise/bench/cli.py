@@ -69,6 +69,16 @@ def add_bench_parser(commands: Any) -> None:
                        help="largest n for --cost (default: 64)")
     bench.add_argument("--cost-repeats", type=positive_int, default=5,
                        help="timed repetitions per n for --cost (default: 5)")
+    load = bench.add_argument_group(
+        "load on a server (greedy chat requests, streaming; methods sent per request)")
+    where = load.add_mutually_exclusive_group()
+    where.add_argument("--serve", default=None, metavar="URL",
+                       help="an OpenAI-compatible server already running at URL")
+    where.add_argument("--spawn", action="store_true",
+                       help="start 'draftwise serve' (with --model, --backend, --budget and "
+                       "--max-batch = the most clients) for the run")
+    load.add_argument("--clients", default="1,2,4,8",
+                      help="concurrent client counts (default: 1,2,4,8)")
     sampling = bench.add_argument_group("sampling (temperature 0 = greedy)")
     add_config_flags(sampling, SamplingConfig)
     bench.set_defaults(handler=bench_command)
@@ -136,6 +146,8 @@ def bench_command(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     out = Path(args.out) if args.out else None
+    if args.serve or args.spawn:
+        return _load(args, methods, [q.turns[0] for q in questions], out)
     chart_missing = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -182,6 +194,44 @@ def bench_command(args: argparse.Namespace) -> int:
         if chart_missing is None:
             report.chart(summary, out / "chart.png")
             written.append("chart.png")
+        print(f"\nwrote {', '.join(f'{out}/{name}' for name in written)}", file=sys.stderr)
+    return 0
+
+
+def _load(args: argparse.Namespace, methods: tuple[str, ...], prompts: list[str],
+          out: Path | None) -> int:
+    from draftwise.bench import load
+
+    try:
+        clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
+    except ValueError as error:
+        raise ValueError(f"--clients must be comma-separated numbers: {args.clients!r}") from error
+    if not clients or clients[0] < 1:
+        raise ValueError("--clients needs counts >= 1")
+    process = None
+    url = args.serve
+    if args.spawn:
+        serve_args = ["--model", args.model, "--max-batch", str(clients[-1]),
+                      "--budget", str(args.budget), "--method", methods[0]]
+        if args.backend in ("quant", "fast"):
+            serve_args += ["--backend", args.backend]
+        if args.cache_dir:
+            serve_args += ["--cache-dir", args.cache_dir]
+        url, process = load.spawn_server(serve_args)
+    try:
+        results = load.run_load(url, prompts, methods, clients, args.max_new_tokens)
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=60)
+    rows = load.summarize(results)
+    sys.stdout.write(load.markdown(rows))
+    if out is not None:
+        settings = {"url": args.serve or "spawned", "methods": list(methods),
+                    "clients": clients, "questions": args.questions or "packaged",
+                    "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+                    "model": args.model, "backend": args.backend, "budget": args.budget}
+        written = load.write(rows, results, out, settings)
         print(f"\nwrote {', '.join(f'{out}/{name}' for name in written)}", file=sys.stderr)
     return 0
 

@@ -185,8 +185,10 @@ class Server:
 
 
 def create_app(generator: Generator, method: str = "pld", *, max_batch: int = 8,
-               max_queue: int = 64, budget: str | int = "auto") -> FastAPI:
-    """The server's ASGI app (start its scheduler with the app's lifespan)."""
+               max_queue: int = 64, budget: str | int = "auto",
+               scheduler_thread: bool = True) -> FastAPI:
+    """The server's ASGI app. ``scheduler_thread``: the app's lifespan runs the scheduler in
+    a thread of its own; else the caller runs ``app.state.server.scheduler.run_forever()``."""
     from draftwise.backends.fast import FastBackend
 
     if not isinstance(generator.backend, FastBackend):
@@ -195,7 +197,8 @@ def create_app(generator: Generator, method: str = "pld", *, max_batch: int = 8,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        server.scheduler.start()
+        if scheduler_thread:
+            server.scheduler.start()
         yield
         server.scheduler.close()
 

@@ -1,0 +1,276 @@
+"""``draftwise bench --serve URL | --spawn --clients 1,2,4,8``: load on an OpenAI-compatible
+server.
+
+For each client count C and each method (interleaved: for C, every method, then the next C),
+C clients send the selected questions' first turns as streaming greedy chat requests (each
+question once per level, taken from a shared list), and the level reports aggregate tokens/s
+(all completion tokens over the level's wall time), per-request tokens/s (a request's tokens
+over its time after the first token), time to first token and latency (p50, p99), and whether
+each answer is identical to the same question's answer at one client. Speedups are against the
+same method at one client, and against ``none`` at the same client count.
+
+Clients use only the standard library (``http.client``), so the bench can point at any server
+(llama.cpp's ``llama-server`` too: methods are sent as the ``draftwise`` extra field, which
+other servers ignore).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LoadResult", "run_load", "spawn_server", "markdown", "chart"]
+
+
+@dataclass
+class RequestRecord:
+    question: str
+    tokens: int
+    ttft_s: float
+    latency_s: float
+    text: str
+    error: str | None = None
+
+
+@dataclass
+class LoadResult:
+    method: str
+    clients: int
+    wall_s: float
+    records: list[RequestRecord]
+
+    @property
+    def ok(self) -> list[RequestRecord]:
+        return [r for r in self.records if r.error is None]
+
+    def summary(self) -> dict[str, Any]:
+        ok = self.ok
+        tokens = sum(r.tokens for r in ok)
+        per_request = [r.tokens / (r.latency_s - r.ttft_s) for r in ok
+                       if r.latency_s > r.ttft_s and r.tokens > 1]
+        return {
+            "method": self.method, "clients": self.clients, "requests": len(self.records),
+            "failed": len(self.records) - len(ok), "tokens": tokens, "wall_s": self.wall_s,
+            "aggregate_tok_s": tokens / self.wall_s if self.wall_s > 0 else 0.0,
+            "per_request_tok_s": statistics.median(per_request) if per_request else 0.0,
+            "ttft_p50_s": _quantile([r.ttft_s for r in ok], 0.5),
+            "latency_p50_s": _quantile([r.latency_s for r in ok], 0.5),
+            "latency_p99_s": _quantile([r.latency_s for r in ok], 0.99),
+        }
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def request(url: str, model: str, prompt: str, method: str, max_tokens: int,
+            timeout: float = 600.0) -> RequestRecord:
+    """One streaming greedy chat request; times the first token and the end."""
+    parts = urllib.parse.urlsplit(url)
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, "draftwise": {"method": method}}
+    start = time.perf_counter()
+    ttft, text, tokens = 0.0, "", 0
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
+                                            timeout=timeout)
+    try:
+        connection.request("POST", parts.path.rstrip("/") + "/v1/chat/completions",
+                           json.dumps(body), {"content-type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            error = response.read().decode(errors="replace")[:200]
+            return RequestRecord(prompt, 0, 0.0, time.perf_counter() - start, "",
+                                 f"HTTP {response.status}: {error}")
+        while line := response.readline():
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = int(chunk["usage"]["completion_tokens"])
+            for choice in chunk.get("choices", ()):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    if not text:
+                        ttft = time.perf_counter() - start
+                    text += piece
+    except (OSError, http.client.HTTPException, ValueError) as error:
+        return RequestRecord(prompt, 0, 0.0, time.perf_counter() - start, "",
+                             f"{type(error).__name__}: {error}")
+    finally:
+        connection.close()
+    return RequestRecord(prompt, tokens, ttft, time.perf_counter() - start, text)
+
+
+def run_level(url: str, model: str, prompts: Sequence[str], method: str, clients: int,
+              max_tokens: int) -> LoadResult:
+    """``clients`` concurrent clients working through ``prompts`` once."""
+    queue = list(reversed(prompts))
+    lock = threading.Lock()
+    records: list[RequestRecord] = []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                prompt = queue.pop()
+            record = request(url, model, prompt, method, max_tokens)
+            with lock:
+                records.append(record)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return LoadResult(method, clients, time.perf_counter() - start, records)
+
+
+def run_load(url: str, prompts: Sequence[str], methods: Sequence[str], clients: Sequence[int],
+             max_tokens: int, progress: bool = True) -> list[LoadResult]:
+    model = _model_id(url)
+    for method in methods:  # warm-up: first-call costs are nobody's throughput
+        request(url, model, prompts[0], method, min(max_tokens, 16))
+    results = []
+    for count in clients:
+        for method in methods:
+            result = run_level(url, model, prompts, method, count, max_tokens)
+            results.append(result)
+            if progress:
+                s = result.summary()
+                print(f"draftwise: {method} x {count} clients: {s['aggregate_tok_s']:.1f} tok/s "
+                      f"aggregate, {s['failed']} failed", file=sys.stderr, flush=True)
+    return results
+
+
+def _model_id(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
+                                            timeout=30)
+    try:
+        connection.request("GET", parts.path.rstrip("/") + "/v1/models")
+        data = json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+    return str(data["data"][0]["id"])
+
+
+def summarize(results: Sequence[LoadResult]) -> list[dict[str, Any]]:
+    """One row per (method, clients), with speedups and identity to the one-client answers."""
+    rows = [r.summary() for r in results]
+    alone: dict[str, dict[str, str]] = {}
+    for result in results:
+        if result.clients == min(r.clients for r in results):
+            alone[result.method] = {r.question: r.text for r in result.ok}
+    base = {(r["method"], r["clients"]): r["aggregate_tok_s"] for r in rows}
+    lowest = min(r.clients for r in results)
+    for row, result in zip(rows, results, strict=True):
+        one = base.get((row["method"], lowest), 0.0)
+        plain = base.get(("none", row["clients"]), 0.0)
+        row["vs_one_client"] = row["aggregate_tok_s"] / one if one else 0.0
+        row["vs_none"] = row["aggregate_tok_s"] / plain if plain else 0.0
+        reference = alone.get("none") or alone.get(row["method"], {})
+        same = [r.text == reference[r.question] for r in result.ok if r.question in reference]
+        row["identical"] = sum(same) / len(same) if same else 0.0
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| method | clients | aggregate tok/s | vs 1 client | vs none | per-request tok/s "
+             "| TTFT p50 | latency p50 | latency p99 | identical | failed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['clients']} | {r['aggregate_tok_s']:.1f} | "
+            f"{r['vs_one_client']:.2f}x | {r['vs_none']:.2f}x | {r['per_request_tok_s']:.1f} | "
+            f"{r['ttft_p50_s'] * 1e3:.0f} ms | {r['latency_p50_s']:.2f} s | "
+            f"{r['latency_p99_s']:.2f} s | {r['identical']:.0%} | {r['failed']} |")
+    lines.append("")
+    lines.append("(identical: greedy answer equal to the same question's answer from `none` "
+                 "at the fewest clients)")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        clients = [r["clients"] for r in mine]
+        left.plot(clients, [r["aggregate_tok_s"] for r in mine], marker="o", label=method)
+        right.plot(clients, [r["latency_p50_s"] for r in mine], marker="o", label=method)
+    left.set(xlabel="concurrent clients", ylabel="aggregate tokens/s",
+             title="throughput")
+    right.set(xlabel="concurrent clients", ylabel="seconds", title="latency p50")
+    for axes in (left, right):
+        axes.set_xscale("log", base=2)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def spawn_server(args: Sequence[str], timeout_s: float = 600.0
+                 ) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start ``draftwise serve`` with ``args`` on a free port; return its URL once healthy."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "draftwise.cli", "serve", "--port", str(port), *args]
+    process = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return url, process
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"the server did not answer /health within {timeout_s:.0f} s")
+
+
+def write(rows: Sequence[dict[str, Any]], results: Sequence[LoadResult], out: Path,
+          settings: dict[str, Any]) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load.json").write_text(json.dumps({"settings": settings, "levels": list(rows)},
+                                              indent=2), encoding="utf-8")
+    with open(out / "load_records.jsonl", "w", encoding="utf-8") as file:
+        for result in results:
+            for record in result.records:
+                file.write(json.dumps({"method": result.method, "clients": result.clients,
+                                       **asdict(record)}) + "\n")
+    (out / "load.md").write_text(markdown(rows), encoding="utf-8")
+    written = ["load.json", "load_records.jsonl", "load.md"]
+    try:
+        chart(rows, out / "load.png")
+        written.append("load.png")
+    except ImportError:
+        pass
+    return written
