@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_budget_flag(gen)
     add_backend_flags(gen)
+    gen.add_argument("--heads", default=None, metavar="FILE",
+                     help="head file for --method medusa/hydra (from draftwise train-heads; "
+                     "default: the file shipped for the default model)")
     gen.add_argument("--draft", default=None, metavar="MODEL",
                      help="draft model for --method draft (same spec forms as --model)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=256, help="default: 256")
@@ -139,6 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
     assemble.add_argument("--out", required=True, help="the GGUF file to write")
     assemble.add_argument("--sha256", default=None, help="expected checksum of the result")
     assemble.set_defaults(handler=_assemble)
+
+    train = commands.add_parser(
+        "train-heads",
+        help="train Medusa/Hydra draft heads for a model (on its own greedy choices)",
+        description="One target pass over a corpus gives each position's hidden state and the "
+        "target's choice; small heads learn to guess the next few choices. Shows progress, "
+        "checkpoints each epoch (--resume continues), prints held-out accuracy per head.",
+    )
+    add_model_flags(train)
+    train.add_argument("--data", default="pydoc",
+                       help="'pydoc' (CPython's documentation topics, the default) or a "
+                       ".jsonl/.txt corpus")
+    train.add_argument("--out", required=True, help="the head file to write (.safetensors)")
+    train.add_argument("--backend", choices=("auto", "quant", "fast"), default="auto",
+                       help="the backend whose hidden states the heads learn (default: auto)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    from draftwise.heads_train import TrainConfig
+
+    add_config_flags(train, TrainConfig)
+    train.set_defaults(handler=_train_heads)
 
     serve = commands.add_parser(
         "serve",
@@ -230,14 +253,19 @@ def add_budget_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def with_draft(spec: str, draft: str | None) -> str:
-    """``draft`` + ``--draft X`` -> ``draft:model=X`` (a spec naming its model wins)."""
-    name, _, options = spec.partition(":")
-    if draft is None or name.split("@")[0] != "draft" or "model=" in options:
-        return spec
-    head, at, budget = spec.partition("@")
-    sep = "," if ":" in head else ":"
-    return f"{head}{sep}model={draft}{at}{budget}"
+def with_draft(spec: str, draft: str | None, heads: str | None = None) -> str:
+    """``draft`` + ``--draft X`` -> ``draft:model=X``; ``medusa``/``hydra`` + ``--heads F`` ->
+    ``hydra:heads=F`` (a spec naming its own model or heads wins)."""
+    name = spec.partition(":")[0].split("@")[0]
+    for wanted, key, value in (("draft", "model", draft), ("medusa", "heads", heads),
+                               ("hydra", "heads", heads)):
+        options = spec.partition(":")[2]
+        if value is None or name != wanted or f"{key}=" in options:
+            continue
+        head, at, budget = spec.partition("@")
+        sep = "," if ":" in head else ":"
+        spec = f"{head}{sep}{key}={value}{at}{budget}"
+    return spec
 
 
 def validate_method(spec: str, budget: str) -> None:
@@ -269,7 +297,7 @@ def _generate(args: argparse.Namespace) -> int:
     from draftwise.models import load_model
 
     sampling = config_from_args(args, SamplingConfig)
-    args.method = with_draft(args.method, args.draft)
+    args.method = with_draft(args.method, args.draft, args.heads)
     validate_method(args.method, args.budget)
     spec = constraint_from_args(args)
     loaded = load_model(args.model, cache_dir=args.cache_dir)
@@ -474,6 +502,29 @@ def _assemble(args: argparse.Namespace) -> int:
 
     out = assemble_parts(args.prefix, args.count, Path(args.out), args.sha256)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.0f} MB)")
+    return 0
+
+
+def _train_heads(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from draftwise.backends.registry import make_backend
+    from draftwise.heads_train import TrainConfig, train_heads
+    from draftwise.models import default_cache_dir, load_model
+
+    config = config_from_args(args, TrainConfig)
+    if config.kind not in ("medusa", "hydra"):
+        raise ValueError(f"--kind must be medusa or hydra, got {config.kind!r}")
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    loaded = load_model(args.model, cache_dir=args.cache_dir)
+    backend = make_backend(loaded, args.backend, cache)
+    result = train_heads(backend, loaded.tokenizer, loaded.name, args.data, Path(args.out),
+                         config, cache, resume=args.resume)
+    last = result["history"][-1] if result["history"] else {}
+    print(json.dumps({"out": args.out, "positions": result["positions"],
+                      "held_out_positions": result["held_out"],
+                      "train_minutes": round(result["train_s"] / 60, 1),
+                      "held_out_top1": last.get("top1"), "held_out_chained": last.get("chained")}))
     return 0
 
 

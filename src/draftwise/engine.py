@@ -213,7 +213,8 @@ class Run:
         # canonical tokenizations of forced text): the drafter sees the tree verified.
         tree = _below(len(forced), full)
         own = _ungraft(len(forced), tree, acceptance)
-        drafter.observe(StepResult(tree, own, logits[len(forced) :]))  # 5.
+        hidden = getattr(backend, "last_hidden", None)
+        drafter.observe(StepResult(tree, own, logits[len(forced) :], hidden))  # 5.
         if sizer is not None:
             sizer.observe(tree, own)
         t3 = time.perf_counter()

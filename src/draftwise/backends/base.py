@@ -60,6 +60,9 @@ class KVBackend(ABC):
         self._max_length = max_length
         self._past = 0  # tokens in the cache (committed, root excluded)
         self._root: int | None = None
+        # final-normed hidden states of the last forward's rows, where the backend keeps them
+        self._hidden: torch.Tensor | None = None
+        self.last_hidden: torch.Tensor | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -115,6 +118,7 @@ class KVBackend(ABC):
             )
         self._reset_cache()
         self._past = 0
+        self.last_hidden = None
         if len(ids) > 1:
             head = torch.tensor(ids[:-1], dtype=torch.long)
             self._forward(head, torch.arange(len(head)), None, last_only=True)
@@ -145,14 +149,22 @@ class KVBackend(ABC):
         the root again (a drafter following another model's commits uses this)."""
         if not 1 <= length <= self.length:
             raise ValueError(f"cannot rewind to {length} of {self.length} committed tokens")
+        self.last_hidden = self._hidden = None
         self._crop(length - 1)
         self._past = length - 1
         self._root = int(root)
 
     @torch.inference_mode()
     def commit(self, path: Sequence[int], next_root: int) -> None:
-        """Keep the root and the accepted ``path`` in the cache; ``next_root`` becomes the root."""
+        """Keep the root and the accepted ``path`` in the cache; ``next_root`` becomes the root.
+
+        Backends that keep their final-normed hidden states (fast, quant) set
+        :attr:`last_hidden` to the one that predicted ``next_root`` — no extra forward pass."""
         base = self._past + 1  # cache slots up to and including the root
+        # the hidden state that produced next_root: the last accepted row's (draft heads read it)
+        hidden = self._hidden
+        self.last_hidden = None if hidden is None else hidden[path[-1] + 1 if path else 0]
+        self._hidden = None
         if list(path) == list(range(len(path))):
             self._crop(base + len(path))
         else:

@@ -94,6 +94,7 @@ class SequencePool:
         for slot, tree in items:
             t = len(tree) + 1
             self.sequences[slot]._cached += t
+            self.sequences[slot]._hidden = hidden[row : row + t]
             out.append(logits[row : row + t])
             row += t
         return out

@@ -291,5 +291,7 @@ class FastBackend(KVBackend):
         self._cached = end
         if last_only:
             x = x[-1:]
-        logits: torch.Tensor = self.head(self._rms(x, self.norm), exact)
+        hidden = self._rms(x, self.norm)
+        self._hidden = hidden
+        logits: torch.Tensor = self.head(hidden, exact)
         return logits

@@ -357,6 +357,7 @@ class QuantBackend(FastBackend):
         self._cached = start + t
         if last_only:
             hidden = hidden[-1:]
+        self._hidden = hidden
         logits: torch.Tensor = self.head(hidden)
         return logits
 

@@ -48,6 +48,9 @@ def add_bench_parser(commands: Any) -> None:
                        help="comma-separated categories (default: all)")
     bench.add_argument("--max-new-tokens", type=positive_int, default=256, help="default: 256")
     bench.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    bench.add_argument("--heads", default=None, metavar="FILE",
+                       help="head file for medusa/hydra (default: the one shipped for the "
+                       "default model)")
     bench.add_argument("--draft", default=None, metavar="MODEL",
                        help="draft model for the draft method and hf-assisted (same spec forms "
                        "as --model)")
@@ -130,7 +133,7 @@ def bench_command(args: argparse.Namespace) -> int:
     from draftwise.sampling import SamplingConfig
 
     sampling = config_from_args(args, SamplingConfig)
-    methods = tuple(with_draft(m, args.draft) for m in split_methods(args.methods))
+    methods = tuple(with_draft(m, args.draft, args.heads) for m in split_methods(args.methods))
     for method in methods:
         if method.split(":")[0].split("@")[0] not in PEERS:
             validate_method(method, args.budget)

@@ -49,11 +49,14 @@ class StepResult:
         tree: the tree that was verified.
         acceptance: which nodes were accepted and which tokens were emitted.
         logits: ``[N + 1, vocab]`` target logits (row 0 = root, row i + 1 = node i).
+        hidden: the target's final-normed hidden state that predicted the step's last token
+            (the new root), where the backend keeps it (fast, quant); else None.
     """
 
     tree: DraftTree
     acceptance: Acceptance
     logits: torch.Tensor
+    hidden: torch.Tensor | None = None
 
 
 class Drafter(Protocol):
@@ -173,6 +176,7 @@ def _load_builtin() -> None:
     """Import the built-in drafter modules so they register themselves."""
     import draftwise.drafters.aded  # noqa: F401
     import draftwise.drafters.composite  # noqa: F401
+    import draftwise.drafters.heads  # noqa: F401
     import draftwise.drafters.lookahead  # noqa: F401
     import draftwise.drafters.ngram  # noqa: F401
     import draftwise.drafters.recycling  # noqa: F401

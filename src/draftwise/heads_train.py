@@ -1,0 +1,270 @@
+"""``draftwise train-heads``: train Medusa/Hydra draft heads on the target's own choices.
+
+1. A corpus of conversations (default: the Python documentation topics that ship with CPython,
+   ``pydoc_data.topics`` — nothing the bench measures), each encoded with the model's chat
+   template (the topic's text as the assistant's answer), cut into chunks.
+2. One pass of the target over each chunk, on the same backend and code path decoding uses,
+   gives every position's final-normed hidden state h_t and the target's greedy choice
+   ``y_t = argmax logits_t`` (the label: heads learn what the target would say, not the corpus).
+   These features are cached, so a resumed or repeated run skips this pass.
+3. Head k (0-based) learns, from h_t and (hydra) the embedding of the token x_{t+k+1} before
+   its guess, the target's choice y_{t+k+1}: cross-entropy over the draft vocabulary (the
+   ``vocab`` most frequent choices). Adam, a checkpoint after each epoch (``--resume`` continues
+   from it), a time budget, and each epoch's held-out accuracy printed per head: top-1 (what
+   rank 0 of that depth would accept) and the chained rate (heads 1..k all right at once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from draftwise.drafters.heads import DraftHeads, target_fingerprint, target_rows
+from draftwise.progress import progress_bar
+
+__all__ = ["TrainConfig", "corpus", "extract_features", "train_heads"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Attributes:
+    kind: medusa or hydra.
+    heads: number of heads (draft depth).
+    vocab: draft vocabulary size (most frequent target choices).
+    chunk: tokens per target pass.
+    epochs: passes over the training positions.
+    minutes: stop after this many minutes of training (features not counted).
+    lr: Adam learning rate.
+    batch: positions per optimizer step.
+    held_out: share of conversations held out for evaluation.
+    seed: seed of the split and the batch order.
+    """
+
+    kind: str = "hydra"
+    heads: int = 3
+    vocab: int = 4096
+    chunk: int = 512
+    epochs: int = 6
+    minutes: float = 20.0
+    lr: float = 3e-3
+    batch: int = 512
+    held_out: float = 0.1
+    seed: int = 0
+
+
+def corpus(data: str) -> list[list[dict[str, str]]]:
+    """Conversations: ``pydoc`` (CPython's documentation topics) or a file (.jsonl with
+    ``messages`` lists or ``text`` fields; else paragraphs of a text file)."""
+    if data == "pydoc":
+        import pydoc_data.topics
+
+        return [[{"role": "user", "content": f"Explain the Python topic '{name}'."},
+                 {"role": "assistant", "content": text.strip()}]
+                for name, text in sorted(pydoc_data.topics.topics.items()) if text.strip()]
+    path = Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(f"no corpus at {data!r}: give 'pydoc' or a .jsonl/.txt file")
+    if path.suffix == ".jsonl":
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if "messages" in item:
+                out.append(list(item["messages"]))
+            else:
+                out.append([{"role": "assistant", "content": str(item["text"])}])
+        return out
+    paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    return [[{"role": "assistant", "content": p}] for p in paragraphs]
+
+
+@dataclass
+class Features:
+    """Per chunk: tokens ``[T]``, hidden states ``[T, H]``, target choices ``[T]``."""
+
+    tokens: list[torch.Tensor]
+    hidden: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    conversation: list[int]  # which conversation each chunk came from
+
+
+@torch.inference_mode()
+def extract_features(backend: Any, tokenizer: Any,
+                     conversations: Sequence[Sequence[dict[str, str]]], chunk: int,
+                     progress: bool = True) -> Features:
+    """One target pass per chunk (see module docstring, step 2)."""
+    encoded = []
+    for i, messages in enumerate(conversations):
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            ids = tokenizer("\n".join(m["content"] for m in messages)).input_ids
+        for start in range(0, len(ids), chunk):
+            piece = ids[start : start + chunk]
+            if len(piece) >= 8:
+                encoded.append((i, piece))
+    features = Features([], [], [], [])
+    bar = progress_bar(sum(len(p) for _, p in encoded), "target pass over the corpus",
+                       enabled=progress, unit="tok")
+    for i, piece in encoded:
+        ids = torch.tensor(piece, dtype=torch.long)
+        backend._reset_cache()
+        logits = backend._forward(ids, torch.arange(len(ids)), None, last_only=False)
+        hidden = backend._hidden
+        if hidden is None:
+            raise ValueError("draft heads need the fast or quant backend")
+        features.tokens.append(ids)
+        features.hidden.append(hidden.float().clone())
+        features.labels.append(logits.argmax(dim=-1))
+        features.conversation.append(i)
+        bar.update(len(piece))
+    bar.close()
+    backend._reset_cache()
+    return features
+
+
+def _examples(features: Features, chunks: Sequence[int], heads: int, index: dict[int, int]
+              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per head k: (row of h_t in the stacked hidden states, prev token, label in the draft
+    vocabulary or -100), over ``chunks``."""
+    offsets, total = [], 0
+    for hidden in features.hidden:
+        offsets.append(total)
+        total += hidden.shape[0]
+    lookup = torch.full((max(index) + 1 if index else 1,), -100, dtype=torch.long)
+    for token, i in index.items():
+        lookup[token] = i
+    out = []
+    for k in range(heads):
+        rows, prev, labels = [], [], []
+        for c in chunks:  # the same positions t for every head (the chained rate needs it)
+            n = features.tokens[c].shape[0] - heads
+            if n <= 0:
+                continue
+            rows.append(offsets[c] + torch.arange(n))
+            prev.append(features.tokens[c][k + 1 : k + 1 + n])
+            label = features.labels[c][k + 1 : k + 1 + n]
+            mapped = torch.full_like(label, -100)
+            inside = label < lookup.shape[0]
+            mapped[inside] = lookup[label[inside]]
+            labels.append(mapped)
+        out.append((torch.cat(rows), torch.cat(prev), torch.cat(labels)))
+    return out
+
+
+def train_heads(backend: Any, tokenizer: Any, model_name: str, data: str, out: Path,
+                config: TrainConfig, cache_dir: Path, resume: bool = False,
+                progress: bool = True) -> dict[str, Any]:
+    """Train heads for the model on ``backend`` and write them to ``out`` (see module)."""
+    torch.manual_seed(config.seed)
+    conversations = corpus(data)
+    key = hashlib.sha256(json.dumps([model_name, data, config.chunk, len(conversations),
+                                     getattr(backend, "cost_tag", "")]).encode()).hexdigest()[:16]
+    cached = cache_dir / "heads" / f"features-{key}.pt"
+    if cached.is_file():
+        features = Features(**torch.load(cached))
+        if progress:
+            print(f"draftwise: target features from {cached}", file=sys.stderr)
+    else:
+        features = extract_features(backend, tokenizer, conversations, config.chunk, progress)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(asdict(features), cached.with_suffix(".partial"))
+        cached.with_suffix(".partial").rename(cached)
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(conversations), generator=generator).tolist()
+    held = set(order[: max(1, int(len(conversations) * config.held_out))])
+    train_chunks = [c for c, i in enumerate(features.conversation) if i not in held]
+    test_chunks = [c for c, i in enumerate(features.conversation) if i in held]
+    counts = torch.bincount(torch.cat([features.labels[c] for c in train_chunks]),
+                            minlength=backend.vocab_size)
+    vocab = torch.argsort(counts, descending=True, stable=True)[: config.vocab]
+    index = {int(t): i for i, t in enumerate(vocab)}
+    lm_rows, embed = target_rows(backend, vocab)
+    meta = {"model": model_name, "vocab_size": backend.vocab_size, "data": data,
+            "fingerprint": target_fingerprint(lm_rows), "config": json.dumps(asdict(config))}
+    heads = DraftHeads(config.kind, config.heads, lm_rows.shape[1], vocab, meta)
+    optimizer = torch.optim.Adam(heads.parameters(), lr=config.lr)
+    checkpoint = out.with_name(out.name + ".ckpt")
+    start_epoch = 0
+    if resume and checkpoint.is_file():
+        state = torch.load(checkpoint)
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"]
+        if progress:
+            print(f"draftwise: resuming after epoch {start_epoch}", file=sys.stderr)
+    hidden = torch.cat(features.hidden)
+    train = _examples(features, train_chunks, config.heads, index)
+    test = _examples(features, test_chunks, config.heads, index)
+    with torch.inference_mode():
+        prev_all = embed(torch.arange(backend.vocab_size))  # every token's input embedding
+    history = []
+    began = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        heads.train()
+        count = len(train[0][0])
+        perm = torch.randperm(count, generator=generator)
+        steps = (count + config.batch - 1) // config.batch
+        bar = progress_bar(steps, f"epoch {epoch + 1}/{config.epochs}", enabled=progress,
+                           unit="step")
+        total = 0.0
+        for s in range(steps):
+            pick = perm[s * config.batch : (s + 1) * config.batch]
+            loss = torch.zeros(())
+            for k, (rows, prev, labels) in enumerate(train):
+                logits = heads.logits(k, hidden[rows[pick]], prev_all[prev[pick]], lm_rows)
+                loss = loss + F.cross_entropy(logits, labels[pick], ignore_index=-100)
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            total += float(loss.detach())
+            bar.update()
+        bar.close()
+        accuracy = evaluate(heads, hidden, test, prev_all, lm_rows)
+        history.append({"epoch": epoch + 1, "train_loss": total / steps, **accuracy})
+        if progress:
+            top1 = " ".join(f"{a:.3f}" for a in accuracy["top1"])
+            chained = " ".join(f"{a:.3f}" for a in accuracy["chained"])
+            print(f"draftwise: epoch {epoch + 1}: train loss {total / steps:.3f}, held-out top-1 "
+                  f"per head [{top1}], chained [{chained}]", file=sys.stderr, flush=True)
+        torch.save({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1}, checkpoint)
+        if time.perf_counter() - began > config.minutes * 60:
+            break
+    heads.meta["history"] = json.dumps(history)
+    heads.save(out)
+    return {"history": history, "positions": len(train[0][0]), "held_out": len(test[0][0]),
+            "draft_vocab": int(vocab.numel()), "train_s": time.perf_counter() - began}
+
+
+@torch.inference_mode()
+def evaluate(heads: DraftHeads, hidden: torch.Tensor,
+             test: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+             prev_all: torch.Tensor, lm_rows: torch.Tensor) -> dict[str, Any]:
+    """Held-out top-1 accuracy per head, and the chained rate (heads 1..k all right at the
+    same position, each given the true previous token), plus the loss."""
+    heads.eval()
+    top1, chained, losses = [], [], []
+    right_so_far: torch.Tensor | None = None
+    for k, (rows, prev, labels) in enumerate(test):
+        count = len(rows)
+        logits = torch.cat([heads.logits(k, hidden[rows[i : i + 4096]],
+                                         prev_all[prev[i : i + 4096]], lm_rows)
+                            for i in range(0, count, 4096)])
+        right = logits.argmax(dim=-1) == labels
+        losses.append(float(F.cross_entropy(logits, labels, ignore_index=-100)))
+        top1.append(float(right.float().mean()))
+        right_so_far = right if right_so_far is None else right_so_far & right
+        chained.append(float(right_so_far.float().mean()))
+    return {"top1": top1, "chained": chained, "held_out_loss": losses}
