@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", choices=("auto", "quant", "fast"), default="auto",
                        help="the backend whose hidden states the heads learn (default: auto)")
     train.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    train.add_argument("--distill", type=int, default=0, metavar="N",
+                       help="also train on the model's own greedy answers to N generated "
+                       "prompts (templates; cached; default: 0)")
+    train.add_argument("--distill-tokens", type=positive_int, default=192,
+                       help="longest self-distilled answer (default: 192)")
     from draftwise.heads_train import TrainConfig
 
     add_config_flags(train, TrainConfig)
@@ -508,8 +513,8 @@ def _assemble(args: argparse.Namespace) -> int:
 def _train_heads(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from draftwise.backends.registry import make_backend
-    from draftwise.heads_train import TrainConfig, train_heads
+    from draftwise.api import Generator
+    from draftwise.heads_train import TrainConfig, distill, distill_prompts, train_heads
     from draftwise.models import default_cache_dir, load_model
 
     config = config_from_args(args, TrainConfig)
@@ -517,9 +522,20 @@ def _train_heads(args: argparse.Namespace) -> int:
         raise ValueError(f"--kind must be medusa or hydra, got {config.kind!r}")
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     loaded = load_model(args.model, cache_dir=args.cache_dir)
-    backend = make_backend(loaded, args.backend, cache)
-    result = train_heads(backend, loaded.tokenizer, loaded.name, args.data, Path(args.out),
-                         config, cache, resume=args.resume)
+    generator = Generator(loaded, "none", cache_dir=cache, backend=args.backend)
+    extra: list[Any] = []
+    if args.distill > 0:
+        saved = cache / "heads" / (f"distill-{loaded.name}-{args.distill}-{args.distill_tokens}"
+                                   f"-{config.seed}.json")
+        if saved.is_file():
+            extra = json.loads(saved.read_text(encoding="utf-8"))
+        else:
+            extra = distill(generator, distill_prompts(args.distill, config.seed),
+                            args.distill_tokens)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(extra), encoding="utf-8")
+    result = train_heads(generator.backend, loaded.tokenizer, loaded.name, args.data,
+                         Path(args.out), config, cache, resume=args.resume, extra=extra)
     last = result["history"][-1] if result["history"] else {}
     print(json.dumps({"out": args.out, "positions": result["positions"],
                       "held_out_positions": result["held_out"],

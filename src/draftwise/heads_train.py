@@ -61,6 +61,70 @@ class TrainConfig:
     seed: int = 0
 
 
+# Self-distillation prompts: templates over subjects. The answers are the target's own greedy
+# output, so the heads learn the target's chat distribution (not the Spec-Bench questions, which
+# are never read here).
+_SUBJECTS = ("bread baking", "photosynthesis", "the French Revolution", "compound interest",
+             "volcanoes", "a job interview", "time management", "the water cycle", "chess",
+             "recursion", "vaccines", "solar panels", "a birthday party", "climate change",
+             "the Roman Empire", "machine learning", "gardening", "public speaking", "black holes",
+             "saving money", "a road trip", "electric cars", "sleep", "the stock market",
+             "friendship", "coffee", "the ocean", "renewable energy", "a small business",
+             "learning a language")
+_TEMPLATES = ("Explain {s} to a beginner.", "Write a short story about {s}.",
+              "Give three tips about {s}.", "What are the pros and cons of {s}?",
+              "Write a short poem about {s}.", "Summarize the history of {s} in a paragraph.",
+              "Write an email to a friend about {s}.", "What questions do people often ask "
+              "about {s}? Answer two of them.")
+
+
+def distill_prompts(count: int, seed: int = 0) -> list[str]:
+    """At most ``count`` chat prompts: templates over subjects, Python documentation topics,
+    and arithmetic word problems with random numbers (see the constants above)."""
+    import pydoc_data.topics
+    import random
+
+    rng = random.Random(seed)
+    prompts = [t.format(s=s) for t in _TEMPLATES for s in _SUBJECTS]
+    topics = sorted(pydoc_data.topics.topics)
+    prompts += [f"How do I use {t} in Python? Show an example." for t in topics]
+    for _ in range(count // 4):  # a quarter of them: arithmetic
+        a, b, c = rng.randint(2, 90), rng.randint(2, 40), rng.randint(2, 12)
+        prompts.append(rng.choice((
+            f"A shop sells {a} apples on Monday and {b} more each day after that. How many "
+            f"apples does it sell on day {c}? Think step by step.",
+            f"Tom has {a} dollars. He spends {b} dollars and then earns {c} times as much as he "
+            "spent. How much money does he have now? Explain.",
+            f"A train travels {a * c} km in {c} hours. What is its average speed? Show your work.",
+            f"What is {a} times {b} plus {c}? Explain each step.")))
+    rng.shuffle(prompts)
+    return prompts[:count]
+
+
+def distill(generator: Any, prompts: Sequence[str], max_new_tokens: int, batch: int = 8,
+            progress: bool = True) -> list[list[dict[str, str]]]:
+    """Conversations whose answers are the target's own greedy output (generated ``batch`` at a
+    time through the server's scheduler)."""
+    from draftwise.serve.scheduler import Job, Scheduler
+
+    scheduler = Scheduler(generator, batch, len(prompts), budget="off")
+    bar = progress_bar(len(prompts), "self-distilled answers", enabled=progress, unit="answer")
+
+    def done(event: Any) -> None:
+        if event.finish_reason is not None:
+            bar.update()
+
+    jobs = [Job(generator.encode(p), generator.config(max_new_tokens=max_new_tokens), "none",
+                done) for p in prompts]
+    scheduler.run_jobs(jobs)
+    bar.close()
+    tokenizer = generator.model.tokenizer
+    return [[{"role": "user", "content": p},
+             {"role": "assistant", "content": tokenizer.decode(job.run.tokens,
+                                                               skip_special_tokens=True)}]
+            for p, job in zip(prompts, jobs, strict=True) if job.run is not None]
+
+
 def corpus(data: str) -> list[list[dict[str, str]]]:
     """Conversations: ``pydoc`` (CPython's documentation topics) or a file (.jsonl with
     ``messages`` lists or ``text`` fields; else paragraphs of a text file)."""
@@ -165,11 +229,13 @@ def _examples(features: Features, chunks: Sequence[int], heads: int, index: dict
 
 def train_heads(backend: Any, tokenizer: Any, model_name: str, data: str, out: Path,
                 config: TrainConfig, cache_dir: Path, resume: bool = False,
-                progress: bool = True) -> dict[str, Any]:
-    """Train heads for the model on ``backend`` and write them to ``out`` (see module)."""
+                progress: bool = True,
+                extra: Sequence[Sequence[dict[str, str]]] = ()) -> dict[str, Any]:
+    """Train heads for the model on ``backend`` and write them to ``out`` (see module).
+    ``extra``: more conversations (self-distilled answers, see :func:`distill`)."""
     torch.manual_seed(config.seed)
-    conversations = corpus(data)
-    key = hashlib.sha256(json.dumps([model_name, data, config.chunk, len(conversations),
+    conversations = [*corpus(data), *extra]
+    key = hashlib.sha256(json.dumps([model_name, data, config.chunk, conversations,
                                      getattr(backend, "cost_tag", "")]).encode()).hexdigest()[:16]
     cached = cache_dir / "heads" / f"features-{key}.pt"
     if cached.is_file():
@@ -191,7 +257,8 @@ def train_heads(backend: Any, tokenizer: Any, model_name: str, data: str, out: P
     vocab = torch.argsort(counts, descending=True, stable=True)[: config.vocab]
     index = {int(t): i for i, t in enumerate(vocab)}
     lm_rows, embed = target_rows(backend, vocab)
-    meta = {"model": model_name, "vocab_size": backend.vocab_size, "data": data,
+    meta = {"model": model_name, "vocab_size": backend.vocab_size,
+            "data": data + (f" + {len(extra)} self-distilled answers" if extra else ""),
             "fingerprint": target_fingerprint(lm_rows), "config": json.dumps(asdict(config))}
     heads = DraftHeads(config.kind, config.heads, lm_rows.shape[1], vocab, meta)
     optimizer = torch.optim.Adam(heads.parameters(), lr=config.lr)

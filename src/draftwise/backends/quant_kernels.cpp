@@ -1447,9 +1447,13 @@ class Model {
     {
       std::vector<float> scores;
       const std::vector<float> zero_row(d, 0.0f);
+      // items in row order, heads inner: the query heads sharing a KV head come one after the
+      // other, so a row's keys and values are read from memory once for the group (rows of a
+      // batch see different sequences' caches; an order by head read each once per head)
 #pragma omp for schedule(static)
-      for (int64_t item = 0; item < heads_ * T; ++item) {
-        const int64_t h = item / T, r = item % T, kvh = h / group;
+      for (int64_t item = 0; item < kv_heads_ * T * group; ++item) {
+        const int64_t r = item / (kv_heads_ * group), h = item % (kv_heads_ * group);
+        const int64_t kvh = h / group;
         const float* q = qkv + r * ldq + h * d;
         const std::vector<int64_t>& slots = visible[r];
         const int64_t count = static_cast<int64_t>(slots.size());

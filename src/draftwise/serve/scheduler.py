@@ -116,6 +116,18 @@ class Scheduler:
         """Run the loop in a thread of its own (in-process servers, tests)."""
         self._thread.start()
 
+    def run_jobs(self, jobs: list[Job]) -> None:
+        """Run ``jobs`` to the end in the calling thread (offline batch generation; do not
+        mix with :meth:`start`)."""
+        self._queue.extend(jobs)
+        while self._queue or self._active:
+            while self._queue and self._free:
+                job = self._queue.popleft()
+                job.slot = self._free.pop()
+                self._admit(job)
+            if self._active:
+                self._step()
+
     def run_forever(self) -> None:
         """Run the loop in the calling thread until :meth:`close` (``draftwise serve`` runs
         it on the main thread: the kernels' OpenMP teams then are the ones the model was
