@@ -597,7 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handler: Any = args.handler
         return int(handler(args))
-    except (ModelError, UnknownMethodError, PromptTooLongError, ValueError) as error:
+    except (ModelError, UnknownMethodError, PromptTooLongError, ValueError,
+            FileNotFoundError) as error:
         print(f"draftwise: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

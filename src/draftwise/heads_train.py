@@ -88,6 +88,15 @@ def distill_prompts(count: int, seed: int = 0) -> list[str]:
     prompts = [t.format(s=s) for t in _TEMPLATES for s in _SUBJECTS]
     topics = sorted(pydoc_data.topics.topics)
     prompts += [f"How do I use {t} in Python? Show an example." for t in topics]
+    # paragraphs of the documentation as material: summarize, explain, rewrite, translate
+    paragraphs = [p.strip() for text in pydoc_data.topics.topics.values()
+                  for p in text.split("\n\n") if 200 <= len(p.strip()) <= 700]
+    rng.shuffle(paragraphs)
+    asks = ("Summarize this in two sentences:\n\n{p}", "Explain this in simple words:\n\n{p}",
+            "Rewrite this more clearly:\n\n{p}", "What is the main point of this text?\n\n{p}",
+            "Translate the first sentence to French:\n\n{p}",
+            "Write one question a student could ask about this, and answer it:\n\n{p}")
+    prompts += [asks[i % len(asks)].format(p=p) for i, p in enumerate(paragraphs)]
     for _ in range(count // 4):  # a quarter of them: arithmetic
         a, b, c = rng.randint(2, 90), rng.randint(2, 40), rng.randint(2, 12)
         prompts.append(rng.choice((

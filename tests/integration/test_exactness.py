@@ -68,8 +68,9 @@ def method_specs(datastore: str) -> dict[str, list[str]]:
     }
 
 
-# model drafters need a target and tiny model folders: tests/integration/test_model_drafters.py
-MODEL_DRAFTERS = {"draft", "self"}
+# model drafters need a target and tiny model folders: tests/integration/test_model_drafters.py;
+# draft heads need trained heads on a fast/quant backend: tests/integration/test_heads.py
+MODEL_DRAFTERS = {"draft", "self", "medusa", "hydra"}
 TABLE_DRAFTERS = sorted(set(available_methods()) - MODEL_DRAFTERS)
 
 

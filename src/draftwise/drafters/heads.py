@@ -182,6 +182,9 @@ class HeadsDrafter:
     """Drafts a tree from the target's hidden state with trained heads (see module)."""
 
     kind = "medusa"
+    # attach() reads the target's weights only (the hidden state arrives with each step), so
+    # one backend's many sequences (the server's slots) can share the target it attached to
+    reads_target_only = True
 
     def __init__(self, config: HeadsConfig) -> None:
         if min(config.top_k, config.branch, config.beam, config.depth) < 1:

@@ -103,7 +103,7 @@ class Server:
             method = f"{method}@{options.budget}"
         try:
             self.scheduler.check_method(method)
-        except (UnknownMethodError, ValueError) as error:
+        except (UnknownMethodError, ValueError, OSError) as error:
             raise ApiError(400, str(error), param="draftwise.method") from error
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
         max_new = min(limit or window, window - len(prompt_ids))

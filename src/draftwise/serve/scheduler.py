@@ -99,6 +99,7 @@ class Scheduler:
         self._active: list[Job] = []
         self._free = list(range(max_batch - 1, -1, -1))
         self._engines: dict[tuple[int, str], Engine] = {}  # (slot, method) -> drafter, sizer
+        self._checked: set[str] = set()  # methods check_method accepted
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="draftwise-scheduler",
@@ -147,9 +148,15 @@ class Scheduler:
         drafter_config(spec)
         if at is not None:
             parse_budget(at)
-        if isinstance(create_drafter(spec), TargetBound):
-            raise ValueError(f"method {spec!r} drafts with a second model; the server runs "
-                             "training-free methods only")
+        if method in self._checked:
+            return
+        drafter = create_drafter(spec)
+        if isinstance(drafter, TargetBound):
+            if not getattr(drafter, "reads_target_only", False):
+                raise ValueError(f"method {spec!r} drafts with a second model or cache; the "
+                                 "server runs training-free methods and draft heads")
+            drafter.attach(self.generator.model, self.generator.backend)  # its file is fine
+        self._checked.add(method)
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; :class:`QueueFull` when the queue is at its bound."""
@@ -182,6 +189,8 @@ class Scheduler:
         if key not in self._engines:
             spec, at = split_budget(method)
             drafter: Drafter = create_drafter(spec)
+            if isinstance(drafter, TargetBound):  # draft heads: the target's weights only
+                drafter.attach(self.generator.model, self.generator.backend)
             budget = parse_budget(at) if at is not None else self.budget
             sizer = None
             if spec.split(":")[0] != "none" and budget != "off":
