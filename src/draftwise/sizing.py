@@ -294,7 +294,8 @@ def size_batch(steps: Sequence[tuple[TreeSizer | None, DraftTree]], cost: CostCu
     nodes in order of acceptance probability across all trees. A pass that is already wide
     gains little from more rows, so trees shrink as the batch grows. A sizer that pins a budget
     keeps its own rule; no sizer (budget off) keeps the whole tree; an auto sizer that is due to
-    explore (see :meth:`TreeSizer.wants_draft`) keeps its ``explore_nodes`` likeliest nodes."""
+    explore (see :meth:`TreeSizer.wants_draft`) keeps its ``explore_nodes`` likeliest nodes,
+    at most once per as many quiet steps as keep that extra cost under ``probe_tax``."""
     out: list[DraftTree | None] = [None] * len(steps)
     pooled: list[tuple[float, int, int]] = []  # (probability, request, rank in its order)
     orders: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
@@ -324,7 +325,13 @@ def size_batch(steps: Sequence[tuple[TreeSizer | None, DraftTree]], cost: CostCu
         assert sizer is not None
         k = taken.get(i, 0)
         if k == 0 and sizer._explore:
-            k = min(sizer.config.explore_nodes, len(tree))
+            # an exploring step's rows cost the whole pass: space them so that their extra
+            # cost stays under probe_tax at this batch width (a wide pass explores rarely)
+            cfg = sizer.config
+            e = min(cfg.explore_nodes, len(tree))
+            extra = cost(roots + e) / cost(roots) - 1.0
+            if sizer._quiet + 1 >= max(cfg.explore_every, math.ceil(extra / cfg.probe_tax)):
+                k = e
         out[i] = sizer._take(tree, order, buckets, k)
     return [tree for tree in out if tree is not None]
 

@@ -156,3 +156,24 @@ def test_batch_sizing_is_the_single_rule_over_all_trees() -> None:
     pinned, whole = TreeSizer(SizingConfig(budget=2)), None
     sized = size_batch([(pinned, tree), (whole, tree)], cost)
     assert [len(t) for t in sized] == [2, len(tree)]
+
+
+def test_batch_sizing_keeps_exploration_under_the_probe_tax() -> None:
+    """Exploring rows cost the whole batch: at any width, the extra cost of exploring steps
+    stays under probe_tax of the steps (plus one), and they still happen."""
+    from draftwise.sizing import size_batch
+
+    cost = CostCurve({1: 1.0, 2: 1.05, 4: 1.15, 8: 1.4, 16: 2.4, 32: 4.6, 64: 9.0})
+    tree = DraftTree.chain([1, 2, 3, 4, 5, 6, 7, 8])
+    steps, tax = 200, SizingConfig().probe_tax
+    for batch in (1, 4, 8):
+        sizers = [TreeSizer(SizingConfig(prior=0.01), cost) for _ in range(batch)]
+        explored = 0
+        for _ in range(steps):
+            for sizer in sizers:
+                sizer.wants_draft()
+            explored += sum(len(t) > 0 for t in size_batch([(s, tree) for s in sizers], cost))
+        extra = cost(batch + 8) / cost(batch) - 1.0
+        per_request = explored / batch
+        assert 0 < per_request, batch
+        assert per_request * extra <= tax * steps + extra, (batch, per_request)
