@@ -116,6 +116,11 @@ class Run:
         self.tokens: list[int] = []  # committed new tokens
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.done = False
+        # logprobs: None (off) or how many alternatives to keep; each committed token gets
+        # (its log-probability, [(token, log-probability) of the top alternatives]) under the
+        # model's own distribution (raw logits: before sampling transforms and grammar masks)
+        self.top_logprobs: int | None = None
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self._context = list(prompt_ids)
         self._sampling = Sampling(config.sampling)
         self._rng = torch.Generator().manual_seed(config.seed)
@@ -174,6 +179,9 @@ class Run:
                 constraint.stats.forced += len(emitted)
                 self._context.extend(emitted)
                 self.tokens.extend(emitted)
+                if self.top_logprobs is not None:  # forced: certain under the grammar
+                    self.logprobs.extend((0.0, [(t, 0.0)][: self.top_logprobs])
+                                         for t in emitted)
                 stats.new_tokens += len(emitted)
                 stats.draft_s += time.perf_counter() - t0
                 stats.finish_reason = (
@@ -204,6 +212,7 @@ class Run:
         backend, drafter, sizer = self.engine.backend, self.engine.drafter, self.engine.sizer
         stats, constraint, forced, full = self.stats, self.constraint, step.forced, step.full
         t1 = time.perf_counter()
+        raw = logits
         if step.masks is not None:
             logits = apply_mask(logits, step.masks)
         acceptance = verify(full, logits, self._sampling, self._rng, self._seen)  # 3.
@@ -230,6 +239,8 @@ class Run:
         if constraint is not None:
             constraint.commit(emitted)
             constraint.stats.forced += len(forced)
+        if self.top_logprobs is not None:
+            self._log_probs(raw, [0, *(n + 1 for n in acceptance.path)], emitted)
         self._context.extend(emitted)
         self.tokens.extend(emitted)
         if self._seen is not None:
@@ -247,6 +258,17 @@ class Run:
         else:
             stats.total_s = time.perf_counter() - self._start
         return emitted
+
+    def _log_probs(self, logits: torch.Tensor, rows: list[int], emitted: list[int]) -> None:
+        """Append each emitted token's log-probability (row ``rows[i]`` predicted token i)."""
+        assert self.top_logprobs is not None
+        lp = torch.log_softmax(logits[rows[: len(emitted)]].float(), dim=-1)
+        k = min(self.top_logprobs, lp.shape[-1])
+        top = torch.topk(lp, k, dim=-1) if k > 0 else None
+        for i, token in enumerate(emitted):
+            alternatives = [] if top is None else list(zip(
+                top.indices[i].tolist(), top.values[i].tolist(), strict=True))
+            self.logprobs.append((float(lp[i, token]), alternatives))
 
     def _end(self) -> None:
         self.done = True

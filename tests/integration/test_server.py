@@ -224,3 +224,27 @@ def test_models_and_health(server: tuple[str, Any]) -> None:
     models = client(url).models.list()
     assert [m.id for m in models.data] == [generator.model.name]
     assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_logprobs_are_the_models_own(server: tuple[str, Any]) -> None:
+    """Chat and completions logprobs: one entry per token, the chosen token's log-probability
+    is the greedy maximum (so no alternative beats it), and streaming reports the same."""
+    url, _ = server
+    reply = chat(url, PROMPTS[2], max_tokens=12, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0.0
+        assert entry.logprob >= max(alt.logprob for alt in entry.top_logprobs) - 1e-6
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+    streamed = client(url).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": PROMPTS[2]}], temperature=0,
+        max_tokens=12, logprobs=True, top_logprobs=3, stream=True)
+    tokens = [e for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+              for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in tokens] == [(e.token, e.logprob) for e in content]
+    legacy = client(url).completions.create(model="default", prompt="def fib(n):",
+                                            max_tokens=6, temperature=0, logprobs=2)
+    assert len(legacy.choices[0].logprobs.token_logprobs) == 6
+    assert all(len(top) <= 2 for top in legacy.choices[0].logprobs.top_logprobs)
+    assert chat(url, "Hi", max_tokens=4).choices[0].logprobs is None

@@ -61,6 +61,7 @@ class _Choice:
         self.loop = loop
         self.text = ""
         self.tokens = 0
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
         self.finish_reason: str | None = None
         self.job: Job | None = None
 
@@ -125,7 +126,8 @@ class Server:
             if body.ignore_eos:
                 config = dataclasses.replace(config, eos_token_ids=())
             choice = _Choice(i, loop)
-            job = Job(list(prompt_ids), config, method, choice.emit, body.stops, constraint)
+            job = Job(list(prompt_ids), config, method, choice.emit, body.stops, constraint,
+                      body.alternatives)
             choice.job = job
             jobs.append(job)
             choices.append(choice)
@@ -310,18 +312,47 @@ def create_app(generator: Generator, method: str = "pld", *, max_batch: int = 8,
     def _absorb(choice: _Choice, event: Event) -> None:
         choice.text += event.text
         choice.tokens += len(event.tokens)
+        choice.logprobs.extend((t, lp, top) for t, (lp, top) in zip(
+            event.tokens, event.logprobs, strict=False))
         server.completion_tokens += len(event.tokens)
         if event.finish_reason is not None:
             choice.finish_reason = event.finish_reason
 
+    def _piece(token: int) -> str:
+        text: str = generator.model.tokenizer.decode([token])
+        return text
+
+    def _logprobs(entries: list[tuple[int, float, list[tuple[int, float]]]], chat: bool,
+                  wanted: bool) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for ``(token, logprob, alternatives)`` entries."""
+        if not wanted:
+            return None
+        if chat:
+            def item(token: int, lp: float) -> dict[str, Any]:
+                text = _piece(token)
+                return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+            return {"content": [{**item(t, lp), "top_logprobs": [item(a, b) for a, b in top]}
+                                for t, lp, top in entries]}
+        pieces = [_piece(t) for t, _, _ in entries]
+        offsets, at = [], 0
+        for piece in pieces:
+            offsets.append(at)
+            at += len(piece)
+        return {"tokens": pieces, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{_piece(a): b for a, b in top} for _, _, top in entries],
+                "text_offset": offsets}
+
     def _choice_body(choice: _Choice, chat: bool) -> dict[str, Any]:
         reason = {"eos": "stop", "context": "length"}.get(choice.finish_reason or "",
                                                           choice.finish_reason)
+        wanted = choice.job is not None and choice.job.logprobs is not None
+        logprobs = _logprobs(choice.logprobs, chat, wanted)
         if chat:
-            return {"index": choice.index, "finish_reason": reason, "logprobs": None,
+            return {"index": choice.index, "finish_reason": reason, "logprobs": logprobs,
                     "message": {"role": "assistant", "content": choice.text}}
         return {"index": choice.index, "text": choice.text, "finish_reason": reason,
-                "logprobs": None}
+                "logprobs": logprobs}
 
     def _usage(choices: list[_Choice], prompt_tokens: int) -> dict[str, Any]:
         completion = sum(c.tokens for c in choices)
@@ -363,10 +394,13 @@ def create_app(generator: Generator, method: str = "pld", *, max_batch: int = 8,
                     choice = pending.pop(future)
                     event = future.result()
                     _absorb(choice, event)
+                    wanted = choice.job is not None and choice.job.logprobs is not None
+                    fresh = _logprobs([(t, lp, top) for t, (lp, top) in zip(
+                        event.tokens, event.logprobs, strict=False)], chat, wanted)
                     if event.error:
                         yield "data: " + json.dumps({"error": {
                             "message": event.error, "type": "server_error"}}) + "\n\n"
-                    if event.text or event.finish_reason:
+                    if event.text or event.finish_reason or (fresh and event.tokens):
                         reason = None
                         if event.finish_reason is not None:
                             reason = {"eos": "stop", "context": "length"}.get(
@@ -374,10 +408,10 @@ def create_app(generator: Generator, method: str = "pld", *, max_batch: int = 8,
                         if chat:
                             delta = {"content": event.text} if event.text else {}
                             item = {"index": choice.index, "delta": delta,
-                                    "finish_reason": reason, "logprobs": None}
+                                    "finish_reason": reason, "logprobs": fresh}
                         else:
                             item = {"index": choice.index, "text": event.text,
-                                    "finish_reason": reason, "logprobs": None}
+                                    "finish_reason": reason, "logprobs": fresh}
                         yield chunk([item])
                     if choice.finish_reason is None:
                         pending[asyncio.ensure_future(choice.events.get())] = choice

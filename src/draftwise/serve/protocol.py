@@ -49,7 +49,6 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=16)
     response_format: ResponseFormat | None = None
-    logprobs: bool | int | None = None
     ignore_eos: bool = False  # as vLLM and llama-server: generate max_tokens whatever comes
     draftwise: DraftwiseOptions | None = None
 
@@ -88,10 +87,21 @@ class Message(_Body):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    top_logprobs: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @property
+    def alternatives(self) -> int | None:
+        """Alternatives per token to report, or None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
     echo: bool = False
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    @property
+    def alternatives(self) -> int | None:
+        return self.logprobs

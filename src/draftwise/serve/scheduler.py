@@ -49,6 +49,7 @@ class Event:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Job:
     emit: Callable[[Event], None]
     stop: tuple[str, ...] = ()
     constraint: Constraint | None = None
+    logprobs: int | None = None  # None: off; else alternatives per token (see Run)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     run: Run | None = None
@@ -225,6 +227,7 @@ class Scheduler:
         try:
             engine = self._engine(job.slot, job.method)
             job.run = engine.run(job.prompt_ids, job.config, job.constraint)
+            job.run.top_logprobs = job.logprobs
             job.text = TextTracker(self.generator.model.tokenizer, job.stop)
             job.run.start()
         except Exception as error:  # noqa: BLE001 - one request's failure is its own
@@ -299,7 +302,8 @@ class Scheduler:
         run, text = job.run, job.text
         assert run is not None and text is not None
         piece, stopped = text.update(run.tokens)
-        job.emit(Event(text=piece, tokens=list(tokens)))
+        logprobs = run.logprobs[len(run.tokens) - len(tokens) :] if job.logprobs is not None else []
+        job.emit(Event(text=piece, tokens=list(tokens), logprobs=logprobs))
         if stopped:
             run.stats.finish_reason = "stop"
             self._finish(job, "stop")
