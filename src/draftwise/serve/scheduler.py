@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from draftwise.api import Generator, TextTracker
 from draftwise.backends.batch import SequencePool
@@ -328,6 +327,3 @@ class Scheduler:
             with self._wake:
                 self._free.append(job.slot)
             job.slot = -1
-
-    def stats(self) -> dict[str, Any]:
-        return {"steps": self.steps, "step_seconds": self.step_seconds, "rows": self.rows}
