@@ -26,6 +26,8 @@ from draftwise.sampling import SamplingConfig
 __all__ = ["main", "build_parser"]
 
 COMPARE_RUNS = 3  # generate --compare: timed runs of each method, alternating
+# the backends with their own forward pass (hidden states, many sequences): serve, train-heads
+HIDDEN_STATE_BACKENDS = ("auto", "quant", "fast")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'pydoc' (CPython's documentation topics, the default) or a "
                        ".jsonl/.txt corpus")
     train.add_argument("--out", required=True, help="the head file to write (.safetensors)")
-    train.add_argument("--backend", choices=("auto", "quant", "fast"), default="auto",
+    train.add_argument("--backend", choices=HIDDEN_STATE_BACKENDS, default="auto",
                        help="the backend whose hidden states the heads learn (default: auto)")
     train.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     train.add_argument("--distill", type=int, default=0, metavar="N",
@@ -179,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--method", default="pld",
                        help="default method when a request names none (default: pld)")
     add_budget_flag(serve)
-    serve.add_argument("--backend", choices=("auto", "quant", "fast"), default="auto",
+    serve.add_argument("--backend", choices=HIDDEN_STATE_BACKENDS, default="auto",
                        help="quant (GGUF blocks) or fast; auto picks quant for a GGUF "
                        "(default: auto)")
     serve.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")

@@ -125,15 +125,21 @@ class KVBackend(ABC):
             self._past = len(head)
         self._root = int(ids[-1])
 
-    @torch.inference_mode()
-    def forward_tree(self, tree: DraftTree) -> torch.Tensor:
+    def tree_rows(self, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ids ``[T]`` (root, then the nodes) and positions ``[T]`` of a step over
+        ``tree``; raises when the tree reaches past the context window."""
         if self._root is None:
             raise RuntimeError("forward_tree before prefill")
-        ids = torch.tensor((self._root, *tree.tokens), dtype=torch.long)  # [T]
+        ids = torch.tensor((self._root, *tree.tokens), dtype=torch.long)
         depth = torch.tensor([0] + [d + 1 for d in tree.depths], dtype=torch.long)
         positions = self._past + depth
         if int(positions.max()) >= self._max_length:
             raise PromptTooLongError("draft tree reaches past the context window")
+        return ids, positions
+
+    @torch.inference_mode()
+    def forward_tree(self, tree: DraftTree) -> torch.Tensor:
+        ids, positions = self.tree_rows(tree)
         mask = None
         if len(tree) > 0:
             past = torch.ones(len(ids), self._past, dtype=torch.bool)

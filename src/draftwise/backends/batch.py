@@ -55,7 +55,7 @@ class SequencePool:
             raise ValueError("a slot can verify one tree per pass")
         if self._native is None or len(items) == 1:
             return [self.sequences[slot].forward_tree(tree) for slot, tree in items]
-        ids: list[int] = []
+        ids: list[torch.Tensor] = []
         positions: list[torch.Tensor] = []
         seq: list[torch.Tensor] = []
         write: list[torch.Tensor] = []
@@ -63,15 +63,10 @@ class SequencePool:
         counts: list[torch.Tensor] = []
         for slot, tree in items:
             backend = self.sequences[slot]
-            if backend._root is None:
-                raise RuntimeError(f"slot {slot} has no sequence (prefill first)")
+            row_ids, row_positions = backend.tree_rows(tree)
             past, t = backend._past, len(tree) + 1
-            depth = torch.tensor([0] + [d + 1 for d in tree.depths], dtype=torch.long)
-            if past + int(depth.max()) >= backend.max_length:
-                raise ValueError(f"slot {slot}: the tree reaches past the context window")
-            ids.append(backend._root)
-            ids.extend(tree.tokens)
-            positions.append(past + depth)
+            ids.append(row_ids)
+            positions.append(row_positions)
             seq.append(torch.full((t,), slot, dtype=torch.long))
             write.append(past + torch.arange(t))
             # row r sees slots 0..past-1, then (in order) the tree rows its mask allows
@@ -86,7 +81,7 @@ class SequencePool:
         pos = torch.cat(positions)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(counts).cumsum(0)])
         hidden = self._native.forward_batch(
-            model.embed[torch.tensor(ids, dtype=torch.long)], self.keys, self.values,
+            model.embed[torch.cat(ids)], self.keys, self.values,
             torch.cat(seq), torch.cat(write), offsets, torch.cat(visible),
             model.cos[pos], model.sin[pos])
         logits: torch.Tensor = model.head(hidden)

@@ -110,14 +110,17 @@ class Server:
         max_new = min(limit or window, window - len(prompt_ids))
         sampling = SamplingConfig(temperature=body.temperature, top_p=body.top_p)
         constraint_args = self._constraint_args(body)
+        try:
+            spec = constraint_spec(**constraint_args) if constraint_args is not None else None
+        except ConstraintError as error:
+            raise ApiError(400, f"response_format: {error}", param="response_format") from error
         jobs, choices = [], []
         for i in range(body.n):
             constraint = None
-            if constraint_args is not None:
+            if spec is not None:  # a fresh grammar state per choice (compiled once, cached)
                 try:
-                    spec = constraint_spec(**constraint_args)
                     with self._compile_lock:
-                        constraint = self.generator.constrain(spec) if spec else None
+                        constraint = self.generator.constrain(spec)
                 except ConstraintError as error:
                     raise ApiError(400, f"response_format: {error}",
                                    param="response_format") from error
