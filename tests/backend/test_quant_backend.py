@@ -127,6 +127,30 @@ def test_int8_activation_products_within_the_rounding_of_the_activations(
             assert torch.equal(alone[0], y[r].float()), (qtype, rows, r)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_amx_tiles_give_the_vnni_path_bits(qtype: str, ops: object) -> None:
+    """Where the CPU has AMX, products of many rows go through the tile unit: the same exact
+    integer block dot products, scaled in the same float32 order, so the same bits as the VNNI
+    path for every row count (full tiles of 16, a partial tile, the rest on the VNNI path)."""
+    usable, before = ops.tiles(0)  # type: ignore[attr-defined]
+    if not usable:
+        pytest.skip("no AMX tiles here (CPU, build or kernel permission)")
+    code, in_features = IMPLEMENTED[qtype][0], 576
+    data = ops.pack_rows(random_blocks(qtype, 3 * ops.rows_per_pack(), in_features, seed=code),  # type: ignore[attr-defined]
+                         code, in_features)
+    generator = torch.Generator().manual_seed(code)
+    try:
+        for rows in (1, 2, 5, 8, 16, 17, 31, 40, 64):
+            x = torch.randn(rows, in_features, generator=generator)
+            ops.tiles(10**9)  # type: ignore[attr-defined]
+            vnni = ops.qmatmul_q8(x, data, code + 100, in_features)  # type: ignore[attr-defined]
+            ops.tiles(1)  # type: ignore[attr-defined]
+            tiles = ops.qmatmul_q8(x, data, code + 100, in_features)  # type: ignore[attr-defined]
+            assert torch.equal(vnni, tiles), (qtype, rows)
+    finally:
+        ops.tiles(before)  # type: ignore[attr-defined]
+
+
 def _permute(rows: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter's q/k row order (interleaved rotary halves)."""
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(

@@ -37,10 +37,11 @@ def test_exactness_suite_passes_on_narrower_instruction_sets(capability: str) ->
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get(CHILD) == "1", reason="already inside the portability run")
-@pytest.mark.parametrize("isa", ["avx2", "avx-vnni"])
+@pytest.mark.parametrize("isa", ["avx2", "avx-vnni", "avx512-vnni"])
 def test_quant_kernels_pass_on_every_build(isa: str) -> None:
     """The quantized kernels are built for the widest instruction set the CPU has (AVX-512
-    VNNI, AVX-VNNI or AVX2); each narrower build this CPU can run passes the quant tests too.
+    VNNI with AMX tiles, AVX-512 VNNI, AVX-VNNI or AVX2); each narrower build this CPU can run
+    passes the quant tests too.
     (A build the CPU lacks falls back to the next narrower one.)"""
     from draftwise.backends.quant import kernels_unavailable
 

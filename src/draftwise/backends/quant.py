@@ -62,7 +62,7 @@ _TYPE_IDS = {"F32": 0, **{name: spec[0] for name, spec in IMPLEMENTED.items()}}
 _PACKED = 100  # type code of blocks regrouped R rows at a time (the kernels' kPacked)
 _SOURCE = Path(__file__).with_name("quant_kernels.cpp")
 _NO_COMPILE = "DRAFTWISE_NO_COMPILE"  # set to 1 to run as if no compiler were installed
-_ISA = "DRAFTWISE_QUANT_ISA"  # avx2 | avx-vnni | avx512-vnni: force one kernel build
+_ISA = "DRAFTWISE_QUANT_ISA"  # avx2 | avx-vnni | avx512-vnni | avx512-amx: force one build
 _loaded: dict[str, Any] = {}
 
 
@@ -99,11 +99,14 @@ def _cpu_flags() -> set[str] | None:
 
 def kernel_isa() -> tuple[str, list[str]]:
     """The instruction set the kernels are built for on this machine, and its compiler flags:
-    AVX-512 VNNI where the CPU has it, else AVX-VNNI, else AVX2 (``$DRAFTWISE_QUANT_ISA``
+    AVX-512 VNNI with AMX tiles where the CPU has them (the tiles take products of 4 rows or
+    more), else AVX-512 VNNI, else AVX-VNNI, else AVX2 (``$DRAFTWISE_QUANT_ISA``
     picks a narrower one, e.g. to test the AVX2 build on an AVX-512 machine)."""
     flags = _cpu_flags() or set()
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
     have = {
-        "avx512-vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags,
+        "avx512-amx": avx512 and {"amx_tile", "amx_int8"} <= flags,
+        "avx512-vnni": avx512,
         "avx-vnni": "avx_vnni" in flags,
         "avx2": True,
     }
@@ -113,8 +116,9 @@ def kernel_isa() -> tuple[str, list[str]]:
     names = list(have)
     start = names.index(wanted) if wanted else 0  # the widest, or the one asked for
     isa = next(name for name in names[start:] if have[name])  # ... or the next narrower
-    extra = {"avx512-vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
-             "avx-vnni": ["-mavxvnni"], "avx2": []}[isa]
+    avx512_flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+    extra = {"avx512-amx": [*avx512_flags, "-mamx-tile", "-mamx-int8"],
+             "avx512-vnni": avx512_flags, "avx-vnni": ["-mavxvnni"], "avx2": []}[isa]
     return isa, extra
 
 
