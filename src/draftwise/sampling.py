@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-__all__ = ["GREEDY", "SamplingConfig", "Sampling"]
+__all__ = ["GREEDY", "SamplingConfig", "Sampling", "argmax_rows", "top2_margins"]
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,7 @@ class Sampling:
 
     def greedy(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """``[rows]`` argmax of the penalized logits, ties to the lowest id."""
-        # torch.argmax returns the first maximal index: the lowest id among ties.
-        return torch.argmax(self.penalize(logits, seen), dim=-1)
+        return argmax_rows(self.penalize(logits, seen))
 
     def probs(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """``[rows, vocab]`` sampling distribution (rows sum to 1) for ``temperature > 0``."""
@@ -124,3 +124,27 @@ def _typical(probs: torch.Tensor, mass: float) -> torch.Tensor:
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     keep_sorted = mass_before < mass
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` index of each row's maximum, the lowest id among ties (as ``torch.argmax``).
+
+    NumPy's argmax on a CPU float32/float64 tensor: torch's costs ~0.2 ms for a few rows of a
+    49k vocabulary here (NumPy ~0.01 ms), which is a few percent of a decoding step."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.ascontiguousarray(np.argmax(logits.numpy(), axis=-1)))
+    return torch.argmax(logits, dim=-1)
+
+
+def top2_margins(logits: torch.Tensor, top: torch.Tensor) -> tuple[float, ...]:
+    """``logits[r, top[r]]`` less the largest other value of row r, per row, in float64
+    (``top``: each row's argmax). A margin near 0 is a near-tie that floating point may break."""
+    rows = logits.detach().cpu()
+    if rows.dtype not in (torch.float32, torch.float64):
+        rows = rows.to(torch.float64)
+    values = rows.numpy().copy()
+    index = np.arange(len(values))
+    best = values[index, top.numpy()].astype(np.float64)
+    values[index, top.numpy()] = -np.inf
+    second = values.max(axis=-1).astype(np.float64) if values.shape[1] > 1 else best
+    return tuple((best - second).tolist())

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from draftwise.sampling import Sampling
+from draftwise.sampling import Sampling, argmax_rows, top2_margins
 from draftwise.tree import DraftTree
 
 __all__ = ["Acceptance", "verify"]
@@ -109,8 +109,8 @@ def _verify_greedy(
         path.append(child)
         node = child
     emitted_rows = [0] + [n + 1 for n in path]
-    top2 = torch.topk(logits[emitted_rows].to(torch.float64), 2, dim=-1).values
-    margins = tuple((top2[:, 0] - top2[:, 1]).tolist())
+    emitted = logits[emitted_rows]
+    margins = top2_margins(emitted, argmax_rows(emitted))
     tokens = tuple(tree.tokens[n] for n in path) + (targets[node + 1],)
     return Acceptance(tuple(path), tokens, bonus=node not in children, margins=margins)
 
