@@ -1393,6 +1393,62 @@ void key_scores(const float* q, const float* K, const int64_t* slots, int64_t co
   }
 }
 
+#if defined(__AVX512F__)
+// The AVX-512 builds' scores (d % 16 == 0): sixteen keys at a time, one 16-lane accumulator per
+// key over the head's 16-value chunks in order, then one transposing add tree that treats
+// every key alike: pairs of lanes, then pairs of pairs within each 128-bit quarter, then
+// (quarter 0 + quarter 2) + (quarter 1 + quarter 3). Half the instructions of the 8-lane
+// version; a build's scores do not depend on where a key falls in a block (keys past ``count``
+// are a zero row), so tree rows still get plain decoding's bits.
+constexpr int64_t kKeyBlock = 16;
+
+inline __m512 pair_sums(__m512 x, __m512 y) {  // per 128-bit quarter: x0+x1, x2+x3, y0+y1, y2+y3
+  return _mm512_add_ps(_mm512_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+void key_scores_16(const float* q, const float* K, const int64_t* slots, int64_t count,
+                   int64_t d, float scale, float* scores, const float* zero_row) {
+  for (int64_t j0 = 0; j0 < count; j0 += 16) {
+    const float* rows[16];
+    for (int k = 0; k < 16; ++k) rows[k] = j0 + k < count ? K + slots[j0 + k] * d : zero_row;
+    __m512 acc[16];
+    for (int k = 0; k < 16; ++k) acc[k] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m512 qv = _mm512_loadu_ps(q + i);
+      for (int k = 0; k < 16; ++k) acc[k] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows[k] + i), acc[k]);
+    }
+    __m512 h[8], g[4];
+    for (int k = 0; k < 8; ++k) h[k] = pair_sums(acc[2 * k], acc[2 * k + 1]);
+    for (int k = 0; k < 4; ++k) g[k] = pair_sums(h[2 * k], h[2 * k + 1]);  // keys 4k..4k+3
+    // g[k], quarter c: keys 4k..4k+3 summed over lanes 4c..4c+3
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(g[0], g[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(g[0], g[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(g[2], g[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(g[2], g[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm512_storeu_ps(scores + j0, _mm512_mul_ps(sums, _mm512_set1_ps(scale)));
+  }
+}
+
+// weighted_sum_fixed's sums (each lane: the keys in order), 16 lanes at a time
+template <int C>
+void weighted_sum_16(const float* p, const int64_t* slots, int64_t count, const float* V,
+                     float inv, float* o) {
+  __m512 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < count; ++j) {
+    const __m512 w = _mm512_set1_ps(p[j]);
+    const float* v = V + slots[j] * (16 * C);
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * c), acc[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+}
+#else
+constexpr int64_t kKeyBlock = 8;
+#endif
+
 // o = inv * sum_j p[j] V[slots[j]], keys in order, C = d / 8 vector accumulators
 template <int C>
 void weighted_sum_fixed(const float* p, const int64_t* slots, int64_t count, const float* V,
@@ -1410,8 +1466,13 @@ void weighted_sum_fixed(const float* p, const int64_t* slots, int64_t count, con
 void weighted_sum(const float* p, const int64_t* slots, int64_t count, const float* V, int64_t d,
                   float inv, float* o) {
   switch (d) {
+#if defined(__AVX512F__)
+    case 64: return weighted_sum_16<4>(p, slots, count, V, inv, o);
+    case 128: return weighted_sum_16<8>(p, slots, count, V, inv, o);
+#else
     case 64: return weighted_sum_fixed<8>(p, slots, count, V, inv, o);
     case 128: return weighted_sum_fixed<16>(p, slots, count, V, inv, o);
+#endif
     default: break;
   }
   // any other multiple of 8: the same sums, one 8-value chunk at a time
@@ -1627,11 +1688,19 @@ class Model {
         const float* q = qkv + r * ldq + h * d;
         const std::vector<int64_t>& slots = visible[r];
         const int64_t count = static_cast<int64_t>(slots.size());
-        const int64_t padded = (count + 7) / 8 * 8;
+        const int64_t padded = (count + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
         scores.assign(padded, 0.0f);
         const float* Kh = K[r] + kvh * S * d;
         const float* Vh = V[r] + kvh * S * d;
+#if defined(__AVX512F__)
+        if (d % 16 == 0) {
+          key_scores_16(q, Kh, slots.data(), count, d, scale, scores.data(), zero_row.data());
+        } else {
+          key_scores(q, Kh, slots.data(), count, d, scale, scores.data(), zero_row.data());
+        }
+#else
         key_scores(q, Kh, slots.data(), count, d, scale, scores.data(), zero_row.data());
+#endif
         float top = -INFINITY;
         for (int64_t j = 0; j < count; ++j) top = std::max(top, scores[j]);
         __m256 total = _mm256_setzero_ps();
@@ -1641,7 +1710,7 @@ class Model {
           if (j + 8 > count) {  // lanes past the last key are zero
             alignas(32) float lanes[8];
             _mm256_store_ps(lanes, e);
-            for (int64_t k = count - j; k < 8; ++k) lanes[k] = 0.0f;
+            for (int64_t k = std::max<int64_t>(count - j, 0); k < 8; ++k) lanes[k] = 0.0f;
             e = _mm256_load_ps(lanes);
           }
           _mm256_storeu_ps(scores.data() + j, e);
