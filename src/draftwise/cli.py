@@ -162,9 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     train.add_argument("--distill", type=int, default=0, metavar="N",
                        help="also train on the model's own greedy answers to N generated "
-                       "prompts (templates; cached; default: 0)")
+                       "prompts (see --self-written; cached; default: 0)")
     train.add_argument("--distill-tokens", type=positive_int, default=192,
                        help="longest self-distilled answer (default: 192)")
+    train.add_argument("--self-written", type=float, default=0.5, metavar="FRACTION",
+                       help="the share of the N prompts the model writes itself (a kind of "
+                       "request about a word of its vocabulary, sampled); the rest from "
+                       "templates (default: 0.5)")
     from draftwise.heads_train import TrainConfig
 
     add_config_flags(train, TrainConfig)
@@ -516,7 +520,13 @@ def _train_heads(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from draftwise.api import Generator
-    from draftwise.heads_train import TrainConfig, distill, distill_prompts, train_heads
+    from draftwise.heads_train import (
+        TrainConfig,
+        distill,
+        distill_prompts,
+        self_written_prompts,
+        train_heads,
+    )
     from draftwise.models import default_cache_dir, load_model
 
     config = config_from_args(args, TrainConfig)
@@ -528,12 +538,15 @@ def _train_heads(args: argparse.Namespace) -> int:
     extra: list[Any] = []
     if args.distill > 0:
         saved = cache / "heads" / (f"distill-{loaded.name}-{args.distill}-{args.distill_tokens}"
-                                   f"-{config.seed}.json")
+                                   f"-{args.self_written:g}-{config.seed}.json")
         if saved.is_file():
             extra = json.loads(saved.read_text(encoding="utf-8"))
         else:
-            extra = distill(generator, distill_prompts(args.distill, config.seed),
-                            args.distill_tokens)
+            written = round(args.distill * args.self_written)
+            prompts = distill_prompts(args.distill - written, config.seed)
+            if written:
+                prompts += self_written_prompts(generator, written, config.seed)
+            extra = distill(generator, prompts, args.distill_tokens)
             saved.parent.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps(extra), encoding="utf-8")
     result = train_heads(generator.backend, loaded.tokenizer, loaded.name, args.data,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -110,28 +111,100 @@ def distill_prompts(count: int, seed: int = 0) -> list[str]:
     return prompts[:count]
 
 
-def distill(generator: Any, prompts: Sequence[str], max_new_tokens: int, batch: int = 8,
-            progress: bool = True) -> list[list[dict[str, str]]]:
-    """Conversations whose answers are the target's own greedy output (generated ``batch`` at a
-    time through the server's scheduler)."""
+# Prompts the target writes itself: a kind of request about a topic word drawn from its own
+# vocabulary, sampled. Templates alone taught heads their templates' answers (held-out top-1
+# 0.55, novel prompts 0.20-0.51); the model's own notion of what users ask spreads wider.
+_REQUESTS = ("a question about", "a request to explain", "a request for advice about",
+             "a math word problem involving", "a request to write a short story about",
+             "a request to write a poem about", "a request to write Python code about",
+             "a request to compare two kinds of", "a request to summarize facts about",
+             "a request to translate a sentence about {w} into French", "a role-play request "
+             "involving", "a request to brainstorm ideas about", "a history question about",
+             "a science question about", "a request to write a formal email about",
+             "a riddle about", "a request to plan a day around", "a request to list steps for")
+
+
+def topic_words(tokenizer: Any, count: int, seed: int = 0) -> list[str]:
+    """``count`` distinct lowercase words (5+ letters) from the tokenizer's vocabulary."""
+    import random
+
+    words = sorted({text.strip() for text in (tokenizer.decode([i]) for i in
+                                              range(len(tokenizer)))
+                    if text.startswith(" ") and text.strip().isalpha()
+                    and text.strip().islower() and len(text.strip()) >= 5})
+    random.Random(seed).shuffle(words)
+    return words[:count]
+
+
+def self_written_prompts(generator: Any, count: int, seed: int = 0, batch: int = 8,
+                         progress: bool = True) -> list[str]:
+    """``count`` user messages written by the target: for each, one of the request kinds above
+    about a word of its vocabulary, sampled at temperature 0.9 / top-p 0.95 with its own seed;
+    the first paragraph of each reply, when it has some words."""
+    import random
+
+    from draftwise.sampling import SamplingConfig
+
+    rng = random.Random(seed)
+    words = topic_words(generator.model.tokenizer, count, seed)
+    asks = []
+    for i in range(count):
+        kind, word = rng.choice(_REQUESTS), words[i % len(words)]
+        what = kind.format(w=word) if "{w}" in kind else f"{kind} {word}"
+        asks.append(f"Write {what} that a user might send to an AI assistant. Reply with only "
+                    "the user's message.")
+    sampling = SamplingConfig(temperature=0.9, top_p=0.95)
+    replies = _generate(generator, asks, 80, batch, "self-written prompts", "prompt", progress,
+                        sampling=sampling, seed=seed)
+    prompts = [text for text in map(_user_message, replies) if text]
+    return prompts
+
+
+def _user_message(reply: str) -> str:
+    """The message in a reply to "write a user's message": a quoted part of 4+ words if there
+    is one, else the first paragraph of 4+ words that does not announce another (ends in ':')."""
+    for quoted in re.findall(r'"([^"]{12,})"', reply):
+        if len(quoted.split()) >= 4:
+            return str(quoted).strip()
+    for paragraph in reply.split("\n\n"):
+        text = paragraph.strip().strip('"*').strip()
+        if len(text.split()) >= 4 and not text.endswith(":"):
+            return text
+    return ""
+
+
+def _generate(generator: Any, prompts: Sequence[str], max_new_tokens: int, batch: int,
+              label: str, unit: str, progress: bool, sampling: Any = None,
+              seed: int = 0) -> list[str]:
+    """The target's replies to ``prompts`` (greedy unless ``sampling``; prompt i uses seed
+    ``seed + i``), ``batch`` at a time through the server's scheduler."""
     from draftwise.serve.scheduler import Job, Scheduler
 
     scheduler = Scheduler(generator, batch, len(prompts), budget="off")
-    bar = progress_bar(len(prompts), "self-distilled answers", enabled=progress, unit="answer")
+    bar = progress_bar(len(prompts), label, enabled=progress, unit=unit)
 
     def done(event: Any) -> None:
         if event.finish_reason is not None:
             bar.update()
 
-    jobs = [Job(generator.encode(p), generator.config(max_new_tokens=max_new_tokens), "none",
-                done) for p in prompts]
+    jobs = [Job(generator.encode(p), generator.config(max_new_tokens=max_new_tokens,
+                                                      sampling=sampling, seed=seed + i),
+                "none", done) for i, p in enumerate(prompts)]
     scheduler.run_jobs(jobs)
     bar.close()
     tokenizer = generator.model.tokenizer
-    return [[{"role": "user", "content": p},
-             {"role": "assistant", "content": tokenizer.decode(job.run.tokens,
-                                                               skip_special_tokens=True)}]
-            for p, job in zip(prompts, jobs, strict=True) if job.run is not None]
+    return [tokenizer.decode(job.run.tokens, skip_special_tokens=True)
+            if job.run is not None else "" for job in jobs]
+
+
+def distill(generator: Any, prompts: Sequence[str], max_new_tokens: int, batch: int = 8,
+            progress: bool = True) -> list[list[dict[str, str]]]:
+    """Conversations whose answers are the target's own greedy output (generated ``batch`` at a
+    time through the server's scheduler)."""
+    answers = _generate(generator, prompts, max_new_tokens, batch, "self-distilled answers",
+                        "answer", progress)
+    return [[{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+            for p, a in zip(prompts, answers, strict=True) if a]
 
 
 def corpus(data: str) -> list[list[dict[str, str]]]:
