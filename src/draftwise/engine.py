@@ -196,6 +196,9 @@ class Run:
         # drafter is asked for nothing (depth 0) but keeps its bookkeeping and feedback.
         drafting = sizer is None or sizer.wants_draft()
         asked = depth if drafting else 0
+        pinned = sizer.config.budget if sizer is not None else None
+        if pinned is not None:  # the likeliest N nodes reach no deeper than N
+            asked = min(asked, pinned)
         tp = time.perf_counter()
         tree = drafter.propose(self._context + forced, asked).truncated(depth)
         propose_s = time.perf_counter() - tp
