@@ -132,7 +132,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     NumPy's argmax on a CPU float32/float64 tensor: torch's costs ~0.2 ms for a few rows of a
     49k vocabulary here (NumPy ~0.01 ms), which is a few percent of a decoding step."""
     if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
-        return torch.from_numpy(np.ascontiguousarray(np.argmax(logits.numpy(), axis=-1)))
+        return torch.from_numpy(np.ascontiguousarray(np.argmax(logits.detach().numpy(), axis=-1)))
     return torch.argmax(logits, dim=-1)
 
 

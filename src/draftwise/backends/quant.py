@@ -99,9 +99,10 @@ def _cpu_flags() -> set[str] | None:
 
 def kernel_isa() -> tuple[str, list[str]]:
     """The instruction set the kernels are built for on this machine, and its compiler flags:
-    AVX-512 VNNI with AMX tiles where the CPU has them (the tiles take products of 4 rows or
-    more), else AVX-512 VNNI, else AVX-VNNI, else AVX2 (``$DRAFTWISE_QUANT_ISA``
-    picks a narrower one, e.g. to test the AVX2 build on an AVX-512 machine)."""
+    AVX-512 VNNI with AMX tiles where the CPU has them (the tiles take products of many rows:
+    Q8_0 from 4, the 4-bit types from 16), else AVX-512 VNNI, else AVX-VNNI, else AVX2
+    (``$DRAFTWISE_QUANT_ISA`` picks a narrower one, e.g. to test the AVX2 build on an AVX-512
+    machine)."""
     flags = _cpu_flags() or set()
     avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
     have = {

@@ -12,8 +12,9 @@
 // nothing in that order, so a row's result is bit-identical whether it is verified alone or in a
 // tree of 64 rows.
 //
-// Built once per machine with -mavx2 -mfma (torch.utils.cpp_extension, cached); the Python side
-// checks the CPU has AVX2 and FMA before loading it.
+// Built once per machine with -mavx2 -mfma plus the widest extension the CPU has (AVX-VNNI,
+// AVX-512 VNNI, AMX tiles: quant.kernel_isa; torch.utils.cpp_extension, cached); the Python
+// side checks the CPU has AVX2 and FMA before loading it.
 
 #include <torch/extension.h>
 #include <immintrin.h>
@@ -806,7 +807,6 @@ void packed_tile_q5(const uint8_t* group, const QuantizedRows& xq, int64_t in, i
 // without it the VNNI path runs.
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
 constexpr bool kAmxBuild = true;
-
 
 bool amx_granted() {
   static const bool granted = [] {
@@ -1762,7 +1762,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tiles", [](int64_t min_rows) {
     const int64_t before = amx_min_rows;
     if (min_rows > 0) amx_min_rows = min_rows;
-
     return pybind11::make_tuple(kAmxBuild && amx_granted(), before);
   }, "(AMX tiles usable, the fewest rows that use them); min_rows > 0 sets that count");
 }
