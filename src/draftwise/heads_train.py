@@ -156,8 +156,7 @@ def self_written_prompts(generator: Any, count: int, seed: int = 0, batch: int =
     sampling = SamplingConfig(temperature=0.9, top_p=0.95)
     replies = _generate(generator, asks, 80, batch, "self-written prompts", "prompt", progress,
                         sampling=sampling, seed=seed)
-    prompts = [text for text in map(_user_message, replies) if text]
-    return prompts
+    return [text for text in map(_user_message, replies) if text]
 
 
 def _user_message(reply: str) -> str:

@@ -142,9 +142,8 @@ def top2_margins(logits: torch.Tensor, top: torch.Tensor) -> tuple[float, ...]:
     rows = logits.detach().cpu()
     if rows.dtype not in (torch.float32, torch.float64):
         rows = rows.to(torch.float64)
-    values = rows.numpy().copy()
-    index = np.arange(len(values))
-    best = values[index, top.numpy()].astype(np.float64)
-    values[index, top.numpy()] = -np.inf
-    second = values.max(axis=-1).astype(np.float64) if values.shape[1] > 1 else best
-    return tuple((best - second).tolist())
+    margins = []
+    for row, i in zip(rows.numpy(), top.tolist(), strict=True):  # no copy: the maxima either side
+        second = max(row[:i].max(initial=-np.inf), row[i + 1 :].max(initial=-np.inf))
+        margins.append(float(row[i]) - float(second) if np.isfinite(second) else 0.0)
+    return tuple(margins)

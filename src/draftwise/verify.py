@@ -110,7 +110,10 @@ def _verify_greedy(
         node = child
     emitted_rows = [0] + [n + 1 for n in path]
     emitted = logits[emitted_rows]
-    margins = top2_margins(emitted, argmax_rows(emitted))
+    # the margins are of the raw logits: their argmax is the target unless a penalty applied
+    top = (torch.tensor([targets[r] for r in emitted_rows]) if seen is None
+           else argmax_rows(emitted))
+    margins = top2_margins(emitted, top)
     tokens = tuple(tree.tokens[n] for n in path) + (targets[node + 1],)
     return Acceptance(tuple(path), tokens, bonus=node not in children, margins=margins)
 

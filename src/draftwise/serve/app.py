@@ -315,8 +315,7 @@ def create_app(generator: Generator, method: str = "pld", *, max_batch: int = 8,
     def _absorb(choice: _Choice, event: Event) -> None:
         choice.text += event.text
         choice.tokens += len(event.tokens)
-        choice.logprobs.extend((t, lp, top) for t, (lp, top) in zip(
-            event.tokens, event.logprobs, strict=False))
+        choice.logprobs.extend(_entries(event))
         server.completion_tokens += len(event.tokens)
         if event.finish_reason is not None:
             choice.finish_reason = event.finish_reason
@@ -325,10 +324,15 @@ def create_app(generator: Generator, method: str = "pld", *, max_batch: int = 8,
         text: str = generator.model.tokenizer.decode([token])
         return text
 
-    def _logprobs(entries: list[tuple[int, float, list[tuple[int, float]]]], chat: bool,
-                  wanted: bool) -> dict[str, Any] | None:
-        """OpenAI's logprobs object for ``(token, logprob, alternatives)`` entries."""
-        if not wanted:
+    def _entries(event: Event) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """``(token, logprob, alternatives)`` of each token in ``event`` that has logprobs."""
+        return [(t, lp, top) for t, (lp, top) in zip(event.tokens, event.logprobs, strict=False)]
+
+    def _logprobs(choice: _Choice, entries: list[tuple[int, float, list[tuple[int, float]]]],
+                  chat: bool) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for ``(token, logprob, alternatives)`` entries, or None when
+        the request did not ask for logprobs."""
+        if choice.job is None or choice.job.logprobs is None:
             return None
         if chat:
             def item(token: int, lp: float) -> dict[str, Any]:
@@ -349,8 +353,7 @@ def create_app(generator: Generator, method: str = "pld", *, max_batch: int = 8,
     def _choice_body(choice: _Choice, chat: bool) -> dict[str, Any]:
         reason = {"eos": "stop", "context": "length"}.get(choice.finish_reason or "",
                                                           choice.finish_reason)
-        wanted = choice.job is not None and choice.job.logprobs is not None
-        logprobs = _logprobs(choice.logprobs, chat, wanted)
+        logprobs = _logprobs(choice, choice.logprobs, chat)
         if chat:
             return {"index": choice.index, "finish_reason": reason, "logprobs": logprobs,
                     "message": {"role": "assistant", "content": choice.text}}
@@ -397,9 +400,7 @@ def create_app(generator: Generator, method: str = "pld", *, max_batch: int = 8,
                     choice = pending.pop(future)
                     event = future.result()
                     _absorb(choice, event)
-                    wanted = choice.job is not None and choice.job.logprobs is not None
-                    fresh = _logprobs([(t, lp, top) for t, (lp, top) in zip(
-                        event.tokens, event.logprobs, strict=False)], chat, wanted)
+                    fresh = _logprobs(choice, _entries(event), chat)
                     if event.error:
                         yield "data: " + json.dumps({"error": {
                             "message": event.error, "type": "server_error"}}) + "\n\n"
