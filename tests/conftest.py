@@ -14,15 +14,16 @@ from draftwise.tree import DraftTree
 
 
 def tiny_hf_model(
-    family: str = "llama", attn: str = "sdpa", vocab: int = 64, seed: int = 0, layers: int = 2
+    family: str = "llama", attn: str = "sdpa", vocab: int = 64, seed: int = 0, layers: int = 2,
+    hidden: int = 32, heads: int = 4, kv_heads: int = 2,
 ):
     """A tiny random transformers model in float64 (no download)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     torch.manual_seed(seed)
     kwargs = dict(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
         initializer_range=0.5, eos_token_id=None, bos_token_id=None, pad_token_id=None,
     )
     config = LlamaConfig(**kwargs) if family == "llama" else Qwen2Config(**kwargs)

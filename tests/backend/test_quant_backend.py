@@ -245,10 +245,10 @@ def tiny_gguf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 def test_quant_backend_equals_the_fast_backend_on_the_decoded_weights(
     tiny_gguf: tuple[Path, torch.nn.Module], ops: object
 ) -> None:
-    """Same weights, same forward: the tree's logits agree to float32 rounding (both sum
-    float32 products over at most 64 terms per layer, two layers)."""
+    """Same weights, same forward (float32 activations and cache): the tree's logits agree to
+    float32 rounding (both sum float32 products over at most 64 terms per layer, two layers)."""
     path, twin = tiny_gguf
-    quant = QuantBackend(path, twin.config, ops=ops, activations="float32")
+    quant = QuantBackend(path, twin.config, ops=ops, activations="float32", kv_cache="float32")
     fast = FastBackend(twin)
     prompt = [3, 9, 27, 1, 5, 8, 40]
     tree = DraftTree((4, 7, 11, 2), (-1, 0, -1, 2))
@@ -260,28 +260,99 @@ def test_quant_backend_equals_the_fast_backend_on_the_decoded_weights(
     assert quant.float32_tensors == []
 
 
-@pytest.mark.parametrize("activations", ["float32", "int8"])
-def test_tree_rows_are_bit_identical_to_plain_decoding(
-    tiny_gguf: tuple[Path, torch.nn.Module], ops: object, activations: str
-) -> None:
-    """Every row of a verified tree gets exactly the logits plain decoding gets after the same
-    tokens: the layers compute each row alone (attention over that row's visible keys in
-    position order), so no tolerance is involved, whatever the activations are rounded to."""
-    path, twin = tiny_gguf
-    prompt = [3, 9, 27, 1, 5, 8, 40, 2, 2, 7]
-    tree = DraftTree((4, 7, 11, 2, 9, 4), (-1, 0, -1, 2, 2, 3))
-    backend = QuantBackend(path, twin.config, ops=ops, activations=activations)
+def assert_tree_rows_are_plain_rows(make: object, prompt: list[int], tree: DraftTree) -> None:
+    """Each row of ``tree`` verified after ``prompt`` on ``make()`` equals, bit for bit, the
+    row plain decoding gets after the same tokens on a fresh ``make()``."""
+    backend = make()  # type: ignore[operator]
     backend.prefill(prompt)
     logits = backend.forward_tree(tree)
     for node in range(-1, len(tree)):
         tokens = [] if node < 0 else tree.path_tokens(node)
-        plain = QuantBackend(path, twin.config, ops=ops, activations=activations)
+        plain = make()  # type: ignore[operator]
         plain.prefill(prompt)
         row = plain.forward_tree(DraftTree.chain([]))[0]
         for token in tokens:
             plain.commit((), token)
             row = plain.forward_tree(DraftTree.chain([]))[0]
-        assert torch.equal(row, logits[node + 1]), (activations, node)
+        assert torch.equal(row, logits[node + 1]), node
+
+
+@pytest.mark.parametrize("kv_cache", ["float16", "float32"])
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+def test_tree_rows_are_bit_identical_to_plain_decoding(
+    tiny_gguf: tuple[Path, torch.nn.Module], ops: object, activations: str, kv_cache: str
+) -> None:
+    """Every row of a verified tree gets exactly the logits plain decoding gets after the same
+    tokens: the layers compute each row alone (attention over that row's visible keys in
+    position order), so no tolerance is involved, whatever the activations and the cache are
+    rounded to."""
+    path, twin = tiny_gguf
+    prompt = [3, 9, 27, 1, 5, 8, 40, 2, 2, 7]
+    tree = DraftTree((4, 7, 11, 2, 9, 4), (-1, 0, -1, 2, 2, 3))
+    assert_tree_rows_are_plain_rows(
+        lambda: QuantBackend(path, twin.config, ops=ops, activations=activations,
+                             kv_cache=kv_cache), prompt, tree)
+
+
+@pytest.fixture(scope="module")
+def wide_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """Head size 64 with three query heads per KV head: the kernels' widest attention paths
+    (16-lane key blocks; values summed for several queries at once)."""
+    model = tiny_hf_model("llama", "sdpa", vocab=64, seed=5, hidden=384, heads=6, kv_heads=2)
+    path = tmp_path_factory.mktemp("gguf") / "wide-Q8_0.gguf"
+    write_tiny_gguf(model, path, "Q8_0")
+    return path, model.config
+
+
+@pytest.mark.parametrize("kv_cache", ["float16", "float32"])
+def test_grouped_attention_gives_each_row_its_bits_alone(
+    wide_gguf: tuple[Path, object], ops: object, kv_cache: str
+) -> None:
+    """Attention reads the keys and values every row of a tree sees once for all the rows and
+    query heads of a KV head (keys a chunk at a time, values for up to four queries at once),
+    over a prefix longer than a chunk: each row still gets plain decoding's bits, and each
+    sequence of a batched pass its bits alone."""
+    from draftwise.backends.batch import SequencePool
+
+    path, config = wide_gguf
+    prompt = [(5 * i + 3) % 64 for i in range(150)]
+    tree = DraftTree((4, 7, 11, 2, 9, 4, 1, 1, 3), (-1, 0, -1, 2, 2, 3, 5, 6, 7))
+
+    def make() -> QuantBackend:
+        return QuantBackend(path, config, ops=ops, kv_cache=kv_cache)
+
+    assert_tree_rows_are_plain_rows(make, prompt, tree)
+    pool = SequencePool(make(), 3)
+    prompts = [prompt, prompt[:70], prompt[40:]]
+    for i, p in enumerate(prompts):
+        pool.sequences[i].prefill(p)
+    got = pool.forward([(i, tree) for i in range(3)])
+    for p, logits in zip(prompts, got, strict=True):
+        alone = make()
+        alone.prefill(p)
+        assert torch.equal(logits, alone.forward_tree(tree))
+
+
+def test_the_float16_cache_holds_the_rounded_float32_values(
+    tiny_gguf: tuple[Path, torch.nn.Module], ops: object
+) -> None:
+    """The default cache (float16, as llama.cpp's) holds each key and value rounded to nearest
+    float16: layer 0, whose inputs do not depend on the cache, equals the float32 cache's
+    rounding exactly; halving the bytes attention reads changes nothing else."""
+    path, twin = tiny_gguf
+    prompt = [3, 9, 27, 1, 5, 8, 40, 2, 2, 7]
+    tree = DraftTree((4, 7, 11, 2), (-1, 0, -1, 2))
+    half, full = (QuantBackend(path, twin.config, ops=ops, kv_cache=kv)
+                  for kv in ("float16", "float32"))
+    for backend in (half, full):
+        backend.prefill(prompt)
+        backend.forward_tree(tree)
+    n = len(prompt) - 1 + len(tree) + 1
+    assert half.keys.dtype == torch.float16 and full.keys.dtype == torch.float32
+    assert torch.equal(half.keys[0, :, :n], full.keys[0, :, :n].half())
+    assert torch.equal(half.values[0, :, :n], full.values[0, :, :n].half())
+    with pytest.raises(ValueError, match="kv_cache"):
+        QuantBackend(path, twin.config, ops=ops, kv_cache="int8")
 
 
 @pytest.mark.parametrize("activations", ["float32", "int8"])

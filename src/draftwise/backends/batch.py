@@ -37,8 +37,8 @@ class SequencePool:
         shape = (slots, len(backend.layers), backend.kv_heads, backend.max_length,
                  backend.head_dim)
         # empty: a slot's pages are touched only as its sequence grows
-        self.keys = torch.empty(shape, dtype=backend.dtype)
-        self.values = torch.empty(shape, dtype=backend.dtype)
+        self.keys = torch.empty(shape, dtype=backend.keys.dtype)
+        self.values = torch.empty(shape, dtype=backend.keys.dtype)
         self.sequences = [backend.with_cache(self.keys[i], self.values[i]) for i in range(slots)]
         self._native = getattr(backend, "_native", None)
 

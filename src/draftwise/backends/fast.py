@@ -187,8 +187,8 @@ class FastBackend(KVBackend):
         other = copy.copy(self)
         other.layers = [layer for i, layer in enumerate(self.layers) if i not in skip]
         shape = (len(other.layers), self.kv_heads, self._max_length, self.head_dim)
-        other = other.with_cache(torch.empty(shape, dtype=self.dtype),
-                                 torch.empty(shape, dtype=self.dtype))
+        other = other.with_cache(torch.empty(shape, dtype=self.keys.dtype),
+                                 torch.empty(shape, dtype=self.keys.dtype))
         other.exact = False
         return other
 
@@ -198,6 +198,8 @@ class FastBackend(KVBackend):
         :class:`~draftwise.backends.batch.SequencePool`'s cache, say."""
         if keys.shape != (len(self.layers), self.kv_heads, self._max_length, self.head_dim):
             raise ValueError(f"a cache of shape {tuple(keys.shape)} does not fit this model")
+        if keys.dtype != self.keys.dtype or values.dtype != self.keys.dtype:
+            raise ValueError(f"this model's cache holds {self.keys.dtype}, not {keys.dtype}")
         other = copy.copy(self)
         other.keys, other.values = keys, values
         other._cached, other._past, other._root = 0, 0, None

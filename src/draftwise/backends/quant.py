@@ -23,6 +23,10 @@ scaled in float32: the computation llama.cpp does (its Q8_0/Q8_1/Q8_K activation
 backend renders the GGUF model as llama.cpp does, not as a float32 copy would. The weights are
 regrouped at load, R output rows per block (``pack_rows``; R = 16 on AVX-512 builds, else 8),
 so that one vector lane computes one output row. Norms, rotary, attention and SiLU are float32.
+The KV cache holds each key and value rounded to float16 (``kv_cache="float16"``, llama.cpp's
+default: attention reads half the bytes, and a long window takes half the memory); plain and
+speculative decoding read the same cache, so exactness is untouched. ``kv_cache="float32"``
+keeps them as computed.
 ``activations="float32"`` keeps every product float32 (slower; each product is then the float32
 rendering of the dequantized model's). A prefill of 32 tokens or more takes its attention from
 torch's fused kernel: plain and speculative decoding share the prefill, so it need not match
@@ -157,6 +161,7 @@ def load_kernels(cache_dir: Path, progress: bool = True) -> Any:
 
 
 ACTIVATIONS = ("int8", "float32")
+KV_CACHES = ("float16", "float32")
 _INT8_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the kernels' 8-bit path on the GGUF layout
 _PACKABLE = (*_INT8_TYPES, "Q5_0", "Q4_K", "Q6_K")  # ... and on blocks packed R rows at a time
 
@@ -252,12 +257,15 @@ class QuantBackend(FastBackend):
 
     def __init__(self, gguf_path: str | Path, config: Any, *, ops: Any = None,
                  slow_reason: str | None = None, max_length: int | None = None,
-                 exact: bool = False, activations: str = "int8") -> None:
+                 exact: bool = False, activations: str = "int8",
+                 kv_cache: str = "float16") -> None:
         from gguf import GGUFReader
 
         check_config(config)
         if activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
         self.activations = activations
         self.slow_reason = None if ops is not None else (slow_reason or "no kernels given")
         self._fallbacks: list[tuple[str, str]] = []  # (tensor, its GGUF type) run in float32
@@ -309,9 +317,12 @@ class QuantBackend(FastBackend):
         del self._tensors  # the reader's memory map is no longer needed
         self._ops = ops
         self._native = self._build_native()
-        # the step-cost curve depends on the kernels' build and the activations
+        if self._native is not None and kv_cache == "float16":  # (torch's path: float32 only)
+            self.keys = torch.empty(self.keys.shape, dtype=torch.float16)
+            self.values = torch.empty(self.values.shape, dtype=torch.float16)
+        # the step-cost curve depends on the kernels' build, the activations and the cache
         build = getattr(ops, "__name__", "float32-copies")
-        self.cost_tag = f"|{build}|{activations}"
+        self.cost_tag = f"|{build}|{activations}|kv-{self.keys.dtype}".replace("torch.", "")
 
     def _build_native(self) -> Any:
         """The kernels' ``Model`` over these layers (every layer in one call), or None."""

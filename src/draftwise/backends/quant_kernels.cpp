@@ -1369,20 +1369,43 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t d) {
   }
 }
 
+// The KV cache holds float16 (llama.cpp's default, half the bytes attention reads) or float32
+// values; these load 8 (16) of them as float32 and store a row rounded to the cache's type.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+inline void store_row(float* dst, const float* src, int64_t d) {
+  std::memcpy(dst, src, d * sizeof(float));
+}
+inline void store_row(uint16_t* dst, const float* src, int64_t d) {  // round to nearest even
+  for (int64_t i = 0; i < d; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 // scores[j] = scale * (q . K[slots[j]]) for j < count, eight keys at a time: one vector
 // accumulator per key over the head's 8-value chunks in order, then one transposing add tree
 // that gives every key ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)) of its accumulator's lanes. Keys
 // past ``count`` are a zero row, so every key, wherever it falls in a block, is summed alike.
-void key_scores(const float* q, const float* K, const int64_t* slots, int64_t count, int64_t d,
-                float scale, float* scores, const float* zero_row) {
+template <typename KV>
+void key_scores(const float* q, const KV* K, const int64_t* slots, int64_t count, int64_t d,
+                float scale, float* scores, const KV* zero_row) {
   for (int64_t j0 = 0; j0 < count; j0 += 8) {
-    const float* rows[8];
+    const KV* rows[8];
     for (int k = 0; k < 8; ++k) rows[k] = j0 + k < count ? K + slots[j0 + k] * d : zero_row;
     __m256 acc[8];
     for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
     for (int64_t i = 0; i < d; i += 8) {
       const __m256 qv = _mm256_loadu_ps(q + i);
-      for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[k] + i), acc[k]);
+      for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, load8(rows[k] + i), acc[k]);
     }
     const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
     const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
@@ -1407,16 +1430,17 @@ inline __m512 pair_sums(__m512 x, __m512 y) {  // per 128-bit quarter: x0+x1, x2
                        _mm512_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-void key_scores_16(const float* q, const float* K, const int64_t* slots, int64_t count,
-                   int64_t d, float scale, float* scores, const float* zero_row) {
+template <typename KV>
+void key_scores_16(const float* q, const KV* K, const int64_t* slots, int64_t count,
+                   int64_t d, float scale, float* scores, const KV* zero_row) {
   for (int64_t j0 = 0; j0 < count; j0 += 16) {
-    const float* rows[16];
+    const KV* rows[16];
     for (int k = 0; k < 16; ++k) rows[k] = j0 + k < count ? K + slots[j0 + k] * d : zero_row;
     __m512 acc[16];
     for (int k = 0; k < 16; ++k) acc[k] = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16) {
       const __m512 qv = _mm512_loadu_ps(q + i);
-      for (int k = 0; k < 16; ++k) acc[k] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows[k] + i), acc[k]);
+      for (int k = 0; k < 16; ++k) acc[k] = _mm512_fmadd_ps(qv, load16(rows[k] + i), acc[k]);
     }
     __m512 h[8], g[4];
     for (int k = 0; k < 8; ++k) h[k] = pair_sums(acc[2 * k], acc[2 * k + 1]);
@@ -1432,56 +1456,91 @@ void key_scores_16(const float* q, const float* K, const int64_t* slots, int64_t
   }
 }
 
-// weighted_sum_fixed's sums (each lane: the keys in order), 16 lanes at a time
-template <int C>
-void weighted_sum_16(const float* p, const int64_t* slots, int64_t count, const float* V,
-                     float inv, float* o) {
-  __m512 acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < count; ++j) {
-    const __m512 w = _mm512_set1_ps(p[j]);
-    const float* v = V + slots[j] * (16 * C);
-    for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * c), acc[c]);
-  }
-  for (int c = 0; c < C; ++c) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
-}
 #else
 constexpr int64_t kKeyBlock = 8;
 #endif
 
-// o = inv * sum_j p[j] V[slots[j]], keys in order, C = d / 8 vector accumulators
-template <int C>
-void weighted_sum_fixed(const float* p, const int64_t* slots, int64_t count, const float* V,
-                        float inv, float* o) {
-  __m256 acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < count; ++j) {
-    const __m256 w = _mm256_set1_ps(p[j]);
-    const float* v = V + slots[j] * (8 * C);
-    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+// Value sums: acc += p[j] V[slots[j]] over keys j in order, each lane its own chain of fused
+// multiply-adds (the output is then acc * (1 / sum p)). Several queries that see the same keys
+// (the query heads sharing a KV head, the rows of one tree) go through those keys together, each
+// key's values loaded once for all of them; each query's lanes take exactly the operations they
+// would take alone, so grouping changes no bits.
+#if defined(__AVX512F__)
+struct Lanes {
+  using F = __m512;
+  static constexpr int64_t kWidth = 16, kMaxAcc = 16;  // of 32 registers
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  template <typename KV> static F kv(const KV* p) { return load16(p); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+};
+#else
+struct Lanes {
+  using F = __m256;
+  static constexpr int64_t kWidth = 8, kMaxAcc = 8;  // of 16 registers
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  template <typename KV> static F kv(const KV* p) { return load8(p); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+};
+#endif
+
+// acc[q][0..d) += p[q][j] V[slots[j]] for j in [begin, end), M queries, d = C lanes-widths
+template <typename KV, int C, int M>
+void value_sums(const float* const* p, const int64_t* slots, int64_t begin, int64_t end,
+                const KV* V, float* const* acc) {
+  constexpr int64_t W = Lanes::kWidth;
+  typename Lanes::F a[M][C];
+  for (int q = 0; q < M; ++q)
+    for (int c = 0; c < C; ++c) a[q][c] = Lanes::load(acc[q] + W * c);
+  for (int64_t j = begin; j < end; ++j) {
+    const KV* v = V + slots[j] * (W * C);
+    typename Lanes::F w[M];
+    for (int q = 0; q < M; ++q) w[q] = Lanes::set1(p[q][j]);
+    for (int c = 0; c < C; ++c) {
+      const typename Lanes::F vc = Lanes::kv(v + W * c);
+      for (int q = 0; q < M; ++q) a[q][c] = Lanes::fma(w[q], vc, a[q][c]);
+    }
   }
-  for (int c = 0; c < C; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+  for (int q = 0; q < M; ++q)
+    for (int c = 0; c < C; ++c) Lanes::store(acc[q] + W * c, a[q][c]);
 }
 
-void weighted_sum(const float* p, const int64_t* slots, int64_t count, const float* V, int64_t d,
-                  float inv, float* o) {
-  switch (d) {
-#if defined(__AVX512F__)
-    case 64: return weighted_sum_16<4>(p, slots, count, V, inv, o);
-    case 128: return weighted_sum_16<8>(p, slots, count, V, inv, o);
-#else
-    case 64: return weighted_sum_fixed<8>(p, slots, count, V, inv, o);
-    case 128: return weighted_sum_fixed<16>(p, slots, count, V, inv, o);
-#endif
+// up to kMaxAcc / C queries at a time
+template <typename KV, int C>
+void value_sums_c(int64_t m, const float* const* p, const int64_t* slots, int64_t begin,
+                  int64_t end, const KV* V, float* const* acc) {
+  constexpr int64_t most = std::max<int64_t>(1, std::min<int64_t>(4, Lanes::kMaxAcc / C));
+  for (int64_t q = 0; q < m; q += most) {
+    switch (std::min(most, m - q)) {
+      case 4: value_sums<KV, C, std::min<int64_t>(4, most)>(p + q, slots, begin, end, V, acc + q); break;
+      case 3: value_sums<KV, C, std::min<int64_t>(3, most)>(p + q, slots, begin, end, V, acc + q); break;
+      case 2: value_sums<KV, C, std::min<int64_t>(2, most)>(p + q, slots, begin, end, V, acc + q); break;
+      default: value_sums<KV, C, 1>(p + q, slots, begin, end, V, acc + q); break;
+    }
+  }
+}
+
+// m queries' value sums over keys [begin, end) into acc[q][0..d)
+template <typename KV>
+void value_sums_any(int64_t d, int64_t m, const float* const* p, const int64_t* slots,
+                    int64_t begin, int64_t end, const KV* V, float* const* acc) {
+  switch (d / Lanes::kWidth * (d % Lanes::kWidth == 0)) {
+    case 4: return value_sums_c<KV, 4>(m, p, slots, begin, end, V, acc);
+    case 8: return value_sums_c<KV, 8>(m, p, slots, begin, end, V, acc);
+    case 16: return value_sums_c<KV, 16>(m, p, slots, begin, end, V, acc);
     default: break;
   }
   // any other multiple of 8: the same sums, one 8-value chunk at a time
-  for (int64_t c = 0; c < d; c += 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < count; ++j)
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + slots[j] * d + c), acc);
-    _mm256_storeu_ps(o + c, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
-  }
+  for (int64_t q = 0; q < m; ++q)
+    for (int64_t c = 0; c < d; c += 8) {
+      __m256 a = _mm256_loadu_ps(acc[q] + c);
+      for (int64_t j = begin; j < end; ++j)
+        a = _mm256_fmadd_ps(_mm256_set1_ps(p[q][j]), load8(V + slots[j] * d + c), a);
+      _mm256_storeu_ps(acc[q] + c, a);
+    }
 }
 
 class Model {
@@ -1493,25 +1552,27 @@ class Model {
     TORCH_CHECK(head_dim % 8 == 0, "head_dim must be a multiple of 8");
   }
 
-  // x: [T, hidden] input rows (embeddings); keys/values: [layers, kv, S, d] caches, rows
+  // x: [T, hidden] input rows (embeddings); keys/values: [layers, kv, S, d] caches (float16 or
+  // float32, both alike), rows
   // start..start+T-1 written here; cos/sin: [T, d] at the rows' positions; tree: [T, T] uint8,
   // tree[r][j] = row r may see row j (itself and its ancestors). Returns the final-normed
   // hidden states [T, hidden].
   torch::Tensor forward(torch::Tensor x, torch::Tensor keys, torch::Tensor values, int64_t start,
                         torch::Tensor cos, torch::Tensor sin, torch::Tensor tree, bool prefill) {
     TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "caches must be contiguous");
+    check_caches(keys, values);
     tree = tree.to(torch::kUInt8).contiguous();
     const int64_t T = x.size(0), S = keys.size(2);
     TORCH_CHECK(keys.size(0) == static_cast<int64_t>(layers_.size()) && start + T <= S,
                 "cache shape does not match");
     TORCH_CHECK(tree.size(0) == T && tree.size(1) == T, "tree must be [T, T]");
     const bool whole_prompt = prefill && T >= 32 && start == 0;
-    Rows rows(T, keys.size(1) * S * d_, S);
+    Rows rows(T, keys.size(1) * S * d_, S, keys.element_size());
     // the cache slots each row may see, in position order: the same for every head and layer
     const uint8_t* tp = tree.data_ptr<uint8_t>();
     for (int64_t r = 0; r < T; ++r) {
-      rows.kbase[r] = keys.data_ptr<float>();
-      rows.vbase[r] = values.data_ptr<float>();
+      rows.kbase[r] = static_cast<char*>(keys.data_ptr());
+      rows.vbase[r] = static_cast<char*>(values.data_ptr());
       rows.write[r] = start + r;
       if (whole_prompt) continue;  // torch's causal kernel: no slot lists
       rows.visible[r].resize(start);
@@ -1533,6 +1594,7 @@ class Model {
     TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.dim() == 5,
                 "caches must be contiguous [B, layers, kv, W, d]");
     TORCH_CHECK(keys.size(1) == static_cast<int64_t>(layers_.size()), "cache has other layers");
+    check_caches(keys, values);
     const int64_t T = x.size(0), B = keys.size(0), W = keys.size(3);
     seq = seq.to(torch::kInt64).contiguous();
     write = write.to(torch::kInt64).contiguous();
@@ -1541,14 +1603,14 @@ class Model {
     TORCH_CHECK(seq.numel() == T && write.numel() == T && offsets.numel() == T + 1,
                 "seq, write: [T]; offsets: [T + 1]");
     const int64_t region = keys.size(1) * keys.size(2) * W * d_;
-    Rows rows(T, keys.size(2) * W * d_, W);
+    Rows rows(T, keys.size(2) * W * d_, W, keys.element_size());
     const int64_t *sp = seq.data_ptr<int64_t>(), *wp = write.data_ptr<int64_t>();
     const int64_t *op = offsets.data_ptr<int64_t>(), *vp = visible.data_ptr<int64_t>();
     TORCH_CHECK(op[T] == visible.numel(), "offsets do not match visible");
     for (int64_t r = 0; r < T; ++r) {
       TORCH_CHECK(sp[r] >= 0 && sp[r] < B && wp[r] >= 0 && wp[r] < W, "row outside the cache");
-      rows.kbase[r] = keys.data_ptr<float>() + sp[r] * region;
-      rows.vbase[r] = values.data_ptr<float>() + sp[r] * region;
+      rows.kbase[r] = static_cast<char*>(keys.data_ptr()) + sp[r] * region * rows.bytes;
+      rows.vbase[r] = static_cast<char*>(values.data_ptr()) + sp[r] * region * rows.bytes;
       rows.write[r] = wp[r];
       rows.visible[r].assign(vp + op[r], vp + op[r + 1]);
       for (int64_t slot : rows.visible[r]) TORCH_CHECK(slot >= 0 && slot < W, "slot outside");
@@ -1559,13 +1621,47 @@ class Model {
  private:
   // where each row's keys/values live and which of them it sees
   struct Rows {
-    Rows(int64_t T, int64_t layer_stride_, int64_t S_)
-        : kbase(T), vbase(T), write(T), visible(T), layer_stride(layer_stride_), S(S_) {}
-    std::vector<float*> kbase, vbase;  // layer 0 of the row's cache, [layers, kv, S, d]
+    Rows(int64_t T, int64_t layer_stride_, int64_t S_, int64_t bytes_)
+        : kbase(T), vbase(T), write(T), visible(T), layer_stride(layer_stride_), S(S_),
+          bytes(bytes_) {}
+    std::vector<char*> kbase, vbase;  // layer 0 of the row's cache, [layers, kv, S, d]
     std::vector<int64_t> write;        // the slot the row's key/value is written to
     std::vector<std::vector<int64_t>> visible;
     int64_t layer_stride, S;
+    int64_t bytes;  // of one cached value: 2 (float16) or 4 (float32)
   };
+
+  static void check_caches(const torch::Tensor& keys, const torch::Tensor& values) {
+    TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
+                    (keys.scalar_type() == torch::kFloat16 || keys.scalar_type() == torch::kFloat32),
+                "the caches must both be float16 or both float32");
+  }
+
+  // consecutive rows on one cache (a tree: all its rows; a batch: each sequence's), and how many
+  // slots, from the first, every one of them sees
+  struct Span {
+    int64_t begin, end, shared;
+  };
+
+  static std::vector<Span> spans(const Rows& rows) {
+    std::vector<Span> out;
+    const int64_t T = static_cast<int64_t>(rows.kbase.size());
+    for (int64_t begin = 0; begin < T;) {
+      int64_t end = begin + 1;
+      while (end < T && rows.kbase[end] == rows.kbase[begin]) ++end;
+      const std::vector<int64_t>& first = rows.visible[begin];
+      int64_t shared = static_cast<int64_t>(first.size());
+      for (int64_t r = begin + 1; r < end; ++r) {
+        const std::vector<int64_t>& other = rows.visible[r];
+        const int64_t most = std::min<int64_t>(shared, other.size());
+        shared = std::mismatch(first.begin(), first.begin() + most, other.begin()).first -
+                 first.begin();
+      }
+      out.push_back({begin, end, shared});
+      begin = end;
+    }
+    return out;
+  }
 
   // every decoder layer over the rows, then the final norm
   torch::Tensor run(torch::Tensor x, const Rows& rows, torch::Tensor cos, torch::Tensor sin,
@@ -1580,15 +1676,16 @@ class Model {
     std::vector<float> normed(T * hidden), tmp(T * hidden), attn(T * heads_ * d);
     const int64_t qkv_width = (heads_ + 2 * kv_heads_) * d;
     std::vector<float> qkv(T * qkv_width), gu, act;
-    std::vector<const float*> K(T), V(T);
+    std::vector<const char*> K(T), V(T);
+    const std::vector<Span> runs = whole_prompt ? std::vector<Span>{} : spans(rows);
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& layer = layers_[l];
       rms_norm(xp, T, hidden, layer.attn_norm.data_ptr<float>(), eps_, normed.data());
       TORCH_CHECK(width(layer.qkv) == qkv_width, "qkv width does not match the heads");
       apply(layer.qkv, normed.data(), T, qkv.data(), qkv_width, int8_, batched);
       for (int64_t r = 0; r < T; ++r) {
-        float* Kr = rows.kbase[r] + l * rows.layer_stride;
-        float* Vr = rows.vbase[r] + l * rows.layer_stride;
+        char* Kr = rows.kbase[r] + l * rows.layer_stride * rows.bytes;
+        char* Vr = rows.vbase[r] + l * rows.layer_stride * rows.bytes;
         K[r] = Kr;
         V[r] = Vr;
         float* row = qkv.data() + r * qkv_width;
@@ -1596,16 +1693,25 @@ class Model {
         const float* s = sin.data_ptr<float>() + r * d;
         for (int64_t h = 0; h < heads_ + kv_heads_; ++h) rotate(row + h * d, c, s, d);
         for (int64_t h = 0; h < kv_heads_; ++h) {
-          std::memcpy(Kr + (h * S + rows.write[r]) * d, row + (heads_ + h) * d,
-                      d * sizeof(float));
-          std::memcpy(Vr + (h * S + rows.write[r]) * d, row + (heads_ + kv_heads_ + h) * d,
-                      d * sizeof(float));
+          const int64_t at = (h * S + rows.write[r]) * d;
+          const float *k = row + (heads_ + h) * d, *v = row + (heads_ + kv_heads_ + h) * d;
+          if (rows.bytes == 2) {
+            store_row(reinterpret_cast<uint16_t*>(Kr) + at, k, d);
+            store_row(reinterpret_cast<uint16_t*>(Vr) + at, v, d);
+          } else {
+            store_row(reinterpret_cast<float*>(Kr) + at, k, d);
+            store_row(reinterpret_cast<float*>(Vr) + at, v, d);
+          }
         }
       }
       if (whole_prompt) {
         prefill_attention(qkv.data(), qkv_width, T, attn.data());
       } else {
-        attend(qkv.data(), qkv_width, T, K, V, S, rows.visible, attn.data());
+        if (rows.bytes == 2) {
+          attend<uint16_t>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, attn.data());
+        } else {
+          attend<float>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, attn.data());
+        }
       }
       apply(layer.out, attn.data(), T, tmp.data(), hidden, int8_, batched);
       for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
@@ -1655,72 +1761,123 @@ class Model {
   }
 
   // out[r, h*d:(h+1)*d] = softmax(q . K_visible / sqrt(d)) V_visible for each row r, head h
-  // K[r], V[r]: the layer's [kv, S, d] cache of row r's sequence
-  void attend(const float* qkv, int64_t ldq, int64_t T, const std::vector<const float*>& K,
-              const std::vector<const float*>& V, int64_t S,
-              const std::vector<std::vector<int64_t>>& visible, float* out) const {
+  // K[r], V[r]: the layer's [kv, S, d] cache of row r's sequence; runs: the rows on one cache
+  template <typename KV>
+  void attend(const float* qkv, int64_t ldq, const std::vector<const char*>& K,
+              const std::vector<const char*>& V, int64_t S,
+              const std::vector<std::vector<int64_t>>& visible, const std::vector<Span>& runs,
+              float* out) const {
     const int64_t d = d_, group = heads_ / kv_heads_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    // (row, head) items: for each run of consecutive rows on one cache (a tree: all its rows;
-    // a batch: each sequence's rows), KV head outer, then row, then the query heads sharing
-    // that KV head — so a cache's keys and values for one KV head are read from memory once for
-    // all the rows and heads that see them, not once per row. The order of the items changes
-    // nothing in any item's arithmetic.
-    std::vector<std::pair<int64_t, int64_t>> items;  // (row, query head)
-    items.reserve(T * heads_);
-    for (int64_t begin = 0; begin < T;) {
-      int64_t end = begin + 1;
-      while (end < T && K[end] == K[begin]) ++end;
-      for (int64_t kvh = 0; kvh < kv_heads_; ++kvh)
-        for (int64_t r = begin; r < end; ++r)
-          for (int64_t g = 0; g < group; ++g) items.emplace_back(r, kvh * group + g);
-      begin = end;
-    }
-    const int64_t total = static_cast<int64_t>(items.size());
-#pragma omp parallel
-    {
-      std::vector<float> scores;
-      const std::vector<float> zero_row(d, 0.0f);
-#pragma omp for schedule(static)
-      for (int64_t item = 0; item < total; ++item) {
-        const int64_t r = items[item].first, h = items[item].second;
-        const int64_t kvh = h / group;
-        const float* q = qkv + r * ldq + h * d;
-        const std::vector<int64_t>& slots = visible[r];
-        const int64_t count = static_cast<int64_t>(slots.size());
-        const int64_t padded = (count + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
-        scores.assign(padded, 0.0f);
-        const float* Kh = K[r] + kvh * S * d;
-        const float* Vh = V[r] + kvh * S * d;
-#if defined(__AVX512F__)
-        if (d % 16 == 0) {
-          key_scores_16(q, Kh, slots.data(), count, d, scale, scores.data(), zero_row.data());
-        } else {
-          key_scores(q, Kh, slots.data(), count, d, scale, scores.data(), zero_row.data());
-        }
-#else
-        key_scores(q, Kh, slots.data(), count, d, scale, scores.data(), zero_row.data());
-#endif
-        float top = -INFINITY;
-        for (int64_t j = 0; j < count; ++j) top = std::max(top, scores[j]);
-        __m256 total = _mm256_setzero_ps();
-        const __m256 top8 = _mm256_set1_ps(top);
-        for (int64_t j = 0; j < padded; j += 8) {
-          __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), top8));
-          if (j + 8 > count) {  // lanes past the last key are zero
-            alignas(32) float lanes[8];
-            _mm256_store_ps(lanes, e);
-            for (int64_t k = std::max<int64_t>(count - j, 0); k < 8; ++k) lanes[k] = 0.0f;
-            e = _mm256_load_ps(lanes);
+    // Work items: queries (row, query head) of one run that share one KV head — for a tree, every
+    // row's query heads of that KV head — split into chunks so that every thread gets some. An
+    // item reads the keys and values its rows all see (the committed prefix) once for all its
+    // queries: keys a chunk at a time, scored for every query while in L1; values one key at a
+    // time for up to four queries at once. Every query's scores, exponentials and sums are the
+    // operations it takes alone, in the same order, so the grouping changes no bits.
+    std::vector<std::pair<int64_t, int64_t>> queries;  // (row, query head), item by item
+    std::vector<int64_t> bounds{0}, item_run;          // item k: queries[bounds[k], bounds[k+1])
+    const int64_t heads_of_runs = static_cast<int64_t>(runs.size()) * kv_heads_;
+    const int64_t pieces = std::max<int64_t>(1, (4 * omp_get_max_threads() + heads_of_runs - 1) /
+                                                    heads_of_runs);
+    for (size_t u = 0; u < runs.size(); ++u) {
+      const int64_t n = (runs[u].end - runs[u].begin) * group;
+      const int64_t size = std::clamp<int64_t>((n + pieces - 1) / pieces, 1, 12);
+      for (int64_t kvh = 0; kvh < kv_heads_; ++kvh) {
+        for (int64_t i = 0; i < n; ++i) {
+          queries.emplace_back(runs[u].begin + i / group, kvh * group + i % group);
+          if ((i + 1) % size == 0 || i + 1 == n) {
+            bounds.push_back(static_cast<int64_t>(queries.size()));
+            item_run.push_back(static_cast<int64_t>(u));
           }
-          _mm256_storeu_ps(scores.data() + j, e);
-          total = _mm256_add_ps(total, e);
         }
-        const float inv = 1.0f / hsum_ps(total);
-        float* o = out + r * heads_ * d + h * d;
-        weighted_sum(scores.data(), slots.data(), count, Vh, d, inv, o);
       }
     }
+    const int64_t items = static_cast<int64_t>(item_run.size());
+    constexpr int64_t kChunk = 64;  // keys scored for every query of an item in turn
+#pragma omp parallel
+    {
+      std::vector<float> scores, acc;
+      std::vector<const float*> p;
+      std::vector<float*> a;
+      const std::vector<KV> zero_row(d, KV{0});
+#pragma omp for schedule(static)
+      for (int64_t k = 0; k < items; ++k) {
+        const int64_t first = bounds[k], m = bounds[k + 1] - first;
+        const int64_t row0 = queries[first].first, kvh = queries[first].second / group;
+        const int64_t shared = runs[item_run[k]].shared;  // slots every row of the run sees first
+        const KV* Kh = reinterpret_cast<const KV*>(K[row0]) + kvh * S * d;
+        const KV* Vh = reinterpret_cast<const KV*>(V[row0]) + kvh * S * d;
+        int64_t longest = 0;
+        for (int64_t i = 0; i < m; ++i)
+          longest = std::max<int64_t>(longest, visible[queries[first + i].first].size());
+        const int64_t stride = (longest + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+        scores.resize(m * stride);
+        acc.assign(m * d, 0.0f);
+        p.resize(m);
+        a.resize(m);
+        for (int64_t i = 0; i < m; ++i) p[i] = scores.data() + i * stride, a[i] = acc.data() + i * d;
+        auto query = [&](int64_t i) { return qkv + queries[first + i].first * ldq + queries[first + i].second * d; };
+        auto slots_of = [&](int64_t i) { return visible[queries[first + i].first].data(); };
+        auto count_of = [&](int64_t i) {
+          return static_cast<int64_t>(visible[queries[first + i].first].size());
+        };
+        // scores: the shared keys a chunk at a time for every query, then each query's own
+        const int64_t blocks = shared / kKeyBlock * kKeyBlock;
+        for (int64_t j0 = 0; j0 < blocks; j0 += kChunk)
+          for (int64_t i = 0; i < m; ++i)
+            score_keys(query(i), Kh, slots_of(i) + j0, std::min(kChunk, blocks - j0), d, scale,
+                       scores.data() + i * stride + j0, zero_row.data());
+        for (int64_t i = 0; i < m; ++i)
+          if (count_of(i) > blocks)
+            score_keys(query(i), Kh, slots_of(i) + blocks, count_of(i) - blocks, d, scale,
+                       scores.data() + i * stride + blocks, zero_row.data());
+        // softmax numerators in place, and each query's 1 / sum
+        float inv[12];
+        for (int64_t i = 0; i < m; ++i) inv[i] = exponentials(scores.data() + i * stride, count_of(i));
+        // values: the shared keys for all queries together, then each query's own
+        value_sums_any(d, m, p.data(), slots_of(0), 0, shared, Vh, a.data());
+        for (int64_t i = 0; i < m; ++i) {
+          value_sums_any(d, 1, p.data() + i, slots_of(i), shared, count_of(i), Vh, a.data() + i);
+          const auto& [r, h] = queries[first + i];
+          float* o = out + r * heads_ * d + h * d;
+          for (int64_t c = 0; c < d; c += 8)  // (d % 8 == 0)
+            _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(a[i] + c), _mm256_set1_ps(inv[i])));
+        }
+      }
+    }
+  }
+
+  // scores[j] = scale * (q . K[slots[j]]) for j < count, written up to count rounded up to a
+  // key block (this build's key_scores)
+  template <typename KV>
+  static void score_keys(const float* q, const KV* K, const int64_t* slots, int64_t count,
+                         int64_t d, float scale, float* scores, const KV* zero_row) {
+#if defined(__AVX512F__)
+    if (d % 16 == 0) return key_scores_16(q, K, slots, count, d, scale, scores, zero_row);
+#endif
+    key_scores(q, K, slots, count, d, scale, scores, zero_row);
+  }
+
+  // scores[j] <- exp(scores[j] - max) for j < count, 0 up to the next multiple of 8; returns
+  // 1 / the sum (eight lanes in key order, then one horizontal sum)
+  static float exponentials(float* scores, int64_t count) {
+    float top = -INFINITY;
+    for (int64_t j = 0; j < count; ++j) top = std::max(top, scores[j]);
+    __m256 total = _mm256_setzero_ps();
+    const __m256 top8 = _mm256_set1_ps(top);
+    for (int64_t j = 0; j < count; j += 8) {
+      __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top8));
+      if (j + 8 > count) {  // lanes past the last key are zero
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, e);
+        for (int64_t k = count - j; k < 8; ++k) lanes[k] = 0.0f;
+        e = _mm256_load_ps(lanes);
+      }
+      _mm256_storeu_ps(scores + j, e);
+      total = _mm256_add_ps(total, e);
+    }
+    return 1.0f / hsum_ps(total);
   }
 
   std::vector<Layer> layers_;
