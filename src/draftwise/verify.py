@@ -109,11 +109,10 @@ def _verify_greedy(
         path.append(child)
         node = child
     emitted_rows = [0] + [n + 1 for n in path]
-    emitted = logits[emitted_rows]
     # the margins are of the raw logits: their argmax is the target unless a penalty applied
-    top = (torch.tensor([targets[r] for r in emitted_rows]) if seen is None
-           else argmax_rows(emitted))
-    margins = top2_margins(emitted, top)
+    top = ([targets[r] for r in emitted_rows] if seen is None
+           else argmax_rows(logits[emitted_rows]).tolist())
+    margins = top2_margins(logits, top, emitted_rows)
     tokens = tuple(tree.tokens[n] for n in path) + (targets[node + 1],)
     return Acceptance(tuple(path), tokens, bonus=node not in children, margins=margins)
 
