@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import pytest
@@ -231,34 +230,64 @@ def test_every_drafter_on_the_fast_backend_equals_plain_greedy(
         assert engine.generate(prompt, GenerationConfig(max_new_tokens=NEW)).tokens == expected
 
 
-class SlowOracle(OracleDrafter):
-    """An accurate drafter that takes ``delay`` seconds per draft; counts the drafts asked."""
+class Clock:
+    """Time that passes only where a test says (a virtual ``time.perf_counter``): decisions
+    that depend on measured time then do not depend on how fast or busy the machine is."""
 
-    def __init__(self, answer: list[int], vocab: int, depth: int, delay: float) -> None:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class SlowOracle(OracleDrafter):
+    """An accurate drafter whose drafts take ``delay`` seconds of ``clock``; counts the drafts
+    asked."""
+
+    def __init__(self, answer: list[int], vocab: int, depth: int, delay: float,
+                 clock: Clock) -> None:
         super().__init__(answer, vocab, depth)
-        self.delay, self.asked = delay, 0
+        self.delay, self.asked, self.clock = delay, 0, clock
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
         if max_depth > 0:
             self.asked += 1
-            time.sleep(self.delay)
+            self.clock.now += self.delay
         return super().propose(context, max_depth)
+
+
+class TimedBackend(ReferenceBackend):
+    """The reference backend whose forward pass over n rows takes ``unit * curve(n)`` seconds
+    of ``clock`` (exactly the cost curve the sizer is given)."""
+
+    def __init__(self, model: ReferenceModel, clock: Clock, curve: CostCurve,
+                 unit: float) -> None:
+        super().__init__(model)
+        self.clock, self.curve, self.unit = clock, curve, unit
+
+    def forward_tree(self, tree: DraftTree) -> torch.Tensor:
+        self.clock.now += self.unit * self.curve(len(tree) + 1)
+        return super().forward_tree(tree)
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.05])
 def test_auto_sizing_drafts_only_while_drafting_pays(
-    delay: float, reference_model: ReferenceModel, answers: dict[int, list[int]]
+    delay: float, reference_model: ReferenceModel, answers: dict[int, list[int]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A draft that takes 50 ms (a hundred of this model's forward passes) for four tokens
-    cannot pay: after its warm-up the engine decodes plainly but for sparse probes. The same
-    drafter without the delay drafts every step. Output is plain greedy's either way."""
+    """A draft that takes 50 ms (a hundred forward passes of 0.5 ms) for four tokens cannot
+    pay: after its warm-up the engine decodes plainly but for sparse probes. The same drafter
+    without the delay drafts every step. Output is plain greedy's either way. Time is virtual
+    (forward passes cost the sizer's own curve), so the outcome is the same on any machine."""
+    clock = Clock()
+    monkeypatch.setattr("draftwise.engine.time", clock)
     vocab = reference_model.config.vocab_size
-    drafter = SlowOracle(answers[2], vocab, 3, delay=delay)
+    drafter = SlowOracle(answers[2], vocab, 3, delay=delay, clock=clock)
     curve = CostCurve({1: 1.0, 2: 1.1, 4: 1.3, 8: 1.6, 16: 2.2, 64: 5.0})
     sizer = TreeSizer(SizingConfig(prior=0.9), curve)
-    run = Engine(ReferenceBackend(reference_model), drafter, sizer).generate(
-        PROMPTS[2], GenerationConfig(max_new_tokens=NEW)
-    )
+    backend = TimedBackend(reference_model, clock, curve, unit=0.0005)
+    run = Engine(backend, drafter, sizer).generate(PROMPTS[2], GenerationConfig(max_new_tokens=NEW))
     assert run.tokens == answers[2]
     if delay:
         warmup = SizingConfig().warmup

@@ -163,10 +163,11 @@ def test_cli_fast_backend_compare() -> None:
 
 
 def test_quant_backend_on_the_default_gguf(generator: Generator) -> None:
-    """The GGUF's own Q4_1/Q8_0 blocks: with float32 activations, logits of the fp32 conversion
-    to float32 rounding (summed over 30 layers: the tolerance of the fast backend's test above);
-    with the default 8-bit activations, a tree's rows bit-identical to plain decoding and
-    speculation identical to plain decoding; 5x fewer weight bytes than float32."""
+    """The GGUF's own Q4_1/Q8_0 blocks: with float32 activations and cache, logits of the fp32
+    conversion to float32 rounding (summed over 30 layers: the tolerance of the fast backend's
+    test above); with the default 8-bit activations and float16 cache, a tree's rows
+    bit-identical to plain decoding and speculation identical to plain decoding; 5x fewer
+    weight bytes than float32."""
     from draftwise.backends.fast import FastBackend
     from draftwise.backends.quant import QuantBackend, kernels_unavailable, load_kernels
     from draftwise.drafters import create_drafter
@@ -178,7 +179,8 @@ def test_quant_backend_on_the_default_gguf(generator: Generator) -> None:
         pytest.skip(f"no quantized kernels here: {kernels_unavailable()}")
     ops = load_kernels(default_cache_dir(), progress=False)
     config32 = generator.model.config
-    quant32 = QuantBackend(generator.model.source, config32, ops=ops, activations="float32")
+    quant32 = QuantBackend(generator.model.source, config32, ops=ops, activations="float32",
+                           kv_cache="float32")
     assert quant32.float32_tensors == []
     fast = FastBackend(generator.model.model)
     dense = sum(p.numel() * 4 for p in generator.model.model.parameters())
