@@ -1456,6 +1456,69 @@ void key_scores_16(const float* q, const KV* K, const int64_t* slots, int64_t co
   }
 }
 
+
+// 16 rows of 16 floats -> r[j] = lane j of every row (row k in lane k)
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: rows 2i, 2i+1 interleaved
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + e], lane L: element 4L + e of rows 4i..4i+3
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), e = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, e));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, e));
+  }
+  for (int e = 0; e < 4; ++e) {  // element 4L + e of all rows: lane L of u[e], u[4+e], ...
+    const __m512 v_lo = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44);
+    const __m512 v_hi = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xEE);
+    const __m512 w_lo = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44);
+    const __m512 w_hi = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xEE);
+    r[e] = _mm512_shuffle_f32x4(v_lo, w_lo, 0x88);
+    r[4 + e] = _mm512_shuffle_f32x4(v_lo, w_lo, 0xDD);
+    r[8 + e] = _mm512_shuffle_f32x4(v_hi, w_hi, 0x88);
+    r[12 + e] = _mm512_shuffle_f32x4(v_hi, w_hi, 0xDD);
+  }
+}
+
+// key_scores_16's scores for m queries over the same keys (count % 16 == 0), key-major: each
+// 16-key block is widened and transposed once into kt (d x 16 floats, one vector per head
+// dimension over the 16 keys), then every query sums its lanes' products in vertical
+// registers. Lane j of key_scores_16's accumulator is part[j] here — the same fused
+// multiply-adds over the head's 16-value chunks in order — and its transposing add tree,
+// ((S0 + S2) + (S1 + S3)) with S_Q = (a_4Q + a_4Q+1) + (a_4Q+2 + a_4Q+3), is the same sum of
+// parts, so every score has key_scores_16's bits, without its per-key shuffles.
+template <typename KV>
+void key_scores_many(const float* const* q, int64_t m, const KV* K, const int64_t* slots,
+                     int64_t count, int64_t d, float scale, float* const* scores, float* kt) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < count; j0 += 16) {
+    for (int64_t c = 0; c < d; c += 16) {
+      __m512 r[16];
+      for (int k = 0; k < 16; ++k) r[k] = load16(K + slots[j0 + k] * d + c);
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(kt + (c + j) * 16, r[j]);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      __m512 part[16];
+      for (int j = 0; j < 16; ++j) part[j] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < d; c += 16)
+        for (int j = 0; j < 16; ++j)
+          part[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][c + j]), _mm512_loadu_ps(kt + (c + j) * 16),
+                                    part[j]);
+      __m512 quarter[4];
+      for (int Q = 0; Q < 4; ++Q)
+        quarter[Q] = _mm512_add_ps(_mm512_add_ps(part[4 * Q], part[4 * Q + 1]),
+                                   _mm512_add_ps(part[4 * Q + 2], part[4 * Q + 3]));
+      const __m512 sums = _mm512_add_ps(_mm512_add_ps(quarter[0], quarter[2]),
+                                        _mm512_add_ps(quarter[1], quarter[3]));
+      _mm512_storeu_ps(scores[i] + j0, _mm512_mul_ps(sums, s));
+    }
+  }
+}
 #else
 constexpr int64_t kKeyBlock = 8;
 #endif
@@ -1514,11 +1577,13 @@ void value_sums_c(int64_t m, const float* const* p, const int64_t* slots, int64_
                   int64_t end, const KV* V, float* const* acc) {
   constexpr int64_t most = std::max<int64_t>(1, std::min<int64_t>(4, Lanes::kMaxAcc / C));
   for (int64_t q = 0; q < m; q += most) {
+    const float* const* pq = p + q;
+    float* const* aq = acc + q;
     switch (std::min(most, m - q)) {
-      case 4: value_sums<KV, C, std::min<int64_t>(4, most)>(p + q, slots, begin, end, V, acc + q); break;
-      case 3: value_sums<KV, C, std::min<int64_t>(3, most)>(p + q, slots, begin, end, V, acc + q); break;
-      case 2: value_sums<KV, C, std::min<int64_t>(2, most)>(p + q, slots, begin, end, V, acc + q); break;
-      default: value_sums<KV, C, 1>(p + q, slots, begin, end, V, acc + q); break;
+      case 4: value_sums<KV, C, std::min<int64_t>(4, most)>(pq, slots, begin, end, V, aq); break;
+      case 3: value_sums<KV, C, std::min<int64_t>(3, most)>(pq, slots, begin, end, V, aq); break;
+      case 2: value_sums<KV, C, std::min<int64_t>(2, most)>(pq, slots, begin, end, V, aq); break;
+      default: value_sums<KV, C, 1>(pq, slots, begin, end, V, aq); break;
     }
   }
 }
@@ -1552,11 +1617,10 @@ class Model {
     TORCH_CHECK(head_dim % 8 == 0, "head_dim must be a multiple of 8");
   }
 
-  // x: [T, hidden] input rows (embeddings); keys/values: [layers, kv, S, d] caches (float16 or
-  // float32, both alike), rows
-  // start..start+T-1 written here; cos/sin: [T, d] at the rows' positions; tree: [T, T] uint8,
-  // tree[r][j] = row r may see row j (itself and its ancestors). Returns the final-normed
-  // hidden states [T, hidden].
+  // x: [T, hidden] input rows (embeddings); keys/values: [layers, kv, S, d] caches (both float16
+  // or both float32), rows start..start+T-1 written here; cos/sin: [T, d] at the rows'
+  // positions; tree: [T, T] uint8, tree[r][j] = row r may see row j (itself and its ancestors).
+  // Returns the final-normed hidden states [T, hidden].
   torch::Tensor forward(torch::Tensor x, torch::Tensor keys, torch::Tensor values, int64_t start,
                         torch::Tensor cos, torch::Tensor sin, torch::Tensor tree, bool prefill) {
     TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "caches must be contiguous");
@@ -1633,7 +1697,8 @@ class Model {
 
   static void check_caches(const torch::Tensor& keys, const torch::Tensor& values) {
     TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
-                    (keys.scalar_type() == torch::kFloat16 || keys.scalar_type() == torch::kFloat32),
+                    (keys.scalar_type() == torch::kFloat16 ||
+                     keys.scalar_type() == torch::kFloat32),
                 "the caches must both be float16 or both float32");
   }
 
@@ -1760,6 +1825,10 @@ class Model {
     dst.copy_(o[0].transpose(0, 1).reshape({T, heads_ * d}));
   }
 
+  static constexpr int64_t kMostQueries = 12;  // queries of one attention work item
+  static constexpr int64_t kChunk = 64;        // keys scored for every query of an item in turn
+  static constexpr int64_t kKeyMajor = 6;      // queries from which an item scores key-major
+
   // out[r, h*d:(h+1)*d] = softmax(q . K_visible / sqrt(d)) V_visible for each row r, head h
   // K[r], V[r]: the layer's [kv, S, d] cache of row r's sequence; runs: the rows on one cache
   template <typename KV>
@@ -1782,7 +1851,7 @@ class Model {
                                                     heads_of_runs);
     for (size_t u = 0; u < runs.size(); ++u) {
       const int64_t n = (runs[u].end - runs[u].begin) * group;
-      const int64_t size = std::clamp<int64_t>((n + pieces - 1) / pieces, 1, 12);
+      const int64_t size = std::clamp<int64_t>((n + pieces - 1) / pieces, 1, kMostQueries);
       for (int64_t kvh = 0; kvh < kv_heads_; ++kvh) {
         for (int64_t i = 0; i < n; ++i) {
           queries.emplace_back(runs[u].begin + i / group, kvh * group + i % group);
@@ -1794,12 +1863,11 @@ class Model {
       }
     }
     const int64_t items = static_cast<int64_t>(item_run.size());
-    constexpr int64_t kChunk = 64;  // keys scored for every query of an item in turn
 #pragma omp parallel
     {
-      std::vector<float> scores, acc;
-      std::vector<const float*> p;
-      std::vector<float*> a;
+      std::vector<float> scores, acc, kt;
+      std::vector<const float*> p, qs;
+      std::vector<float*> a, score_rows;
       const std::vector<KV> zero_row(d, KV{0});
 #pragma omp for schedule(static)
       for (int64_t k = 0; k < items; ++k) {
@@ -1816,15 +1884,33 @@ class Model {
         acc.assign(m * d, 0.0f);
         p.resize(m);
         a.resize(m);
-        for (int64_t i = 0; i < m; ++i) p[i] = scores.data() + i * stride, a[i] = acc.data() + i * d;
-        auto query = [&](int64_t i) { return qkv + queries[first + i].first * ldq + queries[first + i].second * d; };
+        score_rows.resize(m);
+        for (int64_t i = 0; i < m; ++i) {
+          p[i] = score_rows[i] = scores.data() + i * stride;
+          a[i] = acc.data() + i * d;
+        }
+        auto query = [&](int64_t i) {
+          return qkv + queries[first + i].first * ldq + queries[first + i].second * d;
+        };
         auto slots_of = [&](int64_t i) { return visible[queries[first + i].first].data(); };
         auto count_of = [&](int64_t i) {
           return static_cast<int64_t>(visible[queries[first + i].first].size());
         };
-        // scores: the shared keys a chunk at a time for every query, then each query's own
+        // scores: the shared keys for every query (key-major for many queries, else a chunk at
+        // a time for every query while it is in L1), then each query's own
         const int64_t blocks = shared / kKeyBlock * kKeyBlock;
-        for (int64_t j0 = 0; j0 < blocks; j0 += kChunk)
+        bool key_major = false;
+#if defined(__AVX512F__)
+        key_major = d % 16 == 0 && m >= kKeyMajor;
+        if (key_major) {
+          qs.resize(m);
+          for (int64_t i = 0; i < m; ++i) qs[i] = query(i);
+          kt.resize(16 * d);
+          key_scores_many(qs.data(), m, Kh, slots_of(0), blocks, d, scale, score_rows.data(),
+                          kt.data());
+        }
+#endif
+        for (int64_t j0 = 0; !key_major && j0 < blocks; j0 += kChunk)
           for (int64_t i = 0; i < m; ++i)
             score_keys(query(i), Kh, slots_of(i) + j0, std::min(kChunk, blocks - j0), d, scale,
                        scores.data() + i * stride + j0, zero_row.data());
@@ -1833,16 +1919,18 @@ class Model {
             score_keys(query(i), Kh, slots_of(i) + blocks, count_of(i) - blocks, d, scale,
                        scores.data() + i * stride + blocks, zero_row.data());
         // softmax numerators in place, and each query's 1 / sum
-        float inv[12];
-        for (int64_t i = 0; i < m; ++i) inv[i] = exponentials(scores.data() + i * stride, count_of(i));
+        float inv[kMostQueries];
+        for (int64_t i = 0; i < m; ++i)
+          inv[i] = exponentials(scores.data() + i * stride, count_of(i));
         // values: the shared keys for all queries together, then each query's own
         value_sums_any(d, m, p.data(), slots_of(0), 0, shared, Vh, a.data());
         for (int64_t i = 0; i < m; ++i) {
           value_sums_any(d, 1, p.data() + i, slots_of(i), shared, count_of(i), Vh, a.data() + i);
           const auto& [r, h] = queries[first + i];
           float* o = out + r * heads_ * d + h * d;
+          const __m256 scale_i = _mm256_set1_ps(inv[i]);
           for (int64_t c = 0; c < d; c += 8)  // (d % 8 == 0)
-            _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(a[i] + c), _mm256_set1_ps(inv[i])));
+            _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(a[i] + c), scale_i));
         }
       }
     }
