@@ -7,6 +7,7 @@ decoded weights by at most K u sum|x w| (u = 2**-24), in any summation order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -260,15 +261,16 @@ def test_quant_backend_equals_the_fast_backend_on_the_decoded_weights(
     assert quant.float32_tensors == []
 
 
-def assert_tree_rows_are_plain_rows(make: object, prompt: list[int], tree: DraftTree) -> None:
+def assert_tree_rows_are_plain_rows(make: Callable[[], QuantBackend], prompt: list[int],
+                                    tree: DraftTree) -> None:
     """Each row of ``tree`` verified after ``prompt`` on ``make()`` equals, bit for bit, the
     row plain decoding gets after the same tokens on a fresh ``make()``."""
-    backend = make()  # type: ignore[operator]
+    backend = make()
     backend.prefill(prompt)
     logits = backend.forward_tree(tree)
     for node in range(-1, len(tree)):
         tokens = [] if node < 0 else tree.path_tokens(node)
-        plain = make()  # type: ignore[operator]
+        plain = make()
         plain.prefill(prompt)
         row = plain.forward_tree(DraftTree.chain([]))[0]
         for token in tokens:

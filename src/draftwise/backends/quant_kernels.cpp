@@ -1743,6 +1743,7 @@ class Model {
     std::vector<float> qkv(T * qkv_width), gu, act;
     std::vector<const char*> K(T), V(T);
     const std::vector<Span> runs = whole_prompt ? std::vector<Span>{} : spans(rows);
+    const Work work = plan(runs);
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& layer = layers_[l];
       rms_norm(xp, T, hidden, layer.attn_norm.data_ptr<float>(), eps_, normed.data());
@@ -1773,9 +1774,9 @@ class Model {
         prefill_attention(qkv.data(), qkv_width, T, attn.data());
       } else {
         if (rows.bytes == 2) {
-          attend<uint16_t>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, attn.data());
+          attend<uint16_t>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, work, attn.data());
         } else {
-          attend<float>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, attn.data());
+          attend<float>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, work, attn.data());
         }
       }
       apply(layer.out, attn.data(), T, tmp.data(), hidden, int8_, batched);
@@ -1829,23 +1830,23 @@ class Model {
   static constexpr int64_t kChunk = 64;        // keys scored for every query of an item in turn
   static constexpr int64_t kKeyMajor = 6;      // queries from which an item scores key-major
 
-  // out[r, h*d:(h+1)*d] = softmax(q . K_visible / sqrt(d)) V_visible for each row r, head h
-  // K[r], V[r]: the layer's [kv, S, d] cache of row r's sequence; runs: the rows on one cache
-  template <typename KV>
-  void attend(const float* qkv, int64_t ldq, const std::vector<const char*>& K,
-              const std::vector<const char*>& V, int64_t S,
-              const std::vector<std::vector<int64_t>>& visible, const std::vector<Span>& runs,
-              float* out) const {
-    const int64_t d = d_, group = heads_ / kv_heads_;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    // Work items: queries (row, query head) of one run that share one KV head — for a tree, every
-    // row's query heads of that KV head — split into chunks so that every thread gets some. An
-    // item reads the keys and values its rows all see (the committed prefix) once for all its
-    // queries: keys a chunk at a time, scored for every query while in L1; values one key at a
-    // time for up to four queries at once. Every query's scores, exponentials and sums are the
-    // operations it takes alone, in the same order, so the grouping changes no bits.
+  // Attention's work items: queries (row, query head) of one run that share one KV head — for a
+  // tree, every row's query heads of that KV head — split into chunks so that every thread gets
+  // some. An item reads the keys and values its rows all see (the committed prefix) once for all
+  // its queries: keys a chunk at a time, scored for every query while in L1 (key-major for six
+  // queries or more); values one key at a time for up to four queries at once. Every query's
+  // scores, exponentials and sums are the operations it takes alone, in the same order, so the
+  // grouping changes no bits. The same for every layer: planned once per forward.
+  struct Work {
     std::vector<std::pair<int64_t, int64_t>> queries;  // (row, query head), item by item
-    std::vector<int64_t> bounds{0}, item_run;          // item k: queries[bounds[k], bounds[k+1])
+    // item k: queries[bounds[k], bounds[k + 1]) of runs[span[k]]
+    std::vector<int64_t> bounds{0}, span;
+  };
+
+  Work plan(const std::vector<Span>& runs) const {
+    Work work;
+    if (runs.empty()) return work;  // a whole prompt: torch's causal kernel
+    const int64_t group = heads_ / kv_heads_;
     const int64_t heads_of_runs = static_cast<int64_t>(runs.size()) * kv_heads_;
     const int64_t pieces = std::max<int64_t>(1, (4 * omp_get_max_threads() + heads_of_runs - 1) /
                                                     heads_of_runs);
@@ -1854,26 +1855,40 @@ class Model {
       const int64_t size = std::clamp<int64_t>((n + pieces - 1) / pieces, 1, kMostQueries);
       for (int64_t kvh = 0; kvh < kv_heads_; ++kvh) {
         for (int64_t i = 0; i < n; ++i) {
-          queries.emplace_back(runs[u].begin + i / group, kvh * group + i % group);
+          work.queries.emplace_back(runs[u].begin + i / group, kvh * group + i % group);
           if ((i + 1) % size == 0 || i + 1 == n) {
-            bounds.push_back(static_cast<int64_t>(queries.size()));
-            item_run.push_back(static_cast<int64_t>(u));
+            work.bounds.push_back(static_cast<int64_t>(work.queries.size()));
+            work.span.push_back(static_cast<int64_t>(u));
           }
         }
       }
     }
-    const int64_t items = static_cast<int64_t>(item_run.size());
+    return work;
+  }
+
+  // out[r, h*d:(h+1)*d] = softmax(q . K_visible / sqrt(d)) V_visible for each row r, head h
+  // K[r], V[r]: the layer's [kv, S, d] cache of row r's sequence; runs: the rows on one cache
+  template <typename KV>
+  void attend(const float* qkv, int64_t ldq, const std::vector<const char*>& K,
+              const std::vector<const char*>& V, int64_t S,
+              const std::vector<std::vector<int64_t>>& visible, const std::vector<Span>& runs,
+              const Work& work, float* out) const {
+    const int64_t d = d_, group = heads_ / kv_heads_;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    const std::vector<std::pair<int64_t, int64_t>>& queries = work.queries;
+    const std::vector<int64_t>& bounds = work.bounds;
+    const int64_t items = static_cast<int64_t>(work.span.size());
 #pragma omp parallel
     {
       std::vector<float> scores, acc, kt;
-      std::vector<const float*> p, qs;
+      std::vector<const float*> qs;
       std::vector<float*> a, score_rows;
       const std::vector<KV> zero_row(d, KV{0});
 #pragma omp for schedule(static)
       for (int64_t k = 0; k < items; ++k) {
         const int64_t first = bounds[k], m = bounds[k + 1] - first;
         const int64_t row0 = queries[first].first, kvh = queries[first].second / group;
-        const int64_t shared = runs[item_run[k]].shared;  // slots every row of the run sees first
+        const int64_t shared = runs[work.span[k]].shared;  // slots every row of the run sees first
         const KV* Kh = reinterpret_cast<const KV*>(K[row0]) + kvh * S * d;
         const KV* Vh = reinterpret_cast<const KV*>(V[row0]) + kvh * S * d;
         int64_t longest = 0;
@@ -1882,11 +1897,10 @@ class Model {
         const int64_t stride = (longest + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
         scores.resize(m * stride);
         acc.assign(m * d, 0.0f);
-        p.resize(m);
         a.resize(m);
         score_rows.resize(m);
         for (int64_t i = 0; i < m; ++i) {
-          p[i] = score_rows[i] = scores.data() + i * stride;
+          score_rows[i] = scores.data() + i * stride;
           a[i] = acc.data() + i * d;
         }
         auto query = [&](int64_t i) {
@@ -1923,9 +1937,10 @@ class Model {
         for (int64_t i = 0; i < m; ++i)
           inv[i] = exponentials(scores.data() + i * stride, count_of(i));
         // values: the shared keys for all queries together, then each query's own
-        value_sums_any(d, m, p.data(), slots_of(0), 0, shared, Vh, a.data());
+        value_sums_any(d, m, score_rows.data(), slots_of(0), 0, shared, Vh, a.data());
         for (int64_t i = 0; i < m; ++i) {
-          value_sums_any(d, 1, p.data() + i, slots_of(i), shared, count_of(i), Vh, a.data() + i);
+          value_sums_any(d, 1, score_rows.data() + i, slots_of(i), shared, count_of(i), Vh,
+                         a.data() + i);
           const auto& [r, h] = queries[first + i];
           float* o = out + r * heads_ * d + h * d;
           const __m256 scale_i = _mm256_set1_ps(inv[i]);
