@@ -1998,11 +1998,19 @@ class Model {
   // scores[j] <- exp(scores[j] - max) for j < count, 0 up to the next multiple of 8; returns
   // 1 / the sum (eight lanes in key order, then one horizontal sum)
   static float exponentials(float* scores, int64_t count) {
-    float top = -INFINITY;
-    for (int64_t j = 0; j < count; ++j) top = std::max(top, scores[j]);
+    float top = -INFINITY;  // (a maximum is exact in any order: eight lanes, then across)
+    int64_t j = 0;
+    if (count >= 8) {
+      __m256 most = _mm256_loadu_ps(scores);
+      for (j = 8; j + 8 <= count; j += 8) most = _mm256_max_ps(most, _mm256_loadu_ps(scores + j));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, most);
+      for (float lane : lanes) top = std::max(top, lane);
+    }
+    for (; j < count; ++j) top = std::max(top, scores[j]);
     __m256 total = _mm256_setzero_ps();
     const __m256 top8 = _mm256_set1_ps(top);
-    for (int64_t j = 0; j < count; j += 8) {
+    for (j = 0; j < count; j += 8) {
       __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top8));
       if (j + 8 > count) {  // lanes past the last key are zero
         alignas(32) float lanes[8];
