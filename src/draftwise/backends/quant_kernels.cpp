@@ -1424,6 +1424,18 @@ inline void store_row(uint16_t* dst, const float* src, int64_t d) {  // round to
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+// Attention reads each key and value once per query group, and at one row per step the cache
+// comes from memory (the weights streamed since evicted it): these ask for the rows of the keys
+// ``kKeysAhead`` further on, the next ones the loops below will read. No arithmetic changes.
+constexpr int64_t kKeysAhead = 32;
+template <typename KV>
+inline void prefetch_rows(const KV* base, const int64_t* slots, int64_t from, int64_t to,
+                          int64_t d) {
+  for (int64_t j = from; j < to; ++j)
+    for (int64_t at = 0; at < d * static_cast<int64_t>(sizeof(KV)); at += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(base + slots[j] * d) + at, _MM_HINT_T0);
+}
+
 // scores[j] = scale * (q . K[slots[j]]) for j < count, eight keys at a time: one vector
 // accumulator per key over the head's 8-value chunks in order, then one transposing add tree
 // that gives every key ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)) of its accumulator's lanes. Keys
@@ -1432,6 +1444,8 @@ template <typename KV>
 void key_scores(const float* q, const KV* K, const int64_t* slots, int64_t count, int64_t d,
                 float scale, float* scores, const KV* zero_row) {
   for (int64_t j0 = 0; j0 < count; j0 += 8) {
+    prefetch_rows(K, slots, std::min(j0 + kKeysAhead, count), std::min(j0 + kKeysAhead + 8, count),
+                  d);
     const KV* rows[8];
     for (int k = 0; k < 8; ++k) rows[k] = j0 + k < count ? K + slots[j0 + k] * d : zero_row;
     __m256 acc[8];
@@ -1467,6 +1481,8 @@ template <typename KV>
 void key_scores_16(const float* q, const KV* K, const int64_t* slots, int64_t count,
                    int64_t d, float scale, float* scores, const KV* zero_row) {
   for (int64_t j0 = 0; j0 < count; j0 += 16) {
+    prefetch_rows(K, slots, std::min(j0 + kKeysAhead, count),
+                  std::min(j0 + kKeysAhead + 16, count), d);
     const KV* rows[16];
     for (int k = 0; k < 16; ++k) rows[k] = j0 + k < count ? K + slots[j0 + k] * d : zero_row;
     __m512 acc[16];
@@ -1529,6 +1545,8 @@ void key_scores_many(const float* const* q, int64_t m, const KV* K, const int64_
                      int64_t count, int64_t d, float scale, float* const* scores, float* kt) {
   const __m512 s = _mm512_set1_ps(scale);
   for (int64_t j0 = 0; j0 < count; j0 += 16) {
+    prefetch_rows(K, slots, std::min(j0 + kKeysAhead, count),
+                  std::min(j0 + kKeysAhead + 16, count), d);
     for (int64_t c = 0; c < d; c += 16) {
       __m512 r[16];
       for (int k = 0; k < 16; ++k) r[k] = load16(K + slots[j0 + k] * d + c);
@@ -1592,6 +1610,7 @@ void value_sums(const float* const* p, const int64_t* slots, int64_t begin, int6
   for (int q = 0; q < M; ++q)
     for (int c = 0; c < C; ++c) a[q][c] = Lanes::load(acc[q] + W * c);
   for (int64_t j = begin; j < end; ++j) {
+    if (j + kKeysAhead < end) prefetch_rows(V, slots, j + kKeysAhead, j + kKeysAhead + 1, W * C);
     const KV* v = V + slots[j] * (W * C);
     typename Lanes::F w[M];
     for (int q = 0; q < M; ++q) w[q] = Lanes::set1(p[q][j]);
