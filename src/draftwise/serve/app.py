@@ -52,13 +52,38 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
+class _Mailbox:
+    """Events from the scheduler thread into the event loop's queues, one loop wake-up per
+    burst: a step reports to every active request within microseconds, and waking the loop
+    once per event (a write to its self-pipe each) measured 3.5% of the scheduler thread's
+    time at four clients."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[Event], Event]] = []
+
+    def post(self, queue: asyncio.Queue[Event], event: Event) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            first = len(self._pending) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class _Choice:
     """One choice of a request: its job and the events it has reported."""
 
-    def __init__(self, index: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, index: int, mailbox: _Mailbox) -> None:
         self.index = index
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.loop = loop
+        self.mailbox = mailbox
         self.text = ""
         self.tokens = 0
         self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
@@ -66,7 +91,7 @@ class _Choice:
         self.job: Job | None = None
 
     def emit(self, event: Event) -> None:  # called from the scheduler thread
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.mailbox.post(self.events, event)
 
 
 class Server:
@@ -84,6 +109,7 @@ class Server:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self._compile_lock = threading.Lock()
+        self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
 
     def check_model(self, name: str) -> None:
         if name not in (self.model_id, "default", self.generator.model.source):
@@ -128,7 +154,7 @@ class Server:
             config = self.generator.config(max_new_tokens=max_new, sampling=sampling, seed=seed)
             if body.ignore_eos:
                 config = dataclasses.replace(config, eos_token_ids=())
-            choice = _Choice(i, loop)
+            choice = _Choice(i, self._mailboxes.setdefault(loop, _Mailbox(loop)))
             job = Job(list(prompt_ids), config, method, choice.emit, body.stops, constraint,
                       body.alternatives)
             choice.job = job
