@@ -863,6 +863,7 @@ inline const uint8_t* tile_weights(int64_t type, const uint8_t* group, int64_t b
   buffer.resize(512 * blocks + 64);
   uint8_t* out = buffer.data() + (64 - reinterpret_cast<uintptr_t>(buffer.data()) % 64) % 64;
   for (int64_t b = 0; b < blocks; ++b) {
+    prefetch_block(group + b * packed_stride(type), packed_stride(type));
     const uint8_t* q = group + b * packed_stride(type) + quants_at(type);
     for (int k = 0; k < 4; ++k) {
       const Vec::I p = Vec::load(q + 64 * k);
@@ -903,6 +904,7 @@ void amx_tile(int64_t type, const uint8_t* group, const uint8_t* w, int64_t wstr
   issue(0, products[0]);
   for (int64_t b = 0; b < blocks; b += 2) {
     const int parity = static_cast<int>((b / 2) % 2);
+    if (r0 == 0) prefetch_block(group + b * stride, 2 * stride);
     if (b + 2 < blocks) issue(b + 2, products[1 - parity]);
     for (int64_t j = 0; j < 2 && b + j < blocks; ++j) {  // packed_tile's operations, row by row
       const uint8_t* blk = group + (b + j) * stride;
