@@ -57,33 +57,29 @@ class SequencePool:
             return [self.sequences[slot].forward_tree(tree) for slot, tree in items]
         ids: list[torch.Tensor] = []
         positions: list[torch.Tensor] = []
-        seq: list[torch.Tensor] = []
-        write: list[torch.Tensor] = []
-        visible: list[torch.Tensor] = []
-        counts: list[torch.Tensor] = []
+        seq: list[int] = []
+        write: list[int] = []
+        prefix: list[int] = []  # row r sees slots 0..prefix[r]-1, then its extra slots
+        extra: list[int] = []
+        offsets = [0]
         for slot, tree in items:
             backend = self.sequences[slot]
             row_ids, row_positions = backend.tree_rows(tree)
             past, t = backend._past, len(tree) + 1
             ids.append(row_ids)
             positions.append(row_positions)
-            seq.append(torch.full((t,), slot, dtype=torch.long))
-            write.append(past + torch.arange(t))
-            # row r sees slots 0..past-1, then (in order) the tree rows its mask allows
-            mask = tree.ancestor_mask()  # [t, t]
-            prefix = torch.arange(past).expand(t, past)
-            tree_slots = (past + torch.arange(t)).expand(t, t)
-            rows = torch.cat([prefix, tree_slots], dim=1)
-            keep = torch.cat([torch.ones(t, past, dtype=torch.bool), mask], dim=1)
-            visible.append(rows[keep])  # row-major: row 0's slots, then row 1's, ...
-            counts.append(keep.sum(dim=1))
+            seq += [slot] * t
+            write += range(past, past + t)
+            prefix += [past] * t
+            for path in _paths(tree):
+                extra += [past + row for row in path]
+                offsets.append(len(extra))
         model = self.backend
         pos = torch.cat(positions)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(counts).cumsum(0)])
         hidden = self._native.forward_batch(
-            model.embed[torch.cat(ids)], self.keys, self.values,
-            torch.cat(seq), torch.cat(write), offsets, torch.cat(visible),
-            model.cos[pos], model.sin[pos])
+            model.embed[torch.cat(ids)], self.keys, self.values, torch.tensor(seq),
+            torch.tensor(write), torch.tensor(prefix), torch.tensor(offsets),
+            torch.tensor(extra), model.cos[pos], model.sin[pos])
         logits: torch.Tensor = model.head(hidden)
         out, row = [], 0
         for slot, tree in items:
@@ -93,3 +89,12 @@ class SequencePool:
             out.append(logits[row : row + t])
             row += t
         return out
+
+
+def _paths(tree: DraftTree) -> list[list[int]]:
+    """Each row's tree rows in order: the root, its ancestors, itself (as
+    :meth:`DraftTree.ancestor_mask`'s rows; parents come before their children)."""
+    paths = [[0]]
+    for i, parent in enumerate(tree.parents):
+        paths.append([*paths[parent + 1], i + 1])
+    return paths

@@ -1703,12 +1703,13 @@ class Model {
 
   // Several sequences' rows in one pass. keys/values: [B, layers, kv, W, d], one region per
   // sequence; row r belongs to sequence seq[r], is written at slot write[r] of its region and
-  // sees the slots visible[offsets[r]:offsets[r+1]] of that region (in position order, itself
-  // included). Each row is computed alone, as in forward(): a row's result does not depend on
+  // sees the slots 0..prefix[r]-1 of that region (its committed tokens), then
+  // extra[offsets[r]:offsets[r+1]] (its tree ancestors and itself, in position order). Each row is computed alone, as in forward(): a row's result does not depend on
   // which other rows share the pass.
   torch::Tensor forward_batch(torch::Tensor x, torch::Tensor keys, torch::Tensor values,
-                              torch::Tensor seq, torch::Tensor write, torch::Tensor offsets,
-                              torch::Tensor visible, torch::Tensor cos, torch::Tensor sin) {
+                              torch::Tensor seq, torch::Tensor write, torch::Tensor prefix,
+                              torch::Tensor offsets, torch::Tensor extra, torch::Tensor cos,
+                              torch::Tensor sin) {
     TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.dim() == 5,
                 "caches must be contiguous [B, layers, kv, W, d]");
     TORCH_CHECK(keys.size(1) == static_cast<int64_t>(layers_.size()), "cache has other layers");
@@ -1716,22 +1717,31 @@ class Model {
     const int64_t T = x.size(0), B = keys.size(0), W = keys.size(3);
     seq = seq.to(torch::kInt64).contiguous();
     write = write.to(torch::kInt64).contiguous();
+    prefix = prefix.to(torch::kInt64).contiguous();
     offsets = offsets.to(torch::kInt64).contiguous();
-    visible = visible.to(torch::kInt64).contiguous();
-    TORCH_CHECK(seq.numel() == T && write.numel() == T && offsets.numel() == T + 1,
-                "seq, write: [T]; offsets: [T + 1]");
+    extra = extra.to(torch::kInt64).contiguous();
+    TORCH_CHECK(seq.numel() == T && write.numel() == T && prefix.numel() == T &&
+                    offsets.numel() == T + 1,
+                "seq, write, prefix: [T]; offsets: [T + 1]");
     const int64_t region = keys.size(1) * keys.size(2) * W * d_;
     Rows rows(T, keys.size(2) * W * d_, W, keys.element_size());
     const int64_t *sp = seq.data_ptr<int64_t>(), *wp = write.data_ptr<int64_t>();
-    const int64_t *op = offsets.data_ptr<int64_t>(), *vp = visible.data_ptr<int64_t>();
-    TORCH_CHECK(op[T] == visible.numel(), "offsets do not match visible");
+    const int64_t *pp = prefix.data_ptr<int64_t>(), *op = offsets.data_ptr<int64_t>();
+    const int64_t* ep = extra.data_ptr<int64_t>();
+    TORCH_CHECK(op[0] == 0 && op[T] == extra.numel(), "offsets do not match extra");
     for (int64_t r = 0; r < T; ++r) {
       TORCH_CHECK(sp[r] >= 0 && sp[r] < B && wp[r] >= 0 && wp[r] < W, "row outside the cache");
+      TORCH_CHECK(pp[r] >= 0 && pp[r] <= W && op[r] <= op[r + 1], "bad prefix or offsets");
       rows.kbase[r] = static_cast<char*>(keys.data_ptr()) + sp[r] * region * rows.bytes;
       rows.vbase[r] = static_cast<char*>(values.data_ptr()) + sp[r] * region * rows.bytes;
       rows.write[r] = wp[r];
-      rows.visible[r].assign(vp + op[r], vp + op[r + 1]);
-      for (int64_t slot : rows.visible[r]) TORCH_CHECK(slot >= 0 && slot < W, "slot outside");
+      std::vector<int64_t>& seen = rows.visible[r];
+      seen.resize(pp[r]);
+      std::iota(seen.begin(), seen.end(), int64_t{0});
+      for (int64_t i = op[r]; i < op[r + 1]; ++i) {
+        TORCH_CHECK(ep[i] >= 0 && ep[i] < W, "slot outside the cache");
+        seen.push_back(ep[i]);
+      }
     }
     return run(x, rows, cos, sin, false, false);
   }
