@@ -82,6 +82,10 @@ def add_bench_parser(commands: Any) -> None:
                        "--max-batch = the most clients) for the run")
     load.add_argument("--clients", default="1,2,4,8",
                       help="concurrent client counts (default: 1,2,4,8)")
+    load.add_argument("--rounds", type=int, default=1,
+                      help="run the levels this many times, every other time in reverse "
+                      "order, and merge them (a machine whose speed drifts during the run "
+                      "then favours no level; default: 1)")
     sampling = bench.add_argument_group("sampling (temperature 0 = greedy)")
     add_config_flags(sampling, SamplingConfig)
     bench.set_defaults(handler=bench_command)
@@ -211,6 +215,8 @@ def _load(args: argparse.Namespace, methods: tuple[str, ...], prompts: list[str]
         raise ValueError(f"--clients must be comma-separated numbers: {args.clients!r}") from error
     if not clients or clients[0] < 1:
         raise ValueError("--clients needs counts >= 1")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     process = None
     url = args.serve
     if args.spawn:
@@ -222,7 +228,8 @@ def _load(args: argparse.Namespace, methods: tuple[str, ...], prompts: list[str]
             serve_args += ["--cache-dir", args.cache_dir]
         url, process = load.spawn_server(serve_args)
     try:
-        results = load.run_load(url, prompts, methods, clients, args.max_new_tokens)
+        results = load.run_load(url, prompts, methods, clients, args.max_new_tokens,
+                                rounds=args.rounds)
     finally:
         if process is not None:
             process.terminate()
@@ -233,7 +240,8 @@ def _load(args: argparse.Namespace, methods: tuple[str, ...], prompts: list[str]
         settings = {"url": args.serve or "spawned", "methods": list(methods),
                     "clients": clients, "questions": args.questions or "packaged",
                     "limit": args.limit, "max_new_tokens": args.max_new_tokens,
-                    "model": args.model, "backend": args.backend, "budget": args.budget}
+                    "rounds": args.rounds, "model": args.model, "backend": args.backend,
+                    "budget": args.budget}
         written = load.write(rows, results, out, settings)
         print(f"\nwrote {', '.join(f'{out}/{name}' for name in written)}", file=sys.stderr)
     return 0

@@ -3,7 +3,9 @@ server.
 
 For each client count C and each method (interleaved: for C, every method, then the next C),
 C clients send the selected questions' first turns as streaming greedy chat requests (each
-question once per level, taken from a shared list), and the level reports aggregate tokens/s
+question once per level, taken from a shared list; ``--rounds 2`` runs the levels again in
+reverse order and merges them, so a drift in the machine's speed does not favour one level),
+and the level reports aggregate tokens/s
 (all completion tokens over the level's wall time), per-request tokens/s (a request's tokens
 over its time after the first token), time to first token and latency (p50, p99), and whether
 each answer is identical to the same question's answer at one client. Speedups are against the
@@ -144,20 +146,33 @@ def run_level(url: str, model: str, prompts: Sequence[str], method: str, clients
 
 
 def run_load(url: str, prompts: Sequence[str], methods: Sequence[str], clients: Sequence[int],
-             max_tokens: int, progress: bool = True) -> list[LoadResult]:
+             max_tokens: int, progress: bool = True, rounds: int = 1) -> list[LoadResult]:
+    """Every (client count, method) level over ``prompts``, ``rounds`` times: odd rounds in
+    the given order, even rounds in reverse, so that a machine getting faster or slower during
+    the run weighs on every level alike (a level's rounds are merged: their records, and the
+    sum of their wall times)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     model = _model_id(url)
     for method in methods:  # warm-up: first-call costs are nobody's throughput
         request(url, model, prompts[0], method, min(max_tokens, 16))
-    results = []
-    for count in clients:
-        for method in methods:
+    levels = [(count, method) for count in clients for method in methods]
+    merged: dict[tuple[int, str], LoadResult] = {}
+    for round_ in range(rounds):
+        for count, method in (levels if round_ % 2 == 0 else levels[::-1]):
             result = run_level(url, model, prompts, method, count, max_tokens)
-            results.append(result)
             if progress:
                 s = result.summary()
-                print(f"draftwise: {method} x {count} clients: {s['aggregate_tok_s']:.1f} tok/s "
-                      f"aggregate, {s['failed']} failed", file=sys.stderr, flush=True)
-    return results
+                print(f"draftwise: {method} x {count} clients"
+                      f"{f' (round {round_ + 1})' if rounds > 1 else ''}: "
+                      f"{s['aggregate_tok_s']:.1f} tok/s aggregate, {s['failed']} failed",
+                      file=sys.stderr, flush=True)
+            if (count, method) in merged:
+                before = merged[(count, method)]
+                result = LoadResult(method, count, before.wall_s + result.wall_s,
+                                    [*before.records, *result.records])
+            merged[(count, method)] = result
+    return [merged[level] for level in levels]
 
 
 def _model_id(url: str) -> str:

@@ -1,0 +1,47 @@
+"""The load bench's bookkeeping (``draftwise bench --serve/--spawn``), without a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from draftwise.bench import load
+
+
+def _fake_levels(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
+    calls: list[tuple[int, str]] = []
+
+    def run_level(url: str, model: str, prompts: list[str], method: str, clients: int,
+                  max_tokens: int) -> load.LoadResult:
+        calls.append((clients, method))
+        seconds = float(len(calls))  # each level takes longer than the one before
+        records = [load.RequestRecord(p, 10, 0.1, 1.0, f"{p}!") for p in prompts]
+        return load.LoadResult(method, clients, seconds, records)
+
+    monkeypatch.setattr(load, "run_level", run_level)
+    monkeypatch.setattr(load, "_model_id", lambda url: "m")
+    monkeypatch.setattr(load, "request", lambda *args, **kwargs: None)
+    return calls
+
+
+def test_rounds_alternate_the_order_of_levels_and_merge_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_levels(monkeypatch)
+    results = load.run_load("http://x", ["a", "b"], ["none", "pld"], [1, 4], 16,
+                            progress=False, rounds=2)
+    levels = [(1, "none"), (1, "pld"), (4, "none"), (4, "pld")]
+    assert calls == levels + levels[::-1]
+    assert [(r.clients, r.method) for r in results] == levels
+    # level k ran at call k + 1 and at call 8 - k: a steady drift weighs on each alike
+    assert [r.wall_s for r in results] == [9.0, 9.0, 9.0, 9.0]
+    assert all(len(r.records) == 4 for r in results)
+    rows = load.summarize(results)
+    assert all(row["identical"] == 1.0 and row["failed"] == 0 for row in rows)
+
+
+def test_one_round_is_the_levels_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_levels(monkeypatch)
+    results = load.run_load("http://x", ["a"], ["none"], [1, 2, 8], 16, progress=False)
+    assert calls == [(1, "none"), (2, "none"), (8, "none")]
+    assert [r.wall_s for r in results] == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="rounds"):
+        load.run_load("http://x", ["a"], ["none"], [1], 16, progress=False, rounds=0)
