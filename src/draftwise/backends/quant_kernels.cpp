@@ -632,7 +632,8 @@ __attribute__((always_inline)) inline typename Vec::I block_dot(const typename V
 // and one row's products are too few operations to hide a miss: the first row pass over each
 // block asks for the bytes ``prefetch_bytes`` ahead, so several lines are in flight per core
 // rather than the one the current block waits on. Within a thread's run of groups the packed
-// blocks are contiguous, so the lines ahead are the next ones it reads. No arithmetic changes.
+// blocks are contiguous, so the lines ahead are the next ones it reads (past a matrix's end
+// they are only wasted: a prefetch never faults). No arithmetic changes.
 int64_t prefetch_bytes = 4096;
 inline void prefetch_block(const uint8_t* blk, int64_t stride) {
   for (int64_t at = 0; at < stride; at += 64)
@@ -1211,7 +1212,6 @@ torch::Tensor weight_arena(int64_t bytes) {
   return torch::from_blob(p, {bytes}, [](void* q) { std::free(q); }, torch::kUInt8);
 }
 
-
 // x: [n, in] float32, rounded to 8 bits per 32-block; weight: Q4_0/Q4_1/Q8_0 -> [n, out]
 torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor weight, int64_t type, int64_t in) {
   if (type > kPacked) {
@@ -1446,8 +1446,8 @@ template <typename KV>
 void key_scores(const float* q, const KV* K, const int64_t* slots, int64_t count, int64_t d,
                 float scale, float* scores, const KV* zero_row) {
   for (int64_t j0 = 0; j0 < count; j0 += 8) {
-    prefetch_rows(K, slots, std::min(j0 + kKeysAhead, count), std::min(j0 + kKeysAhead + 8, count),
-                  d);
+    prefetch_rows(K, slots, std::min(j0 + kKeysAhead, count),
+                  std::min(j0 + kKeysAhead + 8, count), d);
     const KV* rows[8];
     for (int k = 0; k < 8; ++k) rows[k] = j0 + k < count ? K + slots[j0 + k] * d : zero_row;
     __m256 acc[8];
@@ -1704,8 +1704,9 @@ class Model {
   // Several sequences' rows in one pass. keys/values: [B, layers, kv, W, d], one region per
   // sequence; row r belongs to sequence seq[r], is written at slot write[r] of its region and
   // sees the slots 0..prefix[r]-1 of that region (its committed tokens), then
-  // extra[offsets[r]:offsets[r+1]] (its tree ancestors and itself, in position order). Each row is computed alone, as in forward(): a row's result does not depend on
-  // which other rows share the pass.
+  // extra[offsets[r]:offsets[r+1]] (its tree ancestors and itself, in position order). Each
+  // row is computed alone, as in forward(): a row's result does not depend on which other rows
+  // share the pass.
   torch::Tensor forward_batch(torch::Tensor x, torch::Tensor keys, torch::Tensor values,
                               torch::Tensor seq, torch::Tensor write, torch::Tensor prefix,
                               torch::Tensor offsets, torch::Tensor extra, torch::Tensor cos,
