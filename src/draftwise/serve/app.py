@@ -154,7 +154,9 @@ class Server:
             config = self.generator.config(max_new_tokens=max_new, sampling=sampling, seed=seed)
             if body.ignore_eos:
                 config = dataclasses.replace(config, eos_token_ids=())
-            choice = _Choice(i, self._mailboxes.setdefault(loop, _Mailbox(loop)))
+            if loop not in self._mailboxes:
+                self._mailboxes[loop] = _Mailbox(loop)
+            choice = _Choice(i, self._mailboxes[loop])
             job = Job(list(prompt_ids), config, method, choice.emit, body.stops, constraint,
                       body.alternatives)
             choice.job = job
