@@ -43,6 +43,8 @@ implement is dequantized to float32 for that tensor alone and listed in
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import shutil
@@ -344,6 +346,7 @@ class QuantBackend(FastBackend):
             view.copy_(part.data)
             part.data = view
             offset += size
+            _return_freed_memory()  # (else the copy's peak and the old blocks stay resident)
 
     def _build_native(self) -> Any:
         """The kernels' ``Model`` over these layers (every layer in one call), or None."""
@@ -449,3 +452,19 @@ def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:
     half = rows // heads // 2
     gguf_order = torch.arange(rows).view(heads, 2, half).transpose(1, 2).reshape(-1)
     return torch.argsort(gguf_order)
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``; elsewhere nothing):
+    glibc keeps large freed blocks in the heap once its mmap threshold has grown, so the
+    weights' old copies would stay resident beside the arena."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        name = ctypes.util.find_library("c")
+        library = ctypes.CDLL(name) if name else None
+        _malloc_trim = getattr(library, "malloc_trim", False) or False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None  # libc's malloc_trim once looked up, False where there is none
