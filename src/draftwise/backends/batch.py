@@ -71,8 +71,8 @@ class SequencePool:
             seq += [slot] * t
             write += range(past, past + t)
             prefix += [past] * t
-            for path in _paths(tree):
-                extra += [past + row for row in path]
+            for row in range(t):  # the root, then each node's path from the root to it
+                extra += [past, *(past + 1 + node for node in tree.path_to(row - 1))]
                 offsets.append(len(extra))
         model = self.backend
         pos = torch.cat(positions)
@@ -90,11 +90,3 @@ class SequencePool:
             row += t
         return out
 
-
-def _paths(tree: DraftTree) -> list[list[int]]:
-    """Each row's tree rows in order: the root, its ancestors, itself (as
-    :meth:`DraftTree.ancestor_mask`'s rows; parents come before their children)."""
-    paths = [[0]]
-    for i, parent in enumerate(tree.parents):
-        paths.append([*paths[parent + 1], i + 1])
-    return paths
