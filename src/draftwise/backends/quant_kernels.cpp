@@ -905,7 +905,8 @@ void amx_tile(int64_t type, const uint8_t* group, const uint8_t* w, int64_t wstr
   issue(0, products[0]);
   for (int64_t b = 0; b < blocks; b += 2) {
     const int parity = static_cast<int>((b / 2) % 2);
-    if (r0 == 0) prefetch_block(group + b * stride, 2 * stride);
+    // (the 4-bit types' blocks were read, and so fetched, by tile_weights' nibble split)
+    if (r0 == 0 && type == Q8_0) prefetch_block(group + b * stride, 2 * stride);
     if (b + 2 < blocks) issue(b + 2, products[1 - parity]);
     for (int64_t j = 0; j < 2 && b + j < blocks; ++j) {  // packed_tile's operations, row by row
       const uint8_t* blk = group + (b + j) * stride;
