@@ -335,6 +335,33 @@ def test_grouped_attention_gives_each_row_its_bits_alone(
         assert torch.equal(logits, alone.forward_tree(tree))
 
 
+@pytest.mark.parametrize("kv_cache", ["float16", "float32"])
+def test_a_prompt_prefilled_at_once_leaves_what_decoding_it_leaves(
+    wide_gguf: tuple[Path, object], ops: object, kv_cache: str
+) -> None:
+    """A prompt's rows take the tree rows' path (runs of rows over shared keys, each layer's keys
+    put in key-major order once): prefilling it whole leaves, bit for bit, the cache and logits
+    that prefilling a part and verifying the rest as one chain leaves — what makes a cached
+    prefix reusable exactly."""
+    path, config = wide_gguf
+    prompt = [(7 * i + 2) % 64 for i in range(150)]
+    tree = DraftTree((4, 7, 11, 2), (-1, 0, -1, 2))
+
+    def make() -> QuantBackend:
+        return QuantBackend(path, config, ops=ops, kv_cache=kv_cache)
+
+    whole = make()
+    whole.prefill(prompt)
+    expected = whole.forward_tree(tree)
+    for cut in (1, 33, 120):
+        part = make()
+        part.prefill(prompt[:cut])
+        rest = prompt[cut:]
+        part.forward_tree(DraftTree.chain(rest[:-1]))
+        part.commit(list(range(len(rest) - 1)), rest[-1])
+        assert torch.equal(part.forward_tree(tree), expected), cut
+
+
 def test_the_float16_cache_holds_the_rounded_float32_values(
     tiny_gguf: tuple[Path, torch.nn.Module], ops: object
 ) -> None:

@@ -28,9 +28,9 @@ default: attention reads half the bytes, and a long window takes half the memory
 speculative decoding read the same cache, so exactness is untouched. ``kv_cache="float32"``
 keeps them as computed.
 ``activations="float32"`` keeps every product float32 (slower; each product is then the float32
-rendering of the dequantized model's). A prefill of 32 tokens or more takes its attention from
-torch's fused kernel: plain and speculative decoding share the prefill, so it need not match
-the row-by-row path.
+rendering of the dequantized model's). A prompt's rows take the same row-by-row path as tree
+rows (attention included), so prefilling a prompt at once gives the bits that prefilling part of
+it and decoding the rest gives (int8 activations): a cached prefix can be reused exactly.
 
 The kernels are compiled once per machine for the widest instruction set it has (AVX-512 VNNI,
 AVX-VNNI or AVX2, see :func:`kernel_isa`; ``torch.utils.cpp_extension``, about a minute, cached

@@ -1292,10 +1292,12 @@ torch::Tensor dequantize_rows(torch::Tensor weight, torch::Tensor ids, int64_t t
 //   order of exponentials, sums and the weighted sum of values.
 // A tree node at depth k therefore gets bit for bit the values plain decoding gets at that
 // position with the same tokens before it: verification is exact at no extra cost, whatever the
-// activations are rounded to. A prefill (``prefill``, 32 rows or more, from an empty cache) takes
-// its attention from torch's fused causal kernel, and its float32 products from torch's batched
-// kernel on weights decoded for the call: plain and speculative decoding share the prefill, so
-// it need not match the row-by-row path, and those kernels are faster on long prompts.
+// activations are rounded to. A prompt is no exception: its rows go through the same attention
+// (in runs of kPromptRun rows, each run's shared keys scored key-major for all its queries), so a
+// prompt prefilled at once leaves the cache and logits that prefilling a part and decoding the
+// rest token by token leaves — a cached prefix can be reused exactly. Only a float32-path
+// product (activations="float32", or a type the packed kernels do not take) of a prefill of 32
+// rows or more goes through torch's batched kernel on weights decoded for the call.
 
 namespace {
 
@@ -1536,41 +1538,75 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
+// Keys in key-major order: kt[c * 16 + k] = dimension c of key slots[k], for the 16 keys of a
+// block, widened to float32 (d x 16 floats, one vector per head dimension over the keys).
+template <typename KV>
+void transpose_keys(const KV* K, const int64_t* slots, int64_t d, float* kt) {
+  for (int64_t c = 0; c < d; c += 16) {
+    __m512 r[16];
+    for (int k = 0; k < 16; ++k) r[k] = load16(K + slots[k] * d + c);
+    transpose16(r);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_ps(kt + (c + j) * 16, r[j]);
+  }
+}
+
+// key_scores_16's scores of one 16-key block (kt, key-major) for m queries, into
+// scores[i][0..16): every query sums its lanes' products in vertical registers. Lane j of
+// key_scores_16's accumulator is part[j] here — the same fused multiply-adds over the head's
+// 16-value chunks in order — and its transposing add tree, ((S0 + S2) + (S1 + S3)) with
+// S_Q = (a_4Q + a_4Q+1) + (a_4Q+2 + a_4Q+3), is the same sum of parts, so every score has
+// key_scores_16's bits, without its per-key shuffles.
+// Q queries at a time: each key-major vector loaded once for all Q, one quarter of the parts
+// (four lanes' worth) at a time so that the Q x 4 accumulators stay in registers.
+template <int Q>
+inline void block_scores_of(const float* const* q, const float* kt, int64_t d, __m512 s,
+                            float* const* scores, int64_t j0) {
+  __m512 quarter[Q][4];
+  for (int G = 0; G < 4; ++G) {
+    __m512 part[Q][4];
+    for (int i = 0; i < Q; ++i)
+      for (int j = 0; j < 4; ++j) part[i][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 16)
+      for (int j = 0; j < 4; ++j) {
+        const __m512 k = _mm512_loadu_ps(kt + (c + 4 * G + j) * 16);
+        for (int i = 0; i < Q; ++i)
+          part[i][j] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][c + 4 * G + j]), k, part[i][j]);
+      }
+    for (int i = 0; i < Q; ++i)
+      quarter[i][G] = _mm512_add_ps(_mm512_add_ps(part[i][0], part[i][1]),
+                                    _mm512_add_ps(part[i][2], part[i][3]));
+  }
+  for (int i = 0; i < Q; ++i) {
+    const __m512 sums = _mm512_add_ps(_mm512_add_ps(quarter[i][0], quarter[i][2]),
+                                      _mm512_add_ps(quarter[i][1], quarter[i][3]));
+    _mm512_storeu_ps(scores[i] + j0, _mm512_mul_ps(sums, s));
+  }
+}
+
+inline void block_scores(const float* const* q, int64_t m, const float* kt, int64_t d,
+                         float scale, float* const* scores, int64_t j0) {
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) block_scores_of<4>(q + i, kt, d, s, scores + i, j0);
+  for (; i < m; ++i) block_scores_of<1>(q + i, kt, d, s, scores + i, j0);
+}
+
 // key_scores_16's scores for m queries over the same keys (count % 16 == 0), key-major: each
-// 16-key block is widened and transposed once into kt (d x 16 floats, one vector per head
-// dimension over the 16 keys), then every query sums its lanes' products in vertical
-// registers. Lane j of key_scores_16's accumulator is part[j] here — the same fused
-// multiply-adds over the head's 16-value chunks in order — and its transposing add tree,
-// ((S0 + S2) + (S1 + S3)) with S_Q = (a_4Q + a_4Q+1) + (a_4Q+2 + a_4Q+3), is the same sum of
-// parts, so every score has key_scores_16's bits, without its per-key shuffles.
+// 16-key block is widened and transposed once into kt for all m queries — or, given
+// ``transposed`` (the blocks already in key-major order, d x 16 floats each), not at all.
 template <typename KV>
 void key_scores_many(const float* const* q, int64_t m, const KV* K, const int64_t* slots,
-                     int64_t count, int64_t d, float scale, float* const* scores, float* kt) {
-  const __m512 s = _mm512_set1_ps(scale);
+                     int64_t count, int64_t d, float scale, float* const* scores, float* kt,
+                     const float* transposed) {
   for (int64_t j0 = 0; j0 < count; j0 += 16) {
+    if (transposed != nullptr) {
+      block_scores(q, m, transposed + j0 * d, d, scale, scores, j0);
+      continue;
+    }
     prefetch_rows(K, slots, std::min(j0 + kKeysAhead, count),
                   std::min(j0 + kKeysAhead + 16, count), d);
-    for (int64_t c = 0; c < d; c += 16) {
-      __m512 r[16];
-      for (int k = 0; k < 16; ++k) r[k] = load16(K + slots[j0 + k] * d + c);
-      transpose16(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(kt + (c + j) * 16, r[j]);
-    }
-    for (int64_t i = 0; i < m; ++i) {
-      __m512 part[16];
-      for (int j = 0; j < 16; ++j) part[j] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < d; c += 16)
-        for (int j = 0; j < 16; ++j)
-          part[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][c + j]), _mm512_loadu_ps(kt + (c + j) * 16),
-                                    part[j]);
-      __m512 quarter[4];
-      for (int Q = 0; Q < 4; ++Q)
-        quarter[Q] = _mm512_add_ps(_mm512_add_ps(part[4 * Q], part[4 * Q + 1]),
-                                   _mm512_add_ps(part[4 * Q + 2], part[4 * Q + 3]));
-      const __m512 sums = _mm512_add_ps(_mm512_add_ps(quarter[0], quarter[2]),
-                                        _mm512_add_ps(quarter[1], quarter[3]));
-      _mm512_storeu_ps(scores[i] + j0, _mm512_mul_ps(sums, s));
-    }
+    transpose_keys(K, slots + j0, d, kt);
+    block_scores(q, m, kt, d, scale, scores, j0);
   }
 }
 #else
@@ -1685,21 +1721,22 @@ class Model {
     TORCH_CHECK(keys.size(0) == static_cast<int64_t>(layers_.size()) && start + T <= S,
                 "cache shape does not match");
     TORCH_CHECK(tree.size(0) == T && tree.size(1) == T, "tree must be [T, T]");
-    const bool whole_prompt = prefill && T >= 32 && start == 0;
     Rows rows(T, keys.size(1) * S * d_, S, keys.element_size());
     // the cache slots each row may see, in position order: the same for every head and layer
     const uint8_t* tp = tree.data_ptr<uint8_t>();
+    bool causal = true;  // a prompt: every row sees the rows before it and itself
+    for (int64_t r = 0; r < T; ++r)
+      for (int64_t j = 0; j < T; ++j) causal = causal && tp[r * T + j] == (j <= r);
     for (int64_t r = 0; r < T; ++r) {
       rows.kbase[r] = static_cast<char*>(keys.data_ptr());
       rows.vbase[r] = static_cast<char*>(values.data_ptr());
       rows.write[r] = start + r;
-      if (whole_prompt) continue;  // torch's causal kernel: no slot lists
       rows.visible[r].resize(start);
       std::iota(rows.visible[r].begin(), rows.visible[r].end(), int64_t{0});
       for (int64_t j = 0; j < T; ++j)
         if (tp[r * T + j]) rows.visible[r].push_back(start + j);
     }
-    return run(x, rows, cos, sin, prefill && T >= 32, whole_prompt);
+    return run(x, rows, cos, sin, prefill && T >= 32, prefill && causal);
   }
 
   // Several sequences' rows in one pass. keys/values: [B, layers, kv, W, d], one region per
@@ -1774,12 +1811,12 @@ class Model {
     int64_t begin, end, shared;
   };
 
-  static std::vector<Span> spans(const Rows& rows) {
+  static std::vector<Span> spans(const Rows& rows, int64_t most) {
     std::vector<Span> out;
     const int64_t T = static_cast<int64_t>(rows.kbase.size());
     for (int64_t begin = 0; begin < T;) {
       int64_t end = begin + 1;
-      while (end < T && rows.kbase[end] == rows.kbase[begin]) ++end;
+      while (end < T && end - begin < most && rows.kbase[end] == rows.kbase[begin]) ++end;
       const std::vector<int64_t>& first = rows.visible[begin];
       int64_t shared = static_cast<int64_t>(first.size());
       for (int64_t r = begin + 1; r < end; ++r) {
@@ -1796,7 +1833,7 @@ class Model {
 
   // every decoder layer over the rows, then the final norm
   torch::Tensor run(torch::Tensor x, const Rows& rows, torch::Tensor cos, torch::Tensor sin,
-                    bool batched, bool whole_prompt) {
+                    bool batched, bool prompt) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [T, hidden]");
     x = x.contiguous().clone();
     cos = cos.contiguous();
@@ -1808,8 +1845,16 @@ class Model {
     const int64_t qkv_width = (heads_ + 2 * kv_heads_) * d;
     std::vector<float> qkv(T * qkv_width), gu, act;
     std::vector<const char*> K(T), V(T);
-    const std::vector<Span> runs = whole_prompt ? std::vector<Span>{} : spans(rows);
-    const Work work = plan(runs);
+    const std::vector<Span> runs = spans(rows, prompt ? kPromptRun : T);
+    const Work work = plan(runs, prompt);
+    // A prompt's runs all see the keys from slot 0 on (its last row sees them all, in order):
+    // each layer's are put in key-major order once for every attention item, instead of once
+    // per item (the same floats in the same lanes: no bits change).
+    int64_t major_blocks = 0;
+    std::vector<float> major;
+#if defined(__AVX512F__)
+    if (prompt && d % 16 == 0) major_blocks = static_cast<int64_t>(rows.visible[T - 1].size()) / 16;
+#endif
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& layer = layers_[l];
       rms_norm(xp, T, hidden, layer.attn_norm.data_ptr<float>(), eps_, normed.data());
@@ -1836,14 +1881,18 @@ class Model {
           }
         }
       }
-      if (whole_prompt) {
-        prefill_attention(qkv.data(), qkv_width, T, attn.data());
+      if (rows.bytes == 2) {
+        const auto* keys = reinterpret_cast<const uint16_t*>(K[0]);
+        if (major_blocks > 0) key_major(keys, S, rows.visible[T - 1].data(), major_blocks, major);
+        attend<uint16_t>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, work,
+                         major_blocks > 0 ? major.data() : nullptr, major_blocks * 16 * d,
+                         attn.data());
       } else {
-        if (rows.bytes == 2) {
-          attend<uint16_t>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, work, attn.data());
-        } else {
-          attend<float>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, work, attn.data());
-        }
+        const auto* keys = reinterpret_cast<const float*>(K[0]);
+        if (major_blocks > 0) key_major(keys, S, rows.visible[T - 1].data(), major_blocks, major);
+        attend<float>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, work,
+                      major_blocks > 0 ? major.data() : nullptr, major_blocks * 16 * d,
+                      attn.data());
       }
       apply(layer.out, attn.data(), T, tmp.data(), hidden, int8_, batched);
       for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
@@ -1877,21 +1926,7 @@ class Model {
     for (; i < n; ++i) out[i] = (g[i] / (1.0f + exp1(-g[i]))) * up[i];
   }
 
-  // causal attention of a whole prompt at once (torch's fused kernel; a prefill only)
-  void prefill_attention(float* qkv, int64_t ldq, int64_t T, float* out) const {
-    const int64_t d = d_;
-    auto all = torch::from_blob(qkv, {T, ldq}, torch::kFloat32);
-    auto q = all.narrow(1, 0, heads_ * d).view({T, heads_, d}).transpose(0, 1).unsqueeze(0);
-    auto k = all.narrow(1, heads_ * d, kv_heads_ * d).view({T, kv_heads_, d}).transpose(0, 1)
-                 .unsqueeze(0);
-    auto v = all.narrow(1, (heads_ + kv_heads_) * d, kv_heads_ * d).view({T, kv_heads_, d})
-                 .transpose(0, 1).unsqueeze(0);
-    auto o = at::scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), {},
-                                              0.0, true, std::nullopt, kv_heads_ != heads_);
-    auto dst = torch::from_blob(out, {T, heads_ * d}, torch::kFloat32);
-    dst.copy_(o[0].transpose(0, 1).reshape({T, heads_ * d}));
-  }
-
+  static constexpr int64_t kPromptRun = 16;  // a prompt's rows per run of shared keys
   static constexpr int64_t kMostQueries = 12;  // queries of one attention work item
   static constexpr int64_t kChunk = 64;        // keys scored for every query of an item in turn
   static constexpr int64_t kKeyMajor = 6;      // queries from which an item scores key-major
@@ -1902,16 +1937,19 @@ class Model {
   // its queries: keys a chunk at a time, scored for every query while in L1 (key-major for six
   // queries or more); values one key at a time for up to four queries at once. Every query's
   // scores, exponentials and sums are the operations it takes alone, in the same order, so the
-  // grouping changes no bits. The same for every layer: planned once per forward.
+  // grouping changes no bits. The same for every layer: planned once per forward. A prompt's
+  // runs (kPromptRun rows each) see ever more keys: its items are dealt to the threads in turn,
+  // not in contiguous shares, so that no thread gets all the long ones.
   struct Work {
     std::vector<std::pair<int64_t, int64_t>> queries;  // (row, query head), item by item
     // item k: queries[bounds[k], bounds[k + 1]) of runs[span[k]]
     std::vector<int64_t> bounds{0}, span;
+    bool in_turn = false;
   };
 
-  Work plan(const std::vector<Span>& runs) const {
+  Work plan(const std::vector<Span>& runs, bool prompt) const {
     Work work;
-    if (runs.empty()) return work;  // a whole prompt: torch's causal kernel
+    work.in_turn = prompt;
     const int64_t group = heads_ / kv_heads_;
     const int64_t heads_of_runs = static_cast<int64_t>(runs.size()) * kv_heads_;
     const int64_t pieces = std::max<int64_t>(1, (4 * omp_get_max_threads() + heads_of_runs - 1) /
@@ -1938,19 +1976,21 @@ class Model {
   void attend(const float* qkv, int64_t ldq, const std::vector<const char*>& K,
               const std::vector<const char*>& V, int64_t S,
               const std::vector<std::vector<int64_t>>& visible, const std::vector<Span>& runs,
-              const Work& work, float* out) const {
+              const Work& work, const float* major, int64_t major_stride, float* out) const {
     const int64_t d = d_, group = heads_ / kv_heads_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     const std::vector<std::pair<int64_t, int64_t>>& queries = work.queries;
     const std::vector<int64_t>& bounds = work.bounds;
     const int64_t items = static_cast<int64_t>(work.span.size());
+    const int64_t threads = omp_get_max_threads();
+    const int64_t share = work.in_turn ? 1 : std::max<int64_t>(1, (items + threads - 1) / threads);
 #pragma omp parallel
     {
       std::vector<float> scores, acc, kt;
       std::vector<const float*> qs;
       std::vector<float*> a, score_rows;
       const std::vector<KV> zero_row(d, KV{0});
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, share)
       for (int64_t k = 0; k < items; ++k) {
         const int64_t first = bounds[k], m = bounds[k + 1] - first;
         const int64_t row0 = queries[first].first, kvh = queries[first].second / group;
@@ -1987,7 +2027,7 @@ class Model {
           for (int64_t i = 0; i < m; ++i) qs[i] = query(i);
           kt.resize(16 * d);
           key_scores_many(qs.data(), m, Kh, slots_of(0), blocks, d, scale, score_rows.data(),
-                          kt.data());
+                          kt.data(), major != nullptr ? major + kvh * major_stride : nullptr);
         }
 #endif
         for (int64_t j0 = 0; !key_major && j0 < blocks; j0 += kChunk)
@@ -2015,6 +2055,22 @@ class Model {
         }
       }
     }
+  }
+
+  // major <- the first blocks * 16 keys of slots, block by block in key-major order (d x 16
+  // floats each), for every KV head of a layer's cache K ([kv, S, d])
+  template <typename KV>
+  void key_major(const KV* K, int64_t S, const int64_t* slots, int64_t blocks,
+                 std::vector<float>& major) const {
+#if defined(__AVX512F__)
+    const int64_t d = d_, per_head = blocks * 16 * d;
+    major.resize(kv_heads_ * per_head);
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < kv_heads_ * blocks; ++k) {
+      const int64_t h = k / blocks, b = k % blocks;
+      transpose_keys(K + h * S * d, slots + b * 16, d, major.data() + h * per_head + b * 16 * d);
+    }
+#endif
   }
 
   // scores[j] = scale * (q . K[slots[j]]) for j < count, written up to count rounded up to a
