@@ -127,6 +127,10 @@ class Run:
         self._eos = set(config.eos_token_ids)
         self._seen: torch.Tensor | None = None
         self._start = 0.0
+        # prompt tokens the backend's cache already holds (a server's slot from the request
+        # before): prefill keeps them where the backend reuses prefixes exactly
+        self.reuse = 0
+        self.started = False  # prefilled: the backend's cache holds this run's tokens
 
     def __iter__(self) -> Iterator[list[int]]:
         self.start()
@@ -149,7 +153,10 @@ class Run:
             self._seen = torch.zeros(backend.vocab_size, dtype=torch.bool)
             self._seen[torch.tensor(self._context, dtype=torch.long)] = True
         self._start = time.perf_counter()
-        backend.prefill(self._context)
+        backend.prefill(self._context, reuse=self.reuse)
+        self.stats.cached_tokens = (min(self.reuse, len(self._context) - 1)
+                                    if backend.reuses_prefix else 0)
+        self.started = True
         self.engine.drafter.begin(self._context, cfg.sampling)
         self.stats.prefill_s = time.perf_counter() - self._start
 

@@ -17,6 +17,8 @@ __all__ = ["GenerationStats"]
 class GenerationStats:
     """Attributes:
     prompt_tokens: tokens in the prompt.
+    cached_tokens: of those, tokens whose cache entries were reused, not computed (a server's
+        slot that held the same prefix; :meth:`Backend.prefill`'s ``reuse``).
     new_tokens: tokens committed after the prompt.
     steps: target forward passes after prefill.
     step_tokens: tokens committed by each step (accepted + recovered/bonus).
@@ -27,6 +29,7 @@ class GenerationStats:
     """
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     new_tokens: int = 0
     steps: int = 0
     step_tokens: list[int] = field(default_factory=list)

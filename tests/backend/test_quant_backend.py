@@ -360,6 +360,14 @@ def test_a_prompt_prefilled_at_once_leaves_what_decoding_it_leaves(
         part.forward_tree(DraftTree.chain(rest[:-1]))
         part.commit(list(range(len(rest) - 1)), rest[-1])
         assert torch.equal(part.forward_tree(tree), expected), cut
+    # a cache that holds another sequence's first 100 tokens: prefill keeps them
+    other = make()
+    assert other.reuses_prefix
+    other.prefill(prompt[:100] + [5, 6, 7])
+    other.prefill(prompt, reuse=100)
+    assert torch.equal(other.forward_tree(tree), expected)
+    with pytest.raises(ValueError, match="cannot reuse"):  # an empty cache holds none
+        make().prefill(prompt, reuse=10)
 
 
 def test_the_float16_cache_holds_the_rounded_float32_values(

@@ -43,7 +43,12 @@ class Backend(Protocol):
         """Committed tokens, the root included."""
         ...
 
-    def prefill(self, ids: Sequence[int]) -> None: ...
+    @property
+    def reuses_prefix(self) -> bool:
+        """Whether ``prefill(ids, reuse)`` keeps the cached tokens it is told to reuse."""
+        ...
+
+    def prefill(self, ids: Sequence[int], reuse: int = 0) -> None: ...
 
     def forward_tree(self, tree: DraftTree) -> torch.Tensor:
         """``[N + 1, vocab]`` logits: row 0 after the root, row ``i + 1`` after node ``i``."""
@@ -106,9 +111,17 @@ class KVBackend(ABC):
 
     # the contract ------------------------------------------------------------------------------
 
+    #: whether :meth:`prefill` may reuse cached tokens: only where a prompt prefilled at once
+    #: gets, bit for bit, what prefilling a part and computing the rest later gets
+    reuses_prefix = False
+
     @torch.inference_mode()
-    def prefill(self, ids: Sequence[int]) -> None:
-        """Start a sequence: cache ``ids[:-1]``; ``ids[-1]`` becomes the root."""
+    def prefill(self, ids: Sequence[int], reuse: int = 0) -> None:
+        """Start a sequence: cache ``ids[:-1]``; ``ids[-1]`` becomes the root.
+
+        ``reuse``: the first ``reuse`` cached tokens of the sequence before are ``ids[:reuse]``
+        (the caller knows; a server keeps each slot's tokens): they stay and only the rest is
+        computed — where :attr:`reuses_prefix`; elsewhere everything is computed."""
         if len(ids) == 0:
             raise ValueError("cannot prefill an empty prompt")
         if len(ids) >= self._max_length:
@@ -116,13 +129,19 @@ class KVBackend(ABC):
                 f"prompt has {len(ids)} tokens; the context window is {self._max_length} "
                 "(prompt + at least one new token must fit): shorten the prompt"
             )
-        self._reset_cache()
-        self._past = 0
+        reuse = min(reuse, len(ids) - 1) if self.reuses_prefix else 0
+        if not 0 <= reuse <= self._past:
+            raise ValueError(f"cannot reuse {reuse} tokens of a cache holding {self._past}")
+        if reuse:
+            self._crop(reuse)
+        else:
+            self._reset_cache()
+        self._past = reuse
         self.last_hidden = None
-        if len(ids) > 1:
-            head = torch.tensor(ids[:-1], dtype=torch.long)
-            self._forward(head, torch.arange(len(head)), None, last_only=True)
-            self._past = len(head)
+        if len(ids) - 1 > reuse:
+            head = torch.tensor(ids[reuse:-1], dtype=torch.long)
+            self._forward(head, torch.arange(reuse, len(ids) - 1), None, last_only=True)
+            self._past = len(ids) - 1
         self._root = int(ids[-1])
 
     def tree_rows(self, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:

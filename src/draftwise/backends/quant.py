@@ -402,6 +402,18 @@ class QuantBackend(FastBackend):
         return logits
 
     @property
+    def reuses_prefix(self) -> bool:  # type: ignore[override]
+        """A cached prefix is reusable exactly when every row goes the row-by-row path: the
+        kernels run the model, and every product is an 8-bit one or a float32 tensor's (a
+        float32-activation product of a long prompt goes through torch's batched kernel)."""
+        if self._native is None:
+            return False
+        pieces = [p for layer in self.layers for name in ("qkv", "out", "gate_up", "down")
+                  for p in (layer[name].parts if isinstance(layer[name], _Concat)
+                            else [layer[name]])]
+        return all(p.int8 or p.ops is None for p in pieces)
+
+    @property
     def float32_tensors(self) -> list[str]:
         """``"name (type)"`` of each tensor that runs in float32 (no kernel for its type)."""
         return [f"{name} ({qtype})" for name, qtype in self._fallbacks]
