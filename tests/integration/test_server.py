@@ -90,6 +90,30 @@ def test_chat_equals_the_python_api_and_reports_usage(server: tuple[str, Any]) -
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_chats_next_turn_reuses_the_cached_turn_exactly(server: tuple[str, Any]) -> None:
+    """The next turn of a chat begins with the last one's prompt: a free slot holding it is
+    chosen and its cache kept (on the quant backend, where a prompt prefilled at once gets the
+    bits of one prefilled in parts); the reply is the one a fresh prefill gives."""
+    url, generator = server
+    wait_idle(url)
+    first = chat(url, PROMPTS[2])
+    messages = [{"role": "user", "content": PROMPTS[2]},
+                {"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "Now list three more."}]
+    reply = client(url).chat.completions.create(model="default", messages=messages,
+                                                temperature=0, max_tokens=48)
+    pld = generator.with_method("pld")
+    done = pld.engine.generate(pld.encode_chat(messages), pld.config(max_new_tokens=48))
+    expected = generator.model.tokenizer.decode(done.tokens, skip_special_tokens=True)
+    assert reply.choices[0].message.content == expected
+    cached = reply.usage.prompt_tokens_details.cached_tokens
+    if generator.backend.reuses_prefix:
+        assert cached >= first.usage.prompt_tokens - 1
+        assert "draftwise_prompt_tokens_cached_total" in httpx.get(url + "/metrics").text
+    else:
+        assert cached == 0
+
+
 def test_streaming_chat_and_completions(server: tuple[str, Any]) -> None:
     url, _ = server
     whole = chat(url, PROMPTS[1]).choices[0].message.content

@@ -185,6 +185,10 @@ class Server:
               for (e, c), n in sorted(self.requests.items())),
             "# TYPE draftwise_prompt_tokens_total counter",
             f"draftwise_prompt_tokens_total {self.prompt_tokens}",
+            "# HELP draftwise_prompt_tokens_cached_total Prompt tokens whose cache entries a"
+            " slot held from its request before (reused, not computed).",
+            "# TYPE draftwise_prompt_tokens_cached_total counter",
+            f"draftwise_prompt_tokens_cached_total {self.scheduler.cached_tokens}",
             "# TYPE draftwise_completion_tokens_total counter",
             f"draftwise_completion_tokens_total {self.completion_tokens}",
             "# TYPE draftwise_queue_depth gauge",
@@ -392,8 +396,11 @@ def create_app(generator: Generator, method: str = "pld", *, max_batch: int = 8,
         completion = sum(c.tokens for c in choices)
         steps = sum(c.job.run.stats.steps for c in choices
                     if c.job is not None and c.job.run is not None)
+        first = choices[0].job.run if choices[0].job is not None else None
+        cached = first.stats.cached_tokens if first is not None else 0
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": cached},
                 "draftwise": {"steps": steps, "mat": round(completion / steps, 4) if steps
                               else 0.0, "method": choices[0].job.method if choices[0].job
                               else server.method}}

@@ -99,6 +99,10 @@ class Scheduler:
         self._queue: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._free = list(range(max_batch - 1, -1, -1))
+        # the tokens each slot's cache holds from its last request (a prompt that begins with
+        # them reuses them: a chat's next turn, a shared system prompt)
+        self._held: dict[int, list[int]] = {}
+        self.cached_tokens = 0  # prompt tokens reused, not computed
         self._engines: dict[tuple[int, str], Engine] = {}  # (slot, method) -> drafter, sizer
         self._checked: set[str] = set()  # methods check_method accepted
         self._wake = threading.Condition()
@@ -125,7 +129,7 @@ class Scheduler:
         while self._queue or self._active:
             while self._queue and self._free:
                 job = self._queue.popleft()
-                job.slot = self._free.pop()
+                job.slot = self._take_slot(job.prompt_ids)
                 self._admit(job)
             if self._active:
                 self._step()
@@ -210,7 +214,7 @@ class Scheduler:
                 admitted = []
                 while self._queue and self._free:
                     job = self._queue.popleft()
-                    job.slot = self._free.pop()
+                    job.slot = self._take_slot(job.prompt_ids)
                     admitted.append(job)
             for job in admitted:
                 self._admit(job)
@@ -219,6 +223,13 @@ class Scheduler:
         for job in [*self._active, *self._queue]:
             job.emit(Event(finish_reason="cancelled", error="the server is shutting down"))
 
+    def _take_slot(self, prompt_ids: list[int]) -> int:
+        """The free slot whose cache holds the longest prefix of ``prompt_ids`` (the most
+        recently freed among equals), taken off the free list."""
+        best = max(range(len(self._free)),
+                   key=lambda i: (_common(self._held.get(self._free[i], []), prompt_ids), i))
+        return self._free.pop(best)
+
     def _admit(self, job: Job) -> None:
         if job.cancelled:
             self._release(job)
@@ -226,9 +237,11 @@ class Scheduler:
         try:
             engine = self._engine(job.slot, job.method)
             job.run = engine.run(job.prompt_ids, job.config, job.constraint)
+            job.run.reuse = _common(self._held.pop(job.slot, []), job.prompt_ids)
             job.run.top_logprobs = job.logprobs
             job.text = TextTracker(self.generator.model.tokenizer, job.stop)
             job.run.start()
+            self.cached_tokens += job.run.stats.cached_tokens
         except Exception as error:  # noqa: BLE001 - one request's failure is its own
             self._fail(job, error)
             return
@@ -324,6 +337,19 @@ class Scheduler:
         if job in self._active:
             self._active.remove(job)
         if job.slot >= 0:
+            run = job.run
+            if run is not None and run.started:  # the slot's cache holds its first committed
+                held = self.pool.sequences[job.slot].length - 1  # tokens (the root is not cached)
+                self._held[job.slot] = (run.prompt_ids + run.tokens)[:held]
             with self._wake:
                 self._free.append(job.slot)
             job.slot = -1
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
