@@ -112,6 +112,11 @@ def test_a_chats_next_turn_reuses_the_cached_turn_exactly(server: tuple[str, Any
         assert "draftwise_prompt_tokens_cached_total" in httpx.get(url + "/metrics").text
     else:
         assert cached == 0
+    again = client(url).chat.completions.create(  # llama-server's cache_prompt: false
+        model="default", messages=messages, temperature=0, max_tokens=48,
+        extra_body={"draftwise": {"cache_prompt": False}})
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.choices[0].message.content == expected
 
 
 def test_streaming_chat_and_completions(server: tuple[str, Any]) -> None:

@@ -9,7 +9,9 @@ and the level reports aggregate tokens/s
 (all completion tokens over the level's wall time), per-request tokens/s (a request's tokens
 over its time after the first token), time to first token and latency (p50, p99), and whether
 each answer is identical to the same question's answer at one client. Speedups are against the
-same method at one client, and against ``none`` at the same client count.
+same method at one client, and against ``none`` at the same client count. Every request
+prefills its whole prompt (``cache_prompt: false``): the same questions recur in every level and
+round, and a slot's cached answer to one would make its next prefill free.
 
 Clients use only the standard library (``http.client``), so the bench can point at any server
 (llama.cpp's ``llama-server`` too: methods are sent as the ``draftwise`` extra field, which
@@ -85,7 +87,8 @@ def request(url: str, model: str, prompt: str, method: str, max_tokens: int,
     parts = urllib.parse.urlsplit(url)
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "temperature": 0, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}, "draftwise": {"method": method}}
+            "stream_options": {"include_usage": True},
+            "draftwise": {"method": method, "cache_prompt": False}}
     start = time.perf_counter()
     ttft, text, tokens = 0.0, "", 0
     connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,

@@ -158,7 +158,7 @@ class Server:
                 self._mailboxes[loop] = _Mailbox(loop)
             choice = _Choice(i, self._mailboxes[loop])
             job = Job(list(prompt_ids), config, method, choice.emit, body.stops, constraint,
-                      body.alternatives)
+                      body.alternatives, cache_prompt=options.cache_prompt if options else True)
             choice.job = job
             jobs.append(job)
             choices.append(choice)

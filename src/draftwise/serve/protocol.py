@@ -2,7 +2,9 @@
 
 Unknown fields are ignored, as OpenAI's own server does for fields it has no use for; a field
 it knows with a bad value is an HTTP 400 with an OpenAI-style error body. ``draftwise`` is
-this server's extra field: ``{"method": "pld", "budget": "auto" | "off" | N}``.
+this server's extra field: ``{"method": "pld", "budget": "auto" | "off" | N, "cache_prompt":
+true}`` (``cache_prompt``, llama-server's name: whether the request may reuse a slot's cached
+prefix; default true).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class _Body(BaseModel):
 class DraftwiseOptions(_Body):
     method: str | None = None
     budget: str | int | None = None
+    cache_prompt: bool = True
 
 
 class JsonSchemaFormat(_Body):

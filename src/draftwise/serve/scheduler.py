@@ -63,6 +63,7 @@ class Job:
     stop: tuple[str, ...] = ()
     constraint: Constraint | None = None
     logprobs: int | None = None  # None: off; else alternatives per token (see Run)
+    cache_prompt: bool = True  # may reuse a slot's cached prefix of the prompt
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     run: Run | None = None
@@ -226,6 +227,8 @@ class Scheduler:
     def _take_slot(self, prompt_ids: list[int]) -> int:
         """The free slot whose cache holds the longest prefix of ``prompt_ids`` (the most
         recently freed among equals), taken off the free list."""
+        if not prompt_ids:
+            return self._free.pop()
         best = max(range(len(self._free)),
                    key=lambda i: (_common(self._held.get(self._free[i], []), prompt_ids), i))
         return self._free.pop(best)
@@ -237,7 +240,8 @@ class Scheduler:
         try:
             engine = self._engine(job.slot, job.method)
             job.run = engine.run(job.prompt_ids, job.config, job.constraint)
-            job.run.reuse = _common(self._held.pop(job.slot, []), job.prompt_ids)
+            held = self._held.pop(job.slot, [])
+            job.run.reuse = _common(held, job.prompt_ids) if job.cache_prompt else 0
             job.run.top_logprobs = job.logprobs
             job.text = TextTracker(self.generator.model.tokenizer, job.stop)
             job.run.start()
