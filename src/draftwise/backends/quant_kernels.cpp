@@ -1982,16 +1982,13 @@ class Model {
     const std::vector<std::pair<int64_t, int64_t>>& queries = work.queries;
     const std::vector<int64_t>& bounds = work.bounds;
     const int64_t items = static_cast<int64_t>(work.span.size());
-    const int64_t threads = omp_get_max_threads();
-    const int64_t share = work.in_turn ? 1 : std::max<int64_t>(1, (items + threads - 1) / threads);
 #pragma omp parallel
     {
       std::vector<float> scores, acc, kt;
       std::vector<const float*> qs;
       std::vector<float*> a, score_rows;
       const std::vector<KV> zero_row(d, KV{0});
-#pragma omp for schedule(static, share)
-      for (int64_t k = 0; k < items; ++k) {
+      auto item = [&](int64_t k) {
         const int64_t first = bounds[k], m = bounds[k + 1] - first;
         const int64_t row0 = queries[first].first, kvh = queries[first].second / group;
         const int64_t shared = runs[work.span[k]].shared;  // slots every row of the run sees first
@@ -2053,6 +2050,13 @@ class Model {
           for (int64_t c = 0; c < d; c += 8)  // (d % 8 == 0)
             _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(a[i] + c), scale_i));
         }
+      };
+      if (work.in_turn) {
+#pragma omp for schedule(static, 1)
+        for (int64_t k = 0; k < items; ++k) item(k);
+      } else {
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < items; ++k) item(k);
       }
     }
   }
