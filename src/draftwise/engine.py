@@ -153,9 +153,7 @@ class Run:
             self._seen = torch.zeros(backend.vocab_size, dtype=torch.bool)
             self._seen[torch.tensor(self._context, dtype=torch.long)] = True
         self._start = time.perf_counter()
-        backend.prefill(self._context, reuse=self.reuse)
-        self.stats.cached_tokens = (min(self.reuse, len(self._context) - 1)
-                                    if backend.reuses_prefix else 0)
+        self.stats.cached_tokens = backend.prefill(self._context, reuse=self.reuse)
         self.started = True
         self.engine.drafter.begin(self._context, cfg.sampling)
         self.stats.prefill_s = time.perf_counter() - self._start

@@ -43,12 +43,10 @@ class Backend(Protocol):
         """Committed tokens, the root included."""
         ...
 
-    @property
-    def reuses_prefix(self) -> bool:
-        """Whether ``prefill(ids, reuse)`` keeps the cached tokens it is told to reuse."""
+    def prefill(self, ids: Sequence[int], reuse: int = 0) -> int:
+        """Start a sequence on ``ids``; returns how many of its ``reuse`` cached tokens were
+        kept rather than computed."""
         ...
-
-    def prefill(self, ids: Sequence[int], reuse: int = 0) -> None: ...
 
     def forward_tree(self, tree: DraftTree) -> torch.Tensor:
         """``[N + 1, vocab]`` logits: row 0 after the root, row ``i + 1`` after node ``i``."""
@@ -111,17 +109,20 @@ class KVBackend(ABC):
 
     # the contract ------------------------------------------------------------------------------
 
-    #: whether :meth:`prefill` may reuse cached tokens: only where a prompt prefilled at once
-    #: gets, bit for bit, what prefilling a part and computing the rest later gets
-    reuses_prefix = False
+    @property
+    def reuses_prefix(self) -> bool:
+        """Whether :meth:`prefill` may reuse cached tokens: only where a prompt prefilled at
+        once gets, bit for bit, what prefilling a part and computing the rest later gets."""
+        return False
 
     @torch.inference_mode()
-    def prefill(self, ids: Sequence[int], reuse: int = 0) -> None:
+    def prefill(self, ids: Sequence[int], reuse: int = 0) -> int:
         """Start a sequence: cache ``ids[:-1]``; ``ids[-1]`` becomes the root.
 
         ``reuse``: the first ``reuse`` cached tokens of the sequence before are ``ids[:reuse]``
         (the caller knows; a server keeps each slot's tokens): they stay and only the rest is
-        computed — where :attr:`reuses_prefix`; elsewhere everything is computed."""
+        computed — where :attr:`reuses_prefix`; elsewhere everything is computed. Returns how
+        many were kept."""
         if len(ids) == 0:
             raise ValueError("cannot prefill an empty prompt")
         if len(ids) >= self._max_length:
@@ -143,6 +144,7 @@ class KVBackend(ABC):
             self._forward(head, torch.arange(reuse, len(ids) - 1), None, last_only=True)
             self._past = len(ids) - 1
         self._root = int(ids[-1])
+        return reuse
 
     def tree_rows(self, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
         """The ids ``[T]`` (root, then the nodes) and positions ``[T]`` of a step over

@@ -402,7 +402,7 @@ class QuantBackend(FastBackend):
         return logits
 
     @property
-    def reuses_prefix(self) -> bool:  # type: ignore[override]
+    def reuses_prefix(self) -> bool:
         """A cached prefix is reusable exactly when every row goes the row-by-row path: the
         kernels run the model, and every product is an 8-bit one or a float32 tensor's (a
         float32-activation product of a long prompt goes through torch's batched kernel)."""

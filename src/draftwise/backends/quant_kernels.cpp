@@ -1882,17 +1882,11 @@ class Model {
         }
       }
       if (rows.bytes == 2) {
-        const auto* keys = reinterpret_cast<const uint16_t*>(K[0]);
-        if (major_blocks > 0) key_major(keys, S, rows.visible[T - 1].data(), major_blocks, major);
-        attend<uint16_t>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, work,
-                         major_blocks > 0 ? major.data() : nullptr, major_blocks * 16 * d,
-                         attn.data());
+        attend<uint16_t>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, work, major_blocks,
+                         major, attn.data());
       } else {
-        const auto* keys = reinterpret_cast<const float*>(K[0]);
-        if (major_blocks > 0) key_major(keys, S, rows.visible[T - 1].data(), major_blocks, major);
-        attend<float>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, work,
-                      major_blocks > 0 ? major.data() : nullptr, major_blocks * 16 * d,
-                      attn.data());
+        attend<float>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, work, major_blocks,
+                      major, attn.data());
       }
       apply(layer.out, attn.data(), T, tmp.data(), hidden, int8_, batched);
       for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
@@ -1971,13 +1965,20 @@ class Model {
   }
 
   // out[r, h*d:(h+1)*d] = softmax(q . K_visible / sqrt(d)) V_visible for each row r, head h
-  // K[r], V[r]: the layer's [kv, S, d] cache of row r's sequence; runs: the rows on one cache
+  // K[r], V[r]: the layer's [kv, S, d] cache of row r's sequence; runs: the rows on one cache.
+  // major_blocks > 0 (a prompt): the first major_blocks * 16 keys of the last row's slots, which
+  // every run's shared keys begin with, are put in key-major order into ``major`` first.
   template <typename KV>
   void attend(const float* qkv, int64_t ldq, const std::vector<const char*>& K,
               const std::vector<const char*>& V, int64_t S,
               const std::vector<std::vector<int64_t>>& visible, const std::vector<Span>& runs,
-              const Work& work, const float* major, int64_t major_stride, float* out) const {
+              const Work& work, int64_t major_blocks, std::vector<float>& major,
+              float* out) const {
     const int64_t d = d_, group = heads_ / kv_heads_;
+    if (major_blocks > 0)
+      transpose_prompt_keys(reinterpret_cast<const KV*>(K[0]), S, visible.back().data(),
+                            major_blocks, major);
+    const float* transposed = major_blocks > 0 ? major.data() : nullptr;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     const std::vector<std::pair<int64_t, int64_t>>& queries = work.queries;
     const std::vector<int64_t>& bounds = work.bounds;
@@ -2024,7 +2025,8 @@ class Model {
           for (int64_t i = 0; i < m; ++i) qs[i] = query(i);
           kt.resize(16 * d);
           key_scores_many(qs.data(), m, Kh, slots_of(0), blocks, d, scale, score_rows.data(),
-                          kt.data(), major != nullptr ? major + kvh * major_stride : nullptr);
+                          kt.data(),
+                          transposed ? transposed + kvh * major_blocks * 16 * d : nullptr);
         }
 #endif
         for (int64_t j0 = 0; !key_major && j0 < blocks; j0 += kChunk)
@@ -2064,8 +2066,8 @@ class Model {
   // major <- the first blocks * 16 keys of slots, block by block in key-major order (d x 16
   // floats each), for every KV head of a layer's cache K ([kv, S, d])
   template <typename KV>
-  void key_major(const KV* K, int64_t S, const int64_t* slots, int64_t blocks,
-                 std::vector<float>& major) const {
+  void transpose_prompt_keys(const KV* K, int64_t S, const int64_t* slots, int64_t blocks,
+                             std::vector<float>& major) const {
 #if defined(__AVX512F__)
     const int64_t d = d_, per_head = blocks * 16 * d;
     major.resize(kv_heads_ * per_head);
