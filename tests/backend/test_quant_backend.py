@@ -311,9 +311,10 @@ def test_grouped_attention_gives_each_row_its_bits_alone(
     wide_gguf: tuple[Path, object], ops: object, kv_cache: str
 ) -> None:
     """Attention reads the keys and values every row of a tree sees once for all the rows and
-    query heads of a KV head (keys a chunk at a time, values for up to four queries at once),
-    over a prefix longer than a chunk: each row still gets plain decoding's bits, and each
-    sequence of a batched pass its bits alone."""
+    query heads of a KV head (keys a chunk at a time, several queries per key load, or
+    key-major for many; values for up to four queries at once), over a prefix longer than a
+    chunk: each row still gets plain decoding's bits, and each sequence of a batched pass its
+    bits alone."""
     from draftwise.backends.batch import SequencePool
 
     path, config = wide_gguf
@@ -324,6 +325,8 @@ def test_grouped_attention_gives_each_row_its_bits_alone(
         return QuantBackend(path, config, ops=ops, kv_cache=kv_cache)
 
     assert_tree_rows_are_plain_rows(make, prompt, tree)
+    for small in (DraftTree((4,), (-1,)), DraftTree((4, 7), (-1, -1))):  # few queries per item
+        assert_tree_rows_are_plain_rows(make, prompt, small)
     pool = SequencePool(make(), 3)
     prompts = [prompt, prompt[:70], prompt[40:]]
     for i, p in enumerate(prompts):
