@@ -339,11 +339,24 @@ struct QuantizedRows {
   std::vector<int32_t> half_sums;  // [n, in / 16]: sum(q) of each 16 values (Q6_K)
 };
 
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
 QuantizedRows quantize_rows(const float* x, int64_t n, int64_t in) {
   const int64_t blocks = in / 32;
   QuantizedRows out{std::vector<int8_t>(n * in), std::vector<float>(n * blocks),
                     std::vector<float>(n * blocks), std::vector<int32_t>(2 * n * blocks)};
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  // packs_epi32 then packs_epi16 leave the four 8-value parts' 4-byte groups in the order
+  // 0.lo 1.lo 2.lo 3.lo 0.hi 1.hi 2.hi 3.hi; this puts them back in value order
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  // rows are independent: a prompt's many rows are split over the threads (a few rows are not
+  // worth waking them for)
+#pragma omp parallel for schedule(static) if (n * in >= (int64_t{1} << 16))
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
       const float* xb = x + r * in + 32 * b;
@@ -357,21 +370,20 @@ QuantizedRows quantize_rows(const float* x, int64_t n, int64_t in) {
       m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
       const float d = _mm_cvtss_f32(m4) / 127.0f;
       const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
-      int8_t* qb = out.q.data() + r * in + 32 * b;
-      int total = 0;
-      for (int k = 0; k < 4; ++k) {
-        const __m256i i32 = _mm256_cvtps_epi32(
-            _mm256_round_ps(_mm256_mul_ps(v[k], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        alignas(32) int32_t lanes[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), i32);
-        for (int j = 0; j < 8; ++j) {
-          qb[8 * k + j] = static_cast<int8_t>(lanes[j]);
-          total += lanes[j];
-          out.half_sums[2 * (r * blocks + b) + k / 2] += lanes[j];
-        }
-      }
+      __m256i q[4];  // |q| <= 127: the packs below never saturate
+      for (int k = 0; k < 4; ++k)
+        q[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], id),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256i bytes = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+          order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + r * in + 32 * b), bytes);
+      const int32_t first = hsum_epi32(_mm256_add_epi32(q[0], q[1]));
+      const int32_t second = hsum_epi32(_mm256_add_epi32(q[2], q[3]));
+      out.half_sums[2 * (r * blocks + b)] = first;
+      out.half_sums[2 * (r * blocks + b) + 1] = second;
       out.scale[r * blocks + b] = d;
-      out.sum[r * blocks + b] = d * static_cast<float>(total);
+      out.sum[r * blocks + b] = d * static_cast<float>(first + second);
     }
   }
   return out;
