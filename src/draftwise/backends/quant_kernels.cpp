@@ -436,6 +436,7 @@ void q8_tile(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t 
       offset = -8.0f * dw;
     }
     const __m256i w_abs = type == Q8_0 ? _mm256_sign_epi8(w, w) : w;
+    #pragma GCC unroll 16  // acc[t] in registers, not on the stack
     for (int t = 0; t < T; ++t) {
       __m256i x = _mm256_loadu_si256(
           reinterpret_cast<const __m256i*>(xbase + t * in + 32 * b));
@@ -675,6 +676,7 @@ void packed_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, in
         w[k + 4] = Vec::high_nibbles(p);
       }
     }
+    #pragma GCC unroll 16  // acc[t] in registers, not on the stack
     for (int t = 0; t < T; ++t) {
       const int64_t r = r0 + t;
       const int8_t* xb = xq.q.data() + r * in + 32 * b;
@@ -716,6 +718,7 @@ void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
         w[k] = s % 2 ? Vec::high_nibbles(p) : Vec::low_nibbles(p);
       }
       const int64_t b = 8 * sb + s;  // the activation block
+      #pragma GCC unroll 16  // acc[t] in registers, not on the stack
       for (int t = 0; t < T; ++t) {
         const int64_t r = r0 + t;
         const int8_t* xb = xq.q.data() + r * in + 32 * b;
@@ -763,6 +766,7 @@ void packed_tile_q6k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
         const typename Vec::F d_a = Vec::mul(d, Vec::s8s(sc + (8 * n + 2 * c) * kRows));
         const typename Vec::F d_b = Vec::mul(d, Vec::s8s(sc + (8 * n + 2 * c + 1) * kRows));
         const int64_t b = 8 * sb + 4 * n + c;  // the activation block
+        #pragma GCC unroll 16  // acc[t] in registers, not on the stack
         for (int t = 0; t < T; ++t) {
           const int64_t r = r0 + t;
           const int8_t* xb = xq.q.data() + r * in + 32 * b;
@@ -810,6 +814,7 @@ void packed_tile_q5(const uint8_t* group, const QuantizedRows& xq, int64_t in, i
           Vec::and_(Vec::mullo(bits, Vec::set1(0x00204081)), Vec::set1(0x01010101));
       w[g] = Vec::or_(w[g], Vec::shl4(spread));
     }
+    #pragma GCC unroll 16  // acc[t] in registers, not on the stack
     for (int t = 0; t < T; ++t) {
       const int64_t r = r0 + t;
       const int8_t* xb = xq.q.data() + r * in + 32 * b;
