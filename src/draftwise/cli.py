@@ -613,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Any = args.handler
         return int(handler(args))
     except (ModelError, UnknownMethodError, PromptTooLongError, ValueError,
-            FileNotFoundError) as error:
+            FileNotFoundError, ConnectionError) as error:
         print(f"draftwise: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -45,3 +45,36 @@ def test_one_round_is_the_levels_in_turn(monkeypatch: pytest.MonkeyPatch) -> Non
     assert [r.wall_s for r in results] == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="rounds"):
         load.run_load("http://x", ["a"], ["none"], [1], 16, progress=False, rounds=0)
+
+
+def test_the_url_a_server_prints_names_the_same_server() -> None:
+    assert load.server_root("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000"
+    assert load.server_root("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000"
+    assert load.server_root("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
+
+
+def test_an_address_that_is_not_an_openai_server_is_named() -> None:
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(404)
+            self.end_headers()
+            self.wfile.write(b"no such page")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(ValueError, match="HTTP 404 without a model list"):
+            load.run_load(url + "/v1", ["a"], ["none"], [1], 16, progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ConnectionError, match="no server answers"):
+        load.run_load(url, ["a"], ["none"], [1], 16, progress=False)

@@ -156,6 +156,7 @@ def run_load(url: str, prompts: Sequence[str], methods: Sequence[str], clients: 
     sum of their wall times)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    url = server_root(url)
     model = _model_id(url)
     for method in methods:  # warm-up: first-call costs are nobody's throughput
         request(url, model, prompts[0], method, min(max_tokens, 16))
@@ -178,16 +179,30 @@ def run_load(url: str, prompts: Sequence[str], methods: Sequence[str], clients: 
     return [merged[level] for level in levels]
 
 
+def server_root(url: str) -> str:
+    """The server's address without the API prefix: ``http://host:port/v1`` (what
+    ``draftwise serve`` and llama-server print) and ``http://host:port`` both name it."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
 def _model_id(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
                                             timeout=30)
     try:
         connection.request("GET", parts.path.rstrip("/") + "/v1/models")
-        data = json.loads(connection.getresponse().read())
+        response = connection.getresponse()
+        body = response.read()
+    except OSError as error:
+        raise ConnectionError(f"no server answers at {url}: {error}") from None
     finally:
         connection.close()
-    return str(data["data"][0]["id"])
+    try:
+        return str(json.loads(body)["data"][0]["id"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ValueError(f"{url}/v1/models answered HTTP {response.status} without a model list: "
+                         "is it an OpenAI-compatible server?") from None
 
 
 def summarize(results: Sequence[LoadResult]) -> list[dict[str, Any]]:
