@@ -436,7 +436,7 @@ void q8_tile(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t 
       offset = -8.0f * dw;
     }
     const __m256i w_abs = type == Q8_0 ? _mm256_sign_epi8(w, w) : w;
-    #pragma GCC unroll 16  // acc[t] in registers, not on the stack
+#pragma GCC unroll 16  // acc[t] in registers, not on the stack
     for (int t = 0; t < T; ++t) {
       __m256i x = _mm256_loadu_si256(
           reinterpret_cast<const __m256i*>(xbase + t * in + 32 * b));
@@ -520,7 +520,9 @@ struct Vec {
   // instructions of a 4-bit block's product (4-8 rows: 2-5% of a step)
   static I dot_u4_at(I sum, I w, const uint8_t* p) {
     using Word = int32_t __attribute__((may_alias));
-    asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(sum) : "v"(w), "m"(*reinterpret_cast<const Word*>(p)));
+    asm("vpdpbusd %2%{1to16%}, %1, %0"
+        : "+v"(sum)
+        : "v"(w), "m"(*reinterpret_cast<const Word*>(p)));
     return sum;
   }
   static I dot_s8(I sum, I w, I x) {  // |w| * (x * sign(w)) = w * x
@@ -693,7 +695,7 @@ void packed_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, in
         w[k + 4] = Vec::high_nibbles(p);
       }
     }
-    #pragma GCC unroll 16  // acc[t] in registers, not on the stack
+#pragma GCC unroll 16  // acc[t] in registers, not on the stack
     for (int t = 0; t < T; ++t) {
       const int64_t r = r0 + t;
       const int8_t* xb = xq.q.data() + r * in + 32 * b;
@@ -735,7 +737,7 @@ void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
         w[k] = s % 2 ? Vec::high_nibbles(p) : Vec::low_nibbles(p);
       }
       const int64_t b = 8 * sb + s;  // the activation block
-      #pragma GCC unroll 16  // acc[t] in registers, not on the stack
+#pragma GCC unroll 16  // acc[t] in registers, not on the stack
       for (int t = 0; t < T; ++t) {
         const int64_t r = r0 + t;
         const int8_t* xb = xq.q.data() + r * in + 32 * b;
@@ -783,7 +785,7 @@ void packed_tile_q6k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
         const typename Vec::F d_a = Vec::mul(d, Vec::s8s(sc + (8 * n + 2 * c) * kRows));
         const typename Vec::F d_b = Vec::mul(d, Vec::s8s(sc + (8 * n + 2 * c + 1) * kRows));
         const int64_t b = 8 * sb + 4 * n + c;  // the activation block
-        #pragma GCC unroll 16  // acc[t] in registers, not on the stack
+#pragma GCC unroll 16  // acc[t] in registers, not on the stack
         for (int t = 0; t < T; ++t) {
           const int64_t r = r0 + t;
           const int8_t* xb = xq.q.data() + r * in + 32 * b;
@@ -831,7 +833,7 @@ void packed_tile_q5(const uint8_t* group, const QuantizedRows& xq, int64_t in, i
           Vec::and_(Vec::mullo(bits, Vec::set1(0x00204081)), Vec::set1(0x01010101));
       w[g] = Vec::or_(w[g], Vec::shl4(spread));
     }
-    #pragma GCC unroll 16  // acc[t] in registers, not on the stack
+#pragma GCC unroll 16  // acc[t] in registers, not on the stack
     for (int t = 0; t < T; ++t) {
       const int64_t r = r0 + t;
       const int8_t* xb = xq.q.data() + r * in + 32 * b;
@@ -2045,13 +2047,14 @@ class Model {
   // some — but where the build scores three queries per key load (AVX-512), never below one
   // row's query heads of the KV head: a decoding row's three items of three queries beat nine
   // items of one that each read the keys (a step 1.03-1.1x faster at 300 keys, 1.07-1.2x at
-  // 1000, though two threads then share three items). An item reads the keys and values its rows all see (the committed prefix) once for all
-  // its queries: keys a chunk at a time, scored for every query while in L1 (key-major for six
-  // queries or more); values one key at a time for up to four queries at once. Every query's
-  // scores, exponentials and sums are the operations it takes alone, in the same order, so the
-  // grouping changes no bits. The same for every layer: planned once per forward. A prompt's
-  // runs (kPromptRun rows each) see ever more keys: its items are dealt to the threads in turn,
-  // not in contiguous shares, so that no thread gets all the long ones.
+  // 1000, though two threads then share three items). An item reads the keys and values its
+  // rows all see (the committed prefix) once for all its queries: keys a chunk at a time,
+  // scored for every query while in L1 (key-major for six queries or more); values one key at a
+  // time for up to four queries at once. Every query's scores, exponentials and sums are the
+  // operations it takes alone, in the same order, so the grouping changes no bits. The same for
+  // every layer: planned once per forward. A prompt's runs (kPromptRun rows each) see ever
+  // more keys: its items are dealt to the threads in turn, not in contiguous shares, so that no
+  // thread gets all the long ones.
   struct Work {
     std::vector<std::pair<int64_t, int64_t>> queries;  // (row, query head), item by item
     // item k: queries[bounds[k], bounds[k + 1]) of runs[span[k]]
@@ -2239,7 +2242,8 @@ class Model {
       const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + j), top16));
       _mm512_storeu_ps(scores + j, e);
       total = _mm256_add_ps(total, _mm512_castps512_ps256(e));
-      total = _mm256_add_ps(total, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+      const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1));
+      total = _mm256_add_ps(total, high);
     }
 #endif
     for (; j < count; j += 8) {
