@@ -1,9 +1,11 @@
-"""Progress on a non-terminal stderr is two lines, not one per redraw."""
+"""Progress on a non-terminal stderr: a start line, an end line, and a line per half minute
+between them — not one per redraw."""
 
 from __future__ import annotations
 
 import pytest
 
+from draftwise import progress
 from draftwise.progress import progress_bar
 
 
@@ -27,3 +29,21 @@ def test_disabled_progress_prints_nothing(capsys: pytest.CaptureFixture[str]) ->
     bar.update(3)
     bar.close()
     assert capsys.readouterr().err == ""
+
+
+def test_long_work_off_a_terminal_says_how_far_it_is(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    bar = progress_bar(480, "target pass", unit="tok")
+    for _ in range(480):  # 2 tokens a second (exact in binary), a line per 30 s of it
+        clock[0] += 0.5
+        bar.update()
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "target pass (480 toks) ..."
+    assert lines[1] == "target pass: 60/480 toks (12%), 0.5 min, ~3.5 min left"
+    assert lines[-2] == "target pass: 420/480 toks (88%), 3.5 min, ~0.5 min left"
+    assert len(lines) == 2 + 7
+    assert lines[-1] == "target pass: done (480 toks in 240.0 s)"
