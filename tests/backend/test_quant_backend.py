@@ -23,6 +23,7 @@ from draftwise.backends.quant import (
     load_kernels,
 )
 from draftwise.drafters import create_drafter
+from draftwise.drafters.heads import DraftHeads, _KernelHeads
 from draftwise.engine import Engine, GenerationConfig
 from draftwise.tree import DraftTree
 
@@ -407,6 +408,30 @@ def test_every_drafter_on_quant_equals_plain_greedy_on_quant(
     for method in ("pld", "recycling", "aded", "lookahead", "composite"):
         run = Engine(backend, create_drafter(method)).generate(prompt, config)
         assert run.tokens == plain, method
+
+
+def test_heads_score_with_the_kernels_and_keep_plain_greedy_output(
+    tiny_gguf: tuple[Path, torch.nn.Module], ops: object, tmp_path: Path
+) -> None:
+    """On the kernels, hydra's products run as Q8_0 dot products (the target's own kind):
+    drafts may differ from float32 scoring in a near-tie, the output may not."""
+    path, twin = tiny_gguf
+    backend = QuantBackend(path, twin.config, ops=ops)
+    torch.manual_seed(0)
+    heads = DraftHeads("hydra", 2, 32, torch.arange(32),
+                       {"model": "tiny", "vocab_size": str(backend.vocab_size)})
+    for parameter in heads.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    heads.save(tmp_path / "tiny.hydra.safetensors")
+    drafter = create_drafter(f"hydra:heads={tmp_path / 'tiny.hydra.safetensors'},top_k=3")
+    drafter.attach(twin, backend)  # type: ignore[attr-defined]
+    assert isinstance(drafter._scorer, _KernelHeads)  # type: ignore[attr-defined]
+    prompt = [4, 8, 15, 16, 23, 42, 4, 8, 15]
+    config = GenerationConfig(max_new_tokens=30)
+    plain = Engine(backend, create_drafter("none")).generate(prompt, config).tokens
+    run = Engine(backend, drafter).generate(prompt, config)
+    assert run.tokens == plain
+    assert max(run.stats.tree_sizes) > 0
 
 
 def test_without_kernels_the_backend_runs_on_float32_copies(

@@ -155,6 +155,42 @@ def target_rows(backend: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
     return rows.contiguous(), lookup
 
 
+class _KernelHeads:
+    """The heads' products on the quant backend's kernels: ``W_k``, ``U_k`` and the draft
+    vocabulary's LM-head rows rounded to Q8_0 blocks, run as 8-bit dot products like the
+    target's own. Measured (default model, hydra, depth 3, 12 nodes): float32 ``torch``
+    products took 1.7-2.2 ms per proposal — up to half a decoding step, mostly reading the
+    9.4 MB of float32 rows once per level; on Q8_0 rows (2.5 MB) 0.7 ms. Draft scores only:
+    which tokens are drafted may change in a near-tie, never which are accepted."""
+
+    def __init__(self, heads: DraftHeads, rows: torch.Tensor, ops: Any) -> None:
+        from draftwise.backends.quant import QuantLinear
+
+        def q8(weight: torch.Tensor, bias: torch.Tensor | None = None) -> QuantLinear:
+            from gguf import GGMLQuantizationType
+            from gguf.quants import quantize
+
+            blocks = quantize(weight.detach().float().numpy(), GGMLQuantizationType.Q8_0)
+            return QuantLinear(torch.from_numpy(blocks), "Q8_0", weight.shape[1],
+                               None if bias is None else bias.detach().float(), ops, "int8")
+
+        def linears(modules: torch.nn.ModuleList) -> list[torch.nn.Linear]:
+            return [m for m in modules if isinstance(m, torch.nn.Linear)]
+
+        self.kind = heads.kind
+        self.w = [q8(linear.weight, linear.bias) for linear in linears(heads.w)]
+        self.u = [q8(linear.weight) for linear in linears(heads.u)]
+        self.score = q8(rows)
+
+    def logits(self, k: int, h: torch.Tensor, prev: torch.Tensor | None,
+               lm_rows: torch.Tensor) -> torch.Tensor:
+        pre = self.w[k](h)
+        if self.kind == "hydra":
+            assert prev is not None
+            pre = pre + self.u[k](prev)
+        return self.score(h + F.silu(pre))
+
+
 def packaged_heads(model_name: str, kind: str) -> Path:
     """The head file shipped for ``model_name`` (the default model), if any."""
     return _PACKAGED / f"{model_name}.{kind}.safetensors"
@@ -191,6 +227,7 @@ class HeadsDrafter:
             raise ValueError("top_k, branch, beam and depth must be >= 1")
         self.config = config
         self.heads: DraftHeads | None = None
+        self._scorer: DraftHeads | _KernelHeads | None = None  # the heads' products
         self._rows = torch.empty(0)
         self._embed: Any = None
         self._hidden: torch.Tensor | None = None
@@ -220,6 +257,10 @@ class HeadsDrafter:
                 f"{path} was trained for {heads.meta.get('model', 'another model')}: this "
                 "model's LM head differs")
         self.heads, self._rows, self._embed = heads, rows, embed
+        self._scorer = heads
+        ops = getattr(target_backend, "_ops", None)
+        if ops is not None and rows.shape[1] % 32 == 0:  # quant backend with its kernels
+            self._scorer = _KernelHeads(heads, rows, ops)
 
     def begin(self, prompt_ids: Sequence[int], sampling: SamplingConfig = GREEDY) -> None:
         if self.heads is None:
@@ -228,8 +269,8 @@ class HeadsDrafter:
 
     @torch.inference_mode()
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
-        heads, h = self.heads, self._hidden
-        if heads is None or h is None or max_depth <= 0:
+        heads, scorer, h = self.heads, self._scorer, self._hidden
+        if heads is None or scorer is None or h is None or max_depth <= 0:
             return DraftTree.empty()
         cfg = self.config
         depth = min(max_depth, cfg.depth, heads.heads)
@@ -245,7 +286,7 @@ class HeadsDrafter:
                 prev = self._embed(torch.tensor([t for _, t, _ in frontier]))
             elif len(frontier) > 1:  # medusa: one distribution for every parent
                 rows = rows[:1]
-            logp = torch.log_softmax(heads.logits(level, rows, prev, self._rows), dim=-1)
+            logp = torch.log_softmax(scorer.logits(level, rows, prev, self._rows), dim=-1)
             top = torch.topk(logp, min(width, logp.shape[-1]), dim=-1)
             values, ids = top.values.tolist(), heads.vocab[top.indices].tolist()
             new = []
