@@ -159,21 +159,23 @@ def test_batch_sizing_is_the_single_rule_over_all_trees() -> None:
 
 
 def test_batch_sizing_keeps_exploration_under_the_probe_tax() -> None:
-    """Exploring rows cost the whole batch: at any width, the extra cost of exploring steps
-    stays under probe_tax of the steps (plus one), and they still happen."""
+    """Exploring rows cost the whole batch: at any width, the extra cost of all requests'
+    exploring steps together stays under probe_tax of the pass time (plus one probe), one
+    request explores per pass, and every request still explores."""
     from draftwise.sizing import size_batch
 
     cost = CostCurve({1: 1.0, 2: 1.05, 4: 1.15, 8: 1.4, 16: 2.4, 32: 4.6, 64: 9.0})
     tree = DraftTree.chain([1, 2, 3, 4, 5, 6, 7, 8])
-    steps, tax = 200, SizingConfig().probe_tax
+    steps, tax = 400, SizingConfig().probe_tax
     for batch in (1, 4, 8):
         sizers = [TreeSizer(SizingConfig(prior=0.01), cost) for _ in range(batch)]
-        explored = 0
+        spent, explored = 0.0, [0] * batch
         for _ in range(steps):
             for sizer in sizers:
                 sizer.wants_draft()
-            explored += sum(len(t) > 0 for t in size_batch([(s, tree) for s in sizers], cost))
-        extra = cost(batch + 8) / cost(batch) - 1.0
-        per_request = explored / batch
-        assert 0 < per_request, batch
-        assert per_request * extra <= tax * steps + extra, (batch, per_request)
+            sized = size_batch([(s, tree) for s in sizers], cost)
+            assert sum(len(t) > 0 for t in sized) <= 1
+            explored = [n + (len(t) > 0) for n, t in zip(explored, sized, strict=True)]
+            spent += cost(batch + sum(len(t) for t in sized)) / cost(batch) - 1.0
+        assert min(explored) > 0, (batch, explored)
+        assert spent <= tax * steps + cost(batch + 8) / cost(batch) - 1.0, (batch, spent)
