@@ -329,8 +329,8 @@ def size_batch(steps: Sequence[tuple[TreeSizer | None, DraftTree]], cost: CostCu
         if k == 0 and sizer._explore and not probed:
             # An exploring step's rows cost the whole pass, and every request in it may
             # explore: one request explores per pass, each spaced by the batch width, so that
-            # all of them together cost under probe_tax (spaced for one request alone, eight
-            # requests' probes cost eight times that: pld at 8 clients ran 0.87x of none).
+            # all of them together cost under probe_tax (spaced as for one request alone,
+            # eight requests' probes would cost eight times the tax).
             cfg = sizer.config
             e = min(cfg.explore_nodes, len(tree))
             extra = cost(rows + e) / cost(rows) - 1.0
