@@ -78,3 +78,17 @@ def test_an_address_that_is_not_an_openai_server_is_named() -> None:
         server.server_close()
     with pytest.raises(ConnectionError, match="no server answers"):
         load.run_load(url, ["a"], ["none"], [1], 16, progress=False)
+
+
+def test_every_client_asks_every_question_from_its_own_place() -> None:
+    prompts = [f"q{i}" for i in range(14)]
+    orders = load.client_orders(prompts, 8)
+    assert len(orders) == 8
+    assert all(sorted(order) == sorted(prompts) for order in orders)
+    # at each turn k the clients ask different questions (8 <= 14)
+    for k in range(14):
+        assert len({order[k] for order in orders}) == 8
+    assert load.client_orders(prompts, 1) == [prompts]
+    # more clients than questions: every question is still someone's first
+    firsts = {order[0] for order in load.client_orders(["a", "b"], 3)}
+    assert firsts == {"a", "b"}

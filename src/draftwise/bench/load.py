@@ -2,10 +2,14 @@
 server.
 
 For each client count C and each method (interleaved: for C, every method, then the next C),
-C clients send the selected questions' first turns as streaming greedy chat requests (each
-question once per level, taken from a shared list; ``--rounds 2`` runs the levels again in
-reverse order and merges them, so a drift in the machine's speed does not favour one level),
-and the level reports aggregate tokens/s
+C clients send the selected questions' first turns as streaming greedy chat requests. Every
+client asks every question once, each starting at its own place in the list
+(:func:`client_orders`), so C requests are in flight from the level's start almost to its end:
+with one shared list of N questions, N / C requests per client ended in a tail where fewer and
+fewer clients were left (14 questions at 8 clients: a second wave of 6, then stragglers), and the
+level measured a burst, not C concurrent clients. ``--rounds 2`` runs the levels again in
+reverse order and merges them, so a drift in the machine's speed does not favour one level.
+The level reports aggregate tokens/s
 (all completion tokens over the level's wall time), per-request tokens/s (a request's tokens
 over its time after the first token), time to first token and latency (p50, p99), and whether
 each answer is identical to the same question's answer at one client. Speedups are against the
@@ -34,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LoadResult", "run_load", "spawn_server", "markdown", "chart"]
+__all__ = ["LoadResult", "client_orders", "run_load", "spawn_server", "markdown", "chart"]
 
 
 @dataclass
@@ -122,24 +126,27 @@ def request(url: str, model: str, prompt: str, method: str, max_tokens: int,
     return RequestRecord(prompt, tokens, ttft, time.perf_counter() - start, text)
 
 
+def client_orders(prompts: Sequence[str], clients: int) -> list[list[str]]:
+    """Each client's questions: all of them, client ``i`` starting at ``i * N // clients``
+    (clients spread over the list: at any moment they ask different questions)."""
+    n = len(prompts)
+    return [[prompts[(i * n // clients + k) % n] for k in range(n)] for i in range(clients)]
+
+
 def run_level(url: str, model: str, prompts: Sequence[str], method: str, clients: int,
               max_tokens: int) -> LoadResult:
-    """``clients`` concurrent clients working through ``prompts`` once."""
-    queue = list(reversed(prompts))
+    """``clients`` concurrent clients, each working through every prompt once."""
     lock = threading.Lock()
     records: list[RequestRecord] = []
 
-    def client() -> None:
-        while True:
-            with lock:
-                if not queue:
-                    return
-                prompt = queue.pop()
+    def client(mine: list[str]) -> None:
+        for prompt in mine:
             record = request(url, model, prompt, method, max_tokens)
             with lock:
                 records.append(record)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(mine,))
+               for mine in client_orders(prompts, clients)]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
