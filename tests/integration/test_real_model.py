@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from draftwise.api import Generator
+from draftwise.api import Generator, TextTracker
 from draftwise.models import ModelNotFoundError, load_model
 
 pytestmark = pytest.mark.slow
@@ -74,6 +75,21 @@ def test_stop_string_truncates_text(generator: Generator) -> None:
     )
     assert cut.text == full.text[: full.text.index(stop)]
     assert cut.stats.finish_reason == "stop"
+
+
+def test_text_pieces_from_windows_add_up_to_the_tokenizers_decode(generator: Generator) -> None:
+    tokenizer = generator.model.tokenizer
+    text = "Grüße aus Zürich! 你好，世界。 🤖🚀\n\ndef f(x):\n    return x ** 2  # ok\n" * 3
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    rng = random.Random(0)
+    for _ in range(10):
+        tracker, pieces, n = TextTracker(tokenizer), [], 0
+        while n < len(ids):
+            n = min(len(ids), n + rng.randint(1, 4))
+            pieces.append(tracker.update(ids[:n])[0])
+            assert tokenizer.decode(ids[:n], skip_special_tokens=True).startswith(tracker.text)
+        pieces.append(tracker.final(ids))
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
