@@ -115,6 +115,16 @@ class KVBackend(ABC):
         once gets, bit for bit, what prefilling a part and computing the rest later gets."""
         return False
 
+    def adopt(self, length: int) -> None:
+        """The cache's first ``length`` slots now hold a committed prefix written from outside
+        (a pool's :meth:`~draftwise.backends.batch.SequencePool.copy_prefix`): the sequence
+        holds exactly those tokens, and the next :meth:`prefill` may reuse them."""
+        if not 0 <= length < self._max_length:
+            raise ValueError(f"cannot hold {length} tokens in a window of {self._max_length}")
+        self._crop(length)
+        self._past, self._root = length, None
+        self._hidden = self.last_hidden = None
+
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int], reuse: int = 0) -> int:
         """Start a sequence: cache ``ids[:-1]``; ``ids[-1]`` becomes the root.

@@ -48,6 +48,22 @@ class SequencePool:
         return self._native is not None
 
     @torch.inference_mode()
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Give slot ``target`` the first ``length`` cached tokens of slot ``source`` (a system
+        prompt or document that two requests share): the same rows of keys and values that
+        prefilling those tokens in ``target`` computes, where the backend
+        :attr:`~draftwise.backends.base.KVBackend.reuses_prefix`. ``target`` then holds exactly
+        those ``length`` tokens (its own are overwritten)."""
+        if source == target:
+            raise ValueError("a slot cannot copy from itself")
+        if not 0 < length <= self.sequences[source]._past:
+            raise ValueError(f"slot {source} holds {self.sequences[source]._past} committed "
+                             f"tokens, not {length}")
+        self.keys[target, :, :, :length] = self.keys[source, :, :, :length]
+        self.values[target, :, :, :length] = self.values[source, :, :, :length]
+        self.sequences[target].adopt(length)
+
+    @torch.inference_mode()
     def forward(self, items: Sequence[tuple[int, DraftTree]]) -> list[torch.Tensor]:
         """Logits ``[N_i + 1, vocab]`` for each ``(slot, tree)``, as ``sequences[slot]
         .forward_tree(tree)`` would give them (every slot at most once)."""

@@ -3,7 +3,9 @@
 Each iteration of :meth:`Scheduler._loop`:
 
 1. admit queued requests into free slots of the :class:`~draftwise.backends.batch.SequencePool`
-   (prefill each: one request's prompt, alone, as the CLI would);
+   (prefill each: one request's prompt, alone, as the CLI would — less the prefix its slot
+   holds from its last request, or copies from another slot, where the backend reuses a
+   prefix exactly);
 2. ``plan`` every active run (its drafter proposes, its grammar prunes and forces);
 3. size all trees together (:func:`~draftwise.sizing.size_batch`: a wider pass gets smaller
    trees);
@@ -241,7 +243,7 @@ class Scheduler:
             engine = self._engine(job.slot, job.method)
             job.run = engine.run(job.prompt_ids, job.config, job.constraint)
             held = self._held.pop(job.slot, [])
-            job.run.reuse = _common(held, job.prompt_ids) if job.cache_prompt else 0
+            job.run.reuse = self._shared_prefix(job, held) if job.cache_prompt else 0
             job.run.top_logprobs = job.logprobs
             job.text = TextTracker(self.generator.model.tokenizer, job.stop)
             job.run.start()
@@ -250,6 +252,36 @@ class Scheduler:
             self._fail(job, error)
             return
         self._active.append(job)
+
+    def _shared_prefix(self, job: Job, held: list[int]) -> int:
+        """How many of ``job``'s prompt tokens its slot will hold cached: those ``held`` there
+        from its last request, or a longer run of them that another slot holds (a shared
+        system prompt or document: another request's, running or done), copied into this slot
+        — where the backend reuses a prefix exactly, so the copy holds the bits a prefill
+        computes."""
+        prompt = job.prompt_ids
+        own = _common(held, prompt)
+        if not self.generator.backend.reuses_prefix:
+            return own
+        best, source = own, -1
+        for slot, tokens in self._holdings(job.slot):
+            common = _common(tokens, prompt)
+            if common > best:
+                best, source = common, slot
+        if source >= 0:
+            self.pool.copy_prefix(source, job.slot, best)
+        return best
+
+    def _holdings(self, exclude: int) -> list[tuple[int, list[int]]]:
+        """``(slot, tokens its cache holds committed)`` for every other slot that holds some:
+        free slots' last requests and running requests' prompts and tokens so far."""
+        out = [(slot, tokens) for slot, tokens in self._held.items() if slot != exclude]
+        for other in self._active:
+            run = other.run
+            if run is not None and run.started and other.slot not in (exclude, -1):
+                past = self.pool.sequences[other.slot]._past
+                out.append((other.slot, (run.prompt_ids + run.tokens)[:past]))
+        return out
 
     def _step(self) -> None:
         planned: list[tuple[Job, Step]] = []
