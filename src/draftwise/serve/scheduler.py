@@ -279,8 +279,8 @@ class Scheduler:
         for other in self._active:
             run = other.run
             if run is not None and run.started and other.slot not in (exclude, -1):
-                past = self.pool.sequences[other.slot]._past
-                out.append((other.slot, (run.prompt_ids + run.tokens)[:past]))
+                cached = self.pool.sequences[other.slot].length - 1  # (the root is not cached)
+                out.append((other.slot, (run.prompt_ids + run.tokens)[:cached]))
         return out
 
     def _step(self) -> None:
