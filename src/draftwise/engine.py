@@ -158,10 +158,11 @@ class Run:
         self.engine.drafter.begin(self._context, cfg.sampling)
         self.stats.prefill_s = time.perf_counter() - self._start
 
-    def plan(self, size: bool = True) -> Step | None:
+    def plan(self, size: bool = True, batch: int | None = None) -> Step | None:
         """Draft this step's tree (1.), or None when the run is over (``stats.finish_reason``
         says why). ``size=False`` leaves the tree unsized: the caller sizes it (several
-        requests' trees together) and passes the result to :meth:`Step.settle`."""
+        requests' trees together) and passes the result to :meth:`Step.settle`; ``batch``:
+        how many requests' trees that pass verifies (the sizer's gate judges by it)."""
         backend, drafter, sizer = self.engine.backend, self.engine.drafter, self.engine.sizer
         cfg, stats, constraint = self.config, self.stats, self.constraint
         remaining = cfg.max_new_tokens - len(self.tokens)
@@ -199,7 +200,7 @@ class Run:
         depth = max_depth - len(forced)
         # A step that cannot pay for its draft decodes plainly (the sizer's gate): the
         # drafter is asked for nothing (depth 0) but keeps its bookkeeping and feedback.
-        drafting = sizer is None or sizer.wants_draft()
+        drafting = sizer is None or sizer.wants_draft(batch)
         asked = depth if drafting else 0
         pinned = sizer.config.budget if sizer is not None else None
         if pinned is not None:  # the likeliest N nodes reach no deeper than N

@@ -216,10 +216,20 @@ class TreeSizer:
 
     # the gate: draft only while drafting pays ------------------------------------------------
 
-    def wants_draft(self) -> bool:
+    def wants_draft(self, batch: int | None = None) -> bool:
         """Whether this step should draft at all (see the module docstring). Pinned budgets and
-        ``gate=False`` always draft."""
+        ``gate=False`` always draft.
+
+        ``batch``: the step is one of ``batch`` requests' verified in one pass (a server's
+        step), whose time is no one request's, so there are no throughputs to compare. Then
+        draft when a tree could pay in a pass that wide (:meth:`could_pay`), or when this
+        sizer's exploring is due at that width (as :func:`size_batch` spaces it); otherwise
+        the drafter's proposal would only be pruned away, and it is not asked for one."""
         cfg = self.config
+        if batch is not None and cfg.budget is None and cfg.gate and self.cost is not None:
+            self._explore = self._quiet + 1 >= _explore_due(self, batch, batch,
+                                                            cfg.explore_nodes)
+            return self._explore or self.could_pay(batch)
         self._explore = cfg.budget is None and self._quiet + 1 >= self.probe_interval()
         if cfg.budget is not None or not cfg.gate or self._drafting.count == 0:
             return True
@@ -237,6 +247,23 @@ class TreeSizer:
                                       min(256, math.ceil(gain / cfg.probe_tax))):
             return False
         return True
+
+    def could_pay(self, width: int) -> bool:
+        """Whether the likeliest chain a drafter can propose (rank 0 at every depth, at this
+        sizer's learned rates) is worth verifying in a pass whose other rows are ``width``
+        requests' roots: the pooled rule of :func:`size_batch` applied to this request alone.
+        A wide pass is compute-bound, so a row there must be nearly certain to pay."""
+        assert self.cost is not None
+        plain = width / self.cost(width)
+        expected, reach = float(width), 1.0
+        for depth in range(_MAX_DEPTH_BUCKET + 1):
+            reach *= self.rate((depth, 0))
+            expected += reach
+            if expected / self.cost(width + depth + 1) > plain:
+                return True
+            if reach < 1e-3:
+                break
+        return False
 
     def record(self, drafted: bool, tokens: int, seconds: float, rows: int,
                verify_s: float, draft_s: float) -> None:
@@ -327,18 +354,23 @@ def size_batch(steps: Sequence[tuple[TreeSizer | None, DraftTree]], cost: CostCu
         assert sizer is not None
         k = taken.get(i, 0)
         if k == 0 and sizer._explore and not probed:
-            # An exploring step's rows cost the whole pass, and every request in it may
-            # explore: one request explores per pass, each spaced by the batch width, so that
-            # all of them together cost under probe_tax (spaced as for one request alone,
-            # eight requests' probes would cost eight times the tax).
-            cfg = sizer.config
-            e = min(cfg.explore_nodes, len(tree))
-            extra = cost(rows + e) / cost(rows) - 1.0
-            due = math.ceil(extra * len(steps) / cfg.probe_tax)
-            if sizer._quiet + 1 >= max(cfg.explore_every, due):
+            e = min(sizer.config.explore_nodes, len(tree))
+            if sizer._quiet + 1 >= _explore_due(sizer, rows, len(steps), e):
                 k, probed = e, True
         out[i] = sizer._take(tree, order, buckets, k)
     return [tree for tree in out if tree is not None]
+
+
+def _explore_due(sizer: TreeSizer, rows: int, width: int, nodes: int) -> int:
+    """Quiet steps before ``sizer`` explores ``nodes`` rows in a pass of ``rows`` rows over
+    ``width`` requests. An exploring step's rows cost the whole pass, and every request in it
+    may explore: one request explores per pass, each spaced by the batch width, so that all of
+    them together cost under probe_tax (spaced as for one request alone, eight requests'
+    probes would cost eight times the tax)."""
+    cfg, cost = sizer.config, sizer.cost
+    assert cost is not None
+    extra = cost(rows + nodes) / cost(rows) - 1.0
+    return max(cfg.explore_every, math.ceil(extra * width / cfg.probe_tax))
 
 
 class Throughput:

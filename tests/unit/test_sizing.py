@@ -179,3 +179,32 @@ def test_batch_sizing_keeps_exploration_under_the_probe_tax() -> None:
             spent += cost(batch + sum(len(t) for t in sized)) / cost(batch) - 1.0
         assert min(explored) > 0, (batch, explored)
         assert spent <= tax * steps + cost(batch + 8) / cost(batch) - 1.0, (batch, spent)
+
+
+def test_batch_gate_asks_for_no_draft_a_wide_pass_would_prune() -> None:
+    """In a server's pass the gate judges by the pass's width: a request whose likeliest chain
+    cannot pay there is not asked for a draft (only for its spaced exploring steps), one whose
+    drafts are nearly certain is, and the same sizer drafts again when the pass narrows."""
+    from draftwise.sizing import size_batch
+
+    cost = CostCurve({1: 1.0, 2: 1.05, 4: 1.15, 8: 1.4, 16: 2.4, 32: 4.6, 64: 9.0})
+    tree = DraftTree.chain([1, 2, 3, 4])
+    poor = TreeSizer(SizingConfig(prior=0.3), cost)  # a 0.3 rate pays alone, not among 8
+    assert poor.could_pay(1) and not poor.could_pay(8)
+    sure = TreeSizer(SizingConfig(prior=0.95), cost)
+    assert sure.could_pay(8)
+    # at width 8 the poor sizer drafts only on its exploring steps, which size_batch verifies
+    asked = 0
+    for _ in range(600):
+        if poor.wants_draft(batch=8):
+            asked += 1
+            sized = size_batch([(poor, tree)] + [(TreeSizer(SizingConfig(prior=0.3), cost),
+                                                  DraftTree.empty()) for _ in range(7)], cost)
+            assert len(sized[0]) > 0  # an exploring step, not a wasted proposal
+        else:
+            size_batch([(poor, DraftTree.empty())], cost)  # a quiet step
+    assert 0 < asked < 600 // 20
+    assert poor.wants_draft(batch=1)  # narrow again: the chain pays
+    # pinned budgets and a closed-off gate keep their rules
+    assert TreeSizer(SizingConfig(budget=2)).wants_draft(batch=8)
+    assert TreeSizer(SizingConfig(gate=False, prior=0.3), cost).wants_draft(batch=8)

@@ -6,7 +6,10 @@ Each iteration of :meth:`Scheduler._loop`:
    (prefill each: one request's prompt, alone, as the CLI would — less the prefix its slot
    holds from its last request, or copies from another slot, where the backend reuses a
    prefix exactly);
-2. ``plan`` every active run (its drafter proposes, its grammar prunes and forces);
+2. ``plan`` every active run (its drafter proposes, its grammar prunes and forces) — a run
+   whose sizer judges that no tree of its could pay in a pass this wide is not asked for one,
+   but for an occasional exploring step (a wide pass is compute-bound: its drafts would only
+   be pruned away, after the drafter's time was spent);
 3. size all trees together (:func:`~draftwise.sizing.size_batch`: a wider pass gets smaller
    trees);
 4. verify every tree in ONE forward pass (block-diagonal attention: each request in its own
@@ -285,6 +288,7 @@ class Scheduler:
 
     def _step(self) -> None:
         planned: list[tuple[Job, Step]] = []
+        width = len(self._active)  # the requests this step's pass verifies, at most
         for job in list(self._active):
             run = job.run
             assert run is not None
@@ -292,7 +296,7 @@ class Scheduler:
                 self._finish(job, "cancelled")
                 continue
             try:
-                step = run.plan(size=False)
+                step = run.plan(size=False, batch=width)
             except Exception as error:  # noqa: BLE001
                 self._fail(job, error)
                 continue
