@@ -277,3 +277,18 @@ def test_logprobs_are_the_models_own(server: tuple[str, Any]) -> None:
     assert len(legacy.choices[0].logprobs.token_logprobs) == 6
     assert all(len(top) <= 2 for top in legacy.choices[0].logprobs.top_logprobs)
     assert chat(url, "Hi", max_tokens=4).choices[0].logprobs is None
+
+
+def test_a_short_soak_of_every_request_kind_has_no_failures(server: tuple[str, Any]) -> None:
+    """The soak's rotation (streaming, n=2, json_schema, completions, two-turn chats, dropped
+    streams, malformed bodies) against the server: every kind sent, every reply as it must be,
+    the server healthy after."""
+    from draftwise.bench.soak import KINDS, run_soak
+
+    url, _ = server
+    wait_idle(url)
+    result = run_soak(url, PROMPTS, seconds=4.0, clients=2, progress=False)
+    assert set(result.sent) == set(KINDS), result.sent
+    assert sum(result.failed.values()) == 0, result.errors
+    assert result.healthy_after
+    wait_idle(url)

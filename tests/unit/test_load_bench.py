@@ -92,3 +92,19 @@ def test_every_client_asks_every_question_from_its_own_place() -> None:
     # more clients than questions: every question is still someone's first
     firsts = {order[0] for order in load.client_orders(["a", "b"], 3)}
     assert firsts == {"a", "b"}
+
+
+def test_a_soak_counts_what_fails() -> None:
+    """Against a port nothing listens on, every request fails and is counted by kind."""
+    import socket
+
+    from draftwise.bench.soak import run_soak
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: connections are refused
+    result = run_soak(f"http://127.0.0.1:{port}", ["hi"], seconds=0.3, clients=2,
+                      progress=False, timeout=2.0)
+    assert sum(result.sent.values()) > 0
+    assert result.failed == result.sent
+    assert result.errors and not result.healthy_after

@@ -86,6 +86,12 @@ def add_bench_parser(commands: Any) -> None:
                       help="run the levels this many times, every other time in reverse "
                       "order, and merge them (a machine whose speed drifts during the run "
                       "then favours no level; default: 1)")
+    load.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                      help="instead of the levels: the most --clients send a mix of requests "
+                      "(streaming, n=2 sampled, json_schema, completions, two-turn chats, "
+                      "clients dropping mid-stream, malformed bodies) for SECONDS, each reply "
+                      "checked; reports failures and the spawned server's RSS over time "
+                      "(exit status 1 on any failure)")
     sampling = bench.add_argument_group("sampling (temperature 0 = greedy)")
     add_config_flags(sampling, SamplingConfig)
     bench.set_defaults(handler=bench_command)
@@ -153,6 +159,8 @@ def bench_command(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     out = Path(args.out) if args.out else None
+    if args.soak is not None and not (args.serve or args.spawn):
+        raise ValueError("--soak needs a server: --serve URL or --spawn")
     if args.serve or args.spawn:
         return _load(args, methods, [q.turns[0] for q in questions], out)
     chart_missing = None
@@ -217,6 +225,8 @@ def _load(args: argparse.Namespace, methods: tuple[str, ...], prompts: list[str]
         raise ValueError("--clients needs counts >= 1")
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.soak is not None and not args.soak > 0:
+        raise ValueError(f"--soak needs a number of seconds > 0, got {args.soak}")
     process = None
     url = args.serve
     if args.spawn:
@@ -228,6 +238,8 @@ def _load(args: argparse.Namespace, methods: tuple[str, ...], prompts: list[str]
             serve_args += ["--cache-dir", args.cache_dir]
         url, process = load.spawn_server(serve_args)
     try:
+        if args.soak is not None:
+            return _soak(args, url, methods[0], prompts, clients[-1], process, out)
         results = load.run_load(url, prompts, methods, clients, args.max_new_tokens,
                                 rounds=args.rounds)
     finally:
@@ -245,6 +257,24 @@ def _load(args: argparse.Namespace, methods: tuple[str, ...], prompts: list[str]
         written = load.write(rows, results, out, settings)
         print(f"\nwrote {', '.join(f'{out}/{name}' for name in written)}", file=sys.stderr)
     return 0
+
+
+def _soak(args: argparse.Namespace, url: str, method: str, prompts: list[str], clients: int,
+          process: Any, out: Path | None) -> int:
+    from draftwise.bench import load, soak
+
+    rss = soak.process_rss(process.pid) if process is not None else None
+    result = soak.run_soak(url, prompts, args.soak, clients, method=method,
+                           model=load._model_id(load.server_root(url)), rss=rss)
+    table = soak.markdown(result)
+    sys.stdout.write(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "soak.json").write_text(json.dumps(result.summary(), indent=2), encoding="utf-8")
+        (out / "soak.md").write_text(table, encoding="utf-8")
+        print(f"\nwrote {out}/soak.json, {out}/soak.md", file=sys.stderr)
+    failed = sum(result.failed.values())
+    return 0 if failed == 0 and result.healthy_after else 1
 
 
 def _structured(args: argparse.Namespace, generator: Any, methods: tuple[str, ...],
