@@ -2301,20 +2301,27 @@ Layer make_layer(torch::Tensor attn_norm, std::vector<Linear> qkv, Linear out,
 
 }  // namespace
 
+// The passes and products run without the GIL: they touch no Python object, and a server's
+// HTTP thread can then answer its clients during a pass instead of stopping the scheduler's
+// thread between passes (tensors in and out are converted while it is held).
+constexpr auto kFree = pybind11::call_guard<pybind11::gil_scoped_release>();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Linear>(m, "Linear").def(pybind11::init(&make_linear));
   pybind11::class_<Layer>(m, "Layer").def(pybind11::init(&make_layer));
   pybind11::class_<Model>(m, "Model")
       .def(pybind11::init<std::vector<Layer>, torch::Tensor, double, int64_t, int64_t, int64_t,
                           bool>())
-      .def("forward", &Model::forward, "every decoder layer over T rows (see Model)")
-      .def("forward_batch", &Model::forward_batch, "rows of several sequences in one pass");
-  m.def("qmatmul", &qmatmul, "x @ dequantize(weight).T on GGUF blocks");
+      .def("forward", &Model::forward, "every decoder layer over T rows (see Model)", kFree)
+      .def("forward_batch", &Model::forward_batch, "rows of several sequences in one pass",
+           kFree);
+  m.def("qmatmul", &qmatmul, "x @ dequantize(weight).T on GGUF blocks", kFree);
   m.def("dequantize_rows", &dequantize_rows, "rows of a GGUF-quantized matrix as float32");
   m.def("pack_rows", &pack_rows, "GGUF Q4_0/Q4_1/Q8_0 blocks regrouped R rows at a time");
   m.def("weight_arena", &weight_arena, "uint8 [bytes], 2 MiB aligned, huge pages requested");
   m.def("rows_per_pack", &rows_per_pack, "R, the output rows packed together by pack_rows");
-  m.def("qmatmul_q8", &qmatmul_q8, "x rounded to 8 bits per block @ dequantize(weight).T");
+  m.def("qmatmul_q8", &qmatmul_q8, "x rounded to 8 bits per block @ dequantize(weight).T",
+        kFree);
   m.def("tiles", [](int64_t min_rows) {
     const int64_t before = amx_min_rows;
     if (min_rows > 0) amx_min_rows = min_rows;
