@@ -1971,7 +1971,22 @@ class Model {
     std::vector<float> qkv(T * qkv_width), gu, act;
     std::vector<const char*> K(T), V(T);
     const std::vector<Span> runs = spans(rows, prompt ? kPromptRun : T);
-    const Work work = plan(runs, prompt);
+    Work work = plan(runs, prompt);
+    if (!prompt && runs.size() > 1) {
+      const int64_t items = static_cast<int64_t>(work.span.size());
+      std::vector<int64_t>& cost = work.cost;
+      cost.resize(items);
+      for (int64_t k = 0; k < items; ++k)
+        cost[k] = (work.bounds[k + 1] - work.bounds[k]) *
+                  static_cast<int64_t>(rows.visible[work.queries[work.bounds[k]].first].size());
+      if (*std::min_element(cost.begin(), cost.end()) !=
+          *std::max_element(cost.begin(), cost.end())) {  // (equal items: contiguous shares)
+        work.longest_first.resize(items);
+        std::iota(work.longest_first.begin(), work.longest_first.end(), int64_t{0});
+        std::stable_sort(work.longest_first.begin(), work.longest_first.end(),
+                         [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+      }
+    }
     // A prompt's runs all see the keys from slot 0 on (its last row sees them all, in order):
     // each layer's are put in key-major order once for every attention item, instead of once
     // per item (the same floats in the same lanes: no bits change).
@@ -2078,6 +2093,11 @@ class Model {
     // item k: queries[bounds[k], bounds[k + 1]) of runs[span[k]]
     std::vector<int64_t> bounds{0}, span;
     bool in_turn = false;
+    // several sequences' rows (a server's batch) see caches of different lengths: their items
+    // are dealt longest first, each to the thread with the least work so far (keys it reads),
+    // and each thread runs its own in item order (which thread computes an item changes nothing
+    // in what it computes); empty: contiguous shares
+    std::vector<int64_t> longest_first, cost;
   };
 
   Work plan(const std::vector<Span>& runs, bool prompt) const {
@@ -2204,6 +2224,18 @@ class Model {
       if (work.in_turn) {
 #pragma omp for schedule(static, 1)
         for (int64_t k = 0; k < items; ++k) item(k);
+      } else if (!work.longest_first.empty()) {
+        const int threads = omp_get_num_threads(), me = omp_get_thread_num();
+        std::vector<int64_t> load(threads, 0);
+        std::vector<int> owner(items);
+        for (const int64_t k : work.longest_first) {  // the same deal on every thread
+          const int t = static_cast<int>(std::min_element(load.begin(), load.end()) -
+                                         load.begin());
+          owner[k] = t;
+          load[t] += work.cost[k];
+        }
+        for (int64_t k = 0; k < items; ++k)
+          if (owner[k] == me) item(k);
       } else {
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < items; ++k) item(k);
