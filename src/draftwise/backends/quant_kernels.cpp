@@ -356,7 +356,7 @@ QuantizedRows quantize_rows(const float* x, int64_t n, int64_t in) {
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   // rows are independent: a prompt's many rows are split over the threads (a few rows are not
   // worth waking them for)
-#pragma omp parallel for schedule(static) if (n * in >= (int64_t{1} << 16))
+#pragma omp parallel for schedule(static) if (n * in >= (int64_t{1} << 14))
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
       const float* xb = x + r * in + 32 * b;
@@ -1458,8 +1458,13 @@ void apply(const std::vector<Linear>& parts, const float* x, int64_t n, float* y
   }
 }
 
+// Rows from which the per-row loops between the products (norms, rotary and the cache write,
+// residual adds) are split over the threads: a prompt's; a few rows are not worth waking them.
+constexpr int64_t kThreadedLoops = 16;
+
 // y = w * (x * rsqrt(mean(x^2) + eps)), row by row (in % 8 == 0)
 void rms_norm(const float* x, int64_t n, int64_t in, const float* w, float eps, float* y) {
+#pragma omp parallel for schedule(static) if (n >= kThreadedLoops)
   for (int64_t r = 0; r < n; ++r) {
     const float* xr = x + r * in;
     __m256 acc = _mm256_setzero_ps();
@@ -2000,7 +2005,8 @@ class Model {
       rms_norm(xp, T, hidden, layer.attn_norm.data_ptr<float>(), eps_, normed.data());
       TORCH_CHECK(width(layer.qkv) == qkv_width, "qkv width does not match the heads");
       apply(layer.qkv, normed.data(), T, qkv.data(), qkv_width, int8_, batched);
-      for (int64_t r = 0; r < T; ++r) {
+#pragma omp parallel for schedule(static) if (T >= kThreadedLoops)
+      for (int64_t r = 0; r < T; ++r) {  // (each row writes its own cache slots)
         char* Kr = rows.kbase[r] + l * rows.layer_stride * rows.bytes;
         char* Vr = rows.vbase[r] + l * rows.layer_stride * rows.bytes;
         K[r] = Kr;
@@ -2029,7 +2035,7 @@ class Model {
                       major, attn.data());
       }
       apply(layer.out, attn.data(), T, tmp.data(), hidden, int8_, batched);
-      for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
+      add_rows(xp, tmp.data(), T, hidden);
       rms_norm(xp, T, hidden, layer.mlp_norm.data_ptr<float>(), eps_, normed.data());
       const int64_t inter = layer.down[0].in, gu_width = width(layer.gate_up);
       TORCH_CHECK(gu_width == 2 * inter, "gate/up width does not match down's input");
@@ -2040,11 +2046,18 @@ class Model {
       for (int64_t r = 0; r < T; ++r) silu_mul(gu.data() + r * gu_width, inter,
                                                act.data() + r * inter);
       apply(layer.down, act.data(), T, tmp.data(), hidden, int8_, batched);
-      for (int64_t i = 0; i < T * hidden; ++i) xp[i] += tmp[i];
+      add_rows(xp, tmp.data(), T, hidden);
     }
     auto out = torch::empty({T, hidden}, torch::kFloat32);
     rms_norm(xp, T, hidden, norm_.data_ptr<float>(), eps_, out.data_ptr<float>());
     return out;
+  }
+
+  // x += y over T rows of n values (the residual)
+  static void add_rows(float* x, const float* y, int64_t T, int64_t n) {
+#pragma omp parallel for schedule(static) if (T >= kThreadedLoops)
+    for (int64_t r = 0; r < T; ++r)
+      for (int64_t i = r * n; i < (r + 1) * n; ++i) x[i] += y[i];
   }
 
   // silu(gate) * up for one row: gate = g[0..n), up = g[n..2n)
