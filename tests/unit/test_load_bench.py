@@ -108,3 +108,18 @@ def test_a_soak_counts_what_fails() -> None:
     assert sum(result.sent.values()) > 0
     assert result.failed == result.sent
     assert result.errors and not result.healthy_after
+
+
+def test_a_spawned_server_that_ignores_sigterm_is_killed() -> None:
+    """stop_server: SIGTERM, then SIGKILL after the timeout (a server stuck in shutdown must
+    not outlive the bench holding its port and the cores)."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                "print('ready', flush=True); time.sleep(60)"],
+                               stdout=subprocess.PIPE)
+    assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
+    load.stop_server(process, timeout_s=0.5)
+    assert process.returncode is not None and process.returncode < 0  # killed by a signal

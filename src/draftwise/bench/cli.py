@@ -244,8 +244,7 @@ def _load(args: argparse.Namespace, methods: tuple[str, ...], prompts: list[str]
                                 rounds=args.rounds)
     finally:
         if process is not None:
-            process.terminate()
-            process.wait(timeout=60)
+            load.stop_server(process)
     rows = load.summarize(results)
     sys.stdout.write(load.markdown(rows))
     if out is not None:

@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LoadResult", "client_orders", "run_load", "spawn_server", "markdown", "chart"]
+__all__ = ["LoadResult", "chart", "client_orders", "markdown", "run_load", "spawn_server",
+           "stop_server"]
 
 
 @dataclass
@@ -294,6 +295,20 @@ def spawn_server(args: Sequence[str], timeout_s: float = 600.0
             time.sleep(0.5)
     process.kill()
     raise RuntimeError(f"the server did not answer /health within {timeout_s:.0f} s")
+
+
+def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    """SIGTERM ``process`` (a spawned server), then SIGKILL it if it has not exited within
+    ``timeout_s``, saying so: a server that does not stop on SIGTERM is a bug to look into,
+    and a bench that raised there left it running with the port and the cores."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        print(f"draftwise: the spawned server (pid {process.pid}) was still running "
+              f"{timeout_s:.0f} s after SIGTERM; killed", file=sys.stderr, flush=True)
+        process.kill()
+        process.wait(timeout=30)
 
 
 def write(rows: Sequence[dict[str, Any]], results: Sequence[LoadResult], out: Path,
