@@ -49,6 +49,14 @@ class Unexpected(Exception):
     """A reply that is not what the request kind must get."""
 
 
+class _Status(Exception):
+    """A reply with an HTTP status other than 200 (429 is counted apart, not as a failure)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"HTTP {status}: {text}")
+        self.status = status
+
+
 @dataclass
 class SoakResult:
     seconds: float
@@ -145,12 +153,6 @@ class _Client:
         error = json.loads(payload).get("error") if payload else None
         if status != 400 or not isinstance(error, dict) or "message" not in error:
             raise Unexpected(f"a malformed request got HTTP {status}: {payload[:200]!r}")
-
-
-class _Status(Exception):
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(f"HTTP {status}: {text}")
-        self.status = status
 
 
 def _one(client: _Client, kind: str, prompt: str, n: int) -> None:
@@ -254,13 +256,15 @@ def run_soak(url: str, prompts: Sequence[str], seconds: float, clients: int,
 
 def _healthy(url: str) -> bool:
     parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
+                                            timeout=30)
     try:
-        connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
-                                                timeout=30)
         connection.request("GET", "/health")
         return connection.getresponse().status == 200
     except OSError:
         return False
+    finally:
+        connection.close()
 
 
 def process_rss(pid: int) -> Callable[[], float]:
