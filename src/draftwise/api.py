@@ -23,14 +23,15 @@ from draftwise.constraints import (
     ConstraintStats,
     constraint_spec,
 )
-from draftwise.drafters.base import TargetBound, create_drafter
-from draftwise.engine import Engine, GenerationConfig, Run
+from draftwise.engine import GenerationConfig, Run
+from draftwise.method import MethodBuilder
 from draftwise.metrics import GenerationStats
 from draftwise.models import LoadedModel, default_cache_dir, load_model
 from draftwise.sampling import SamplingConfig
-from draftwise.sizing import CostCurve, SizingConfig, TreeSizer, parse_budget, split_budget
+from draftwise.sizing import CostCurve
+from draftwise.text import TextTracker
 
-__all__ = ["AlignedCompletion", "Completion", "Generator", "TextStream", "TextTracker"]
+__all__ = ["AlignedCompletion", "Completion", "Generator", "TextStream"]
 
 
 @dataclass
@@ -55,69 +56,6 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         return self.pieces
-
-
-class TextTracker:
-    """The text of a growing token list, piece by piece, cut before the first stop string.
-
-    :meth:`update` after each step returns the new text and whether a stop string appeared.
-    Held back until the next tokens decide: a multi-byte character split across tokens, and a
-    tail that begins a stop string (so no piece ever shows part of one; it is released if the
-    stop string does not follow, or at :meth:`final`). :attr:`text` is what the pieces have
-    given so far.
-
-    Each update decodes only a window: the tokens read last time (the decoder's context: a
-    leading space, a merge) and the new ones, and keeps what the new ones add to the window's
-    text — decoding the whole list each step cost O(length) per token (0.4 ms at 2,048 tokens,
-    a tenth of a decoding step; a server pays it per request). Where the window's text does not
-    extend its context's text (a decoder that revises earlier text: rare), that update decodes
-    everything and the pieces resync silently; :meth:`final` decodes everything once, so
-    :attr:`text` ends as the true decode."""
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(s for s in stop if s)
-        self.longest = max((len(s) for s in self.stop), default=0)
-        self.text = ""
-        self._decoded = ""  # tokens[:_read] decoded (cut at a stop string)
-        self._context = 0  # tokens[_context:_read]: the window's context
-        self._read = 0
-
-    def update(self, tokens: Sequence[int]) -> tuple[str, bool]:
-        before = self._decode(tokens[self._context : self._read])
-        window = self._decode(tokens[self._context :])
-        if window.startswith(before):
-            decoded = self._decoded + window[len(before) :]
-        else:  # the decoder revised the context: resync on the whole text
-            decoded = self._decode(tokens)
-        start = max(0, len(self._decoded) - self.longest)
-        hits = [i for s in self.stop if (i := decoded.find(s, start)) >= 0]
-        if hits:
-            decoded = decoded[: min(hits)]
-        elif decoded.endswith("\ufffd"):
-            return "", False  # a multi-byte character is split across tokens: wait for the rest
-        self._decoded, self._context, self._read = decoded, self._read, len(tokens)
-        ready = decoded if hits else decoded[: len(decoded) - self._stop_prefix(decoded)]
-        return self._advance(ready), bool(hits)
-
-    def final(self, tokens: Sequence[int]) -> str:
-        """What is left once the run has ended (held-back text included)."""
-        return self._advance(self._decode(tokens))
-
-    def _stop_prefix(self, text: str) -> int:
-        """The length of the longest tail of ``text`` that a stop string begins with."""
-        for k in range(min(self.longest - 1, len(text)), 0, -1):
-            if any(s.startswith(text[-k:]) for s in self.stop):
-                return k
-        return 0
-
-    def _decode(self, tokens: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(tokens, skip_special_tokens=True)) if tokens else ""
-
-    def _advance(self, text: str) -> str:
-        piece = text[len(self.text) :] if text.startswith(self.text) else ""
-        self.text = text
-        return piece
 
 
 class Generator:
@@ -156,37 +94,18 @@ class Generator:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.backend: KVBackend = make_backend(self.model, backend, self.cache_dir, exact=exact)
         self.backend_name = type(self.backend).__name__
-        self.default_budget = budget
-        self._cost: CostCurve | None = None
+        self.methods = MethodBuilder(self.model, self.backend, budget=budget,
+                                     cache_dir=self.cache_dir)
         self._compiler: Compiler | None = None
         self._set_method(method)
 
     def _set_method(self, method: str) -> None:
-        spec, at = split_budget(method)
-        drafter = create_drafter(spec)
-        budget = parse_budget(at if at is not None else self.default_budget)
-        sizer = None
-        if spec.split(":")[0] != "none" and budget != "off":
-            if isinstance(budget, int):
-                sizer = TreeSizer(SizingConfig(budget=budget))
-            else:
-                sizer = TreeSizer(SizingConfig(), self.cost_curve())
-        if isinstance(drafter, TargetBound):
-            drafter.attach(self.model, self.backend)
+        self.engine = self.methods.engine(method)
         self.method = method
-        self.engine = Engine(self.backend, drafter, sizer)
 
     def cost_curve(self) -> CostCurve:
         """This machine's step-cost curve for the model (measured once, then cached)."""
-        if self._cost is None:
-            from draftwise.bench.cost import cached_step_cost
-
-            key = f"{self.model.source}|{self.model.dtype}|{self.backend_name}"
-            key += getattr(self.backend, "cost_tag", "")  # e.g. the quant kernels' build
-            if getattr(self.backend, "exact", False):
-                key += "|exact"
-            self._cost = CostCurve(cached_step_cost(self.backend, key, self.cache_dir))
-        return self._cost
+        return self.methods.cost_curve()
 
     def with_method(self, method: str) -> Generator:
         """Another generator on the same loaded model, backend and cost curve."""
@@ -194,10 +113,9 @@ class Generator:
         other.model, other.backend, other.cache_dir = self.model, self.backend, self.cache_dir
         other.compile_timeout_s = self.compile_timeout_s
         other.backend_name = self.backend_name
-        other.default_budget, other._cost = self.default_budget, self._cost
+        other.methods = self.methods
         other._compiler = self.compiler
         other._set_method(method)
-        self._cost = other._cost
         return other
 
     @property
@@ -216,26 +134,11 @@ class Generator:
 
     def encode(self, prompt: str, *, raw: bool = False) -> list[int]:
         """Prompt ids: through the model's chat template unless ``raw`` or it has none."""
-        tokenizer = self.model.tokenizer
-        if not raw and getattr(tokenizer, "chat_template", None):
-            return self.encode_chat([{"role": "user", "content": prompt}])
-        ids: list[int] = tokenizer(prompt).input_ids
-        if not ids:
-            raise ValueError("the prompt encodes to no tokens")
-        return ids
+        return self.model.encode(prompt, raw=raw)
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Prompt ids of a conversation (``[{"role": ..., "content": ...}, ...]``) through the
-        model's chat template, ready for the assistant's turn."""
-        tokenizer = self.model.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template: send a plain prompt instead")
-        text = tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=True)
-        ids: list[int] = tokenizer(text, add_special_tokens=False).input_ids
-        if not ids:
-            raise ValueError("the prompt encodes to no tokens")
-        return ids
+        """Prompt ids of a conversation through the model's chat template."""
+        return self.model.encode_chat(messages)
 
     def config(
         self,

@@ -231,7 +231,7 @@ class Run:
         # canonical tokenizations of forced text): the drafter sees the tree verified.
         tree = _below(len(forced), full)
         own = _ungraft(len(forced), tree, acceptance)
-        hidden = getattr(backend, "last_hidden", None)
+        hidden = backend.last_hidden
         drafter.observe(StepResult(tree, own, logits[len(forced) :], hidden))  # 5.
         if sizer is not None:
             sizer.observe(tree, own)

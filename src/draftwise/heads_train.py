@@ -177,9 +177,12 @@ def _generate(generator: Any, prompts: Sequence[str], max_new_tokens: int, batch
               seed: int = 0) -> list[str]:
     """The target's replies to ``prompts`` (greedy unless ``sampling``; prompt i uses seed
     ``seed + i``), ``batch`` at a time through the server's scheduler."""
+    from draftwise.method import MethodBuilder
     from draftwise.serve.scheduler import Job, Scheduler
 
-    scheduler = Scheduler(generator, batch, len(prompts), budget="off")
+    plain = MethodBuilder(generator.model, generator.backend, budget="off",
+                          cache_dir=generator.cache_dir)
+    scheduler = Scheduler(plain, batch, len(prompts))
     bar = progress_bar(len(prompts), label, enabled=progress, unit=unit)
 
     def done(event: Any) -> None:
@@ -317,7 +320,7 @@ def train_heads(backend: Any, tokenizer: Any, model_name: str, data: str, out: P
     torch.manual_seed(config.seed)
     conversations = [*corpus(data), *extra]
     key = hashlib.sha256(json.dumps([model_name, data, config.chunk, conversations,
-                                     getattr(backend, "cost_tag", "")]).encode()).hexdigest()[:16]
+                                     backend.capabilities.cost_tag]).encode()).hexdigest()[:16]
     cached = cache_dir / "heads" / f"features-{key}.pt"
     if cached.is_file():
         features = Features(**torch.load(cached))

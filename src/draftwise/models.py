@@ -19,6 +19,7 @@ import importlib.util
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,29 @@ class LoadedModel:
             assert self._folder is not None  # (no model means a folder)
             self._config = AutoConfig.from_pretrained(self._folder, local_files_only=True)
         return self._config
+
+    def encode(self, prompt: str, *, raw: bool = False) -> list[int]:
+        """Prompt ids: through the model's chat template unless ``raw`` or it has none."""
+        tokenizer = self.tokenizer
+        if not raw and getattr(tokenizer, "chat_template", None):
+            return self.encode_chat([{"role": "user", "content": prompt}])
+        ids: list[int] = tokenizer(prompt).input_ids
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        return ids
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Prompt ids of a conversation (``[{"role": ..., "content": ...}, ...]``) through the
+        model's chat template, ready for the assistant's turn."""
+        tokenizer = self.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template: send a plain prompt instead")
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True)
+        ids: list[int] = tokenizer(text, add_special_tokens=False).input_ids
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        return ids
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

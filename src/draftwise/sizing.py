@@ -1,7 +1,7 @@
 """Tree sizing: keep the part of a draft tree worth its verification cost on this machine.
 
 A forward pass over n tokens costs ``c(n)`` (the step-cost curve, measured per machine and model:
-:mod:`draftwise.bench.cost`). A tree of nodes with acceptance probabilities ``P(i)`` (the chance
+:mod:`draftwise.cost`). A tree of nodes with acceptance probabilities ``P(i)`` (the chance
 node i is on the accepted path) yields ``1 + sum P(i)`` tokens per step in expectation, so the
 best tree is the prefix-closed node set maximizing ``(1 + sum P(i)) / c(1 + |set|)``.
 

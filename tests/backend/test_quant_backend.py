@@ -259,7 +259,7 @@ def test_quant_backend_equals_the_fast_backend_on_the_decoded_weights(
     got, expected = quant.forward_tree(tree), fast.forward_tree(tree)
     scale = float(expected.abs().max())
     torch.testing.assert_close(got, expected, rtol=0, atol=4096 * U * max(1.0, scale))
-    assert quant.float32_tensors == []
+    assert quant.capabilities.float32_tensors == ()
 
 
 def assert_tree_rows_are_plain_rows(make: Callable[[], QuantBackend], prompt: list[int],
@@ -366,7 +366,7 @@ def test_a_prompt_prefilled_at_once_leaves_what_decoding_it_leaves(
         assert torch.equal(part.forward_tree(tree), expected), cut
     # a cache that holds another sequence's first 100 tokens: prefill keeps them
     other = make()
-    assert other.reuses_prefix
+    assert other.capabilities.reuses_prefix
     other.prefill(prompt[:100] + [5, 6, 7])
     other.prefill(prompt, reuse=100)
     assert torch.equal(other.forward_tree(tree), expected)
@@ -447,7 +447,7 @@ def test_without_kernels_the_backend_runs_on_float32_copies(
         load_kernels(tmp_path)
     path, twin = tiny_gguf
     backend = QuantBackend(path, twin.config, ops=None, slow_reason="no compiler")
-    assert backend.slow_reason == "no compiler"
+    assert backend.capabilities.slow_reason == "no compiler"
     fast = FastBackend(twin)
     prompt = [1, 2, 3, 4]
     config = GenerationConfig(max_new_tokens=12)

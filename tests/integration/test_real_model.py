@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from draftwise.api import Generator, TextTracker
+from draftwise.api import Generator
 from draftwise.models import ModelNotFoundError, load_model
+from draftwise.text import TextTracker
 
 pytestmark = pytest.mark.slow
 
@@ -197,7 +198,7 @@ def test_quant_backend_on_the_default_gguf(generator: Generator) -> None:
     config32 = generator.model.config
     quant32 = QuantBackend(generator.model.source, config32, ops=ops, activations="float32",
                            kv_cache="float32")
-    assert quant32.float32_tensors == []
+    assert quant32.capabilities.float32_tensors == ()
     fast = FastBackend(generator.model.model)
     dense = sum(p.numel() * 4 for p in generator.model.model.parameters())
     assert quant32.weight_bytes() < dense / 5

@@ -39,7 +39,7 @@ def server() -> Iterator[tuple[str, Any]]:
     from draftwise.serve.app import create_app
 
     generator = Generator(load_model("default", progress=False), "none", backend="auto")
-    app = create_app(generator, "pld", max_batch=4, max_queue=2)
+    app = create_app(generator.methods, "pld", max_batch=4, max_queue=2)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -107,7 +107,7 @@ def test_a_chats_next_turn_reuses_the_cached_turn_exactly(server: tuple[str, Any
     expected = generator.model.tokenizer.decode(done.tokens, skip_special_tokens=True)
     assert reply.choices[0].message.content == expected
     cached = reply.usage.prompt_tokens_details.cached_tokens
-    if generator.backend.reuses_prefix:
+    if generator.backend.capabilities.reuses_prefix:
         assert cached >= first.usage.prompt_tokens - 1
         assert "draftwise_prompt_tokens_cached_total" in httpx.get(url + "/metrics").text
     else:

@@ -20,7 +20,7 @@ QUESTIONS = ["Where are the hammers?", "Do you sell garden hoses?", "I need wood
 
 def _run(generator: Generator, prompts: list[list[int]], cache: bool, max_batch: int
          ) -> tuple[list[list[int]], int]:
-    scheduler = Scheduler(generator, max_batch=max_batch)
+    scheduler = Scheduler(generator.methods, max_batch=max_batch)
     config = GenerationConfig(max_new_tokens=24, eos_token_ids=tuple(generator.model.eos_token_ids))
     errors: list[Event] = []
     jobs = [Job(list(p), config, "pld", lambda e: errors.append(e) if e.error else None,
@@ -32,7 +32,7 @@ def _run(generator: Generator, prompts: list[list[int]], cache: bool, max_batch:
 
 def test_requests_sharing_a_system_prompt_copy_it_and_answer_as_alone() -> None:
     generator = Generator(load_model("default", progress=False), "none", backend="auto")
-    if not generator.backend.reuses_prefix:
+    if not generator.backend.capabilities.reuses_prefix:
         pytest.skip("this backend does not reuse a cached prefix exactly")
     prompts = [generator.encode_chat([{"role": "system", "content": SYSTEM},
                                       {"role": "user", "content": q}]) for q in QUESTIONS]

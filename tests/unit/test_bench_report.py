@@ -106,7 +106,7 @@ def test_bad_question_files_are_named_errors(tmp_path) -> None:
 
 
 def test_method_lists_split_on_commas_between_methods_only() -> None:
-    from draftwise.bench.cli import split_methods
+    from draftwise.cli.bench import split_methods
 
     assert split_methods("none,pld:budget=16,max_ngram=4,hf-pld,recycling@8") == (
         "none", "pld:budget=16,max_ngram=4", "hf-pld", "recycling@8"

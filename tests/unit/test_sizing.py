@@ -2,7 +2,8 @@
 
 import pytest
 
-from draftwise.sizing import CostCurve, SizingConfig, TreeSizer, parse_budget, split_budget
+from draftwise.method import MethodSpec, parse_budget
+from draftwise.sizing import CostCurve, SizingConfig, TreeSizer
 from draftwise.tree import DraftTree
 from draftwise.verify import Acceptance
 
@@ -56,8 +57,8 @@ def test_rates_learn_from_accepted_and_rejected_offers() -> None:
 
 
 def test_budget_parsing() -> None:
-    assert split_budget("recycling:k=4@8") == ("recycling:k=4", "8")
-    assert split_budget("pld") == ("pld", None)
+    assert MethodSpec.parse("recycling:k=4@8") == MethodSpec("recycling:k=4", 8)
+    assert MethodSpec.parse("pld") == MethodSpec("pld", None)
     assert parse_budget("auto") == "auto" and parse_budget(None) == "auto"
     assert parse_budget("12") == 12 and parse_budget(" off ") == "off"
     with pytest.raises(ValueError, match="budget"):

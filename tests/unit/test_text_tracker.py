@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from draftwise.api import TextTracker
+from draftwise.text import TextTracker
 
 
 class Bytes:

@@ -14,17 +14,47 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from draftwise.tree import DraftTree
 
-__all__ = ["Backend", "KVBackend", "PromptTooLongError"]
+__all__ = ["Backend", "Capabilities", "KVBackend", "PromptTooLongError"]
 
 
 class PromptTooLongError(ValueError):
     """The prompt does not fit the model's context window."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend does, declared when it is built (never probed).
+
+    Attributes:
+        hidden_states: :meth:`KVBackend.commit` sets ``last_hidden``, and the backend is a
+            :class:`~draftwise.backends.fast.FastBackend` whose ``lm_head_rows`` and
+            ``embed_rows`` draft heads read.
+        exact: every tree row gets, bit for bit, what plain decoding gets for the same tokens,
+            so greedy output equals plain greedy decoding with no near-tie caveat.
+        reuses_prefix: :meth:`KVBackend.prefill` may keep cached tokens: a prompt prefilled at
+            once gets, bit for bit, what prefilling a part and computing the rest gets.
+        shared_pass: several sequences' trees can be verified in one pass that reads the
+            weights once (:class:`~draftwise.backends.batch.SequencePool`).
+        cost_tag: what the step-cost curve depends on beyond the model and backend class
+            (a kernel build, activation and cache types).
+        float32_tensors: ``"name (type)"`` of each tensor run in float32 for want of a kernel.
+        slow_reason: why the backend runs without its fast path, or None.
+    """
+
+    hidden_states: bool = False
+    exact: bool = False
+    reuses_prefix: bool = False
+    shared_pass: bool = False
+    cost_tag: str = ""
+    float32_tensors: tuple[str, ...] = ()
+    slow_reason: str | None = None
 
 
 class Backend(Protocol):
@@ -54,6 +84,15 @@ class Backend(Protocol):
 
     def commit(self, path: Sequence[int], next_root: int) -> None: ...
 
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    @property
+    def last_hidden(self) -> torch.Tensor | None:
+        """The final-normed hidden state that predicted the root (where
+        ``capabilities.hidden_states``; else None)."""
+        ...
+
 
 class KVBackend(ABC):
     """Tree-step bookkeeping shared by every cache-holding backend."""
@@ -66,6 +105,7 @@ class KVBackend(ABC):
         # final-normed hidden states of the last forward's rows, where the backend keeps them
         self._hidden: torch.Tensor | None = None
         self.last_hidden: torch.Tensor | None = None
+        self.capabilities = Capabilities()  # a concrete backend declares its own
 
     @property
     def vocab_size(self) -> int:
@@ -110,10 +150,9 @@ class KVBackend(ABC):
     # the contract ------------------------------------------------------------------------------
 
     @property
-    def reuses_prefix(self) -> bool:
-        """Whether :meth:`prefill` may reuse cached tokens: only where a prompt prefilled at
-        once gets, bit for bit, what prefilling a part and computing the rest later gets."""
-        return False
+    def past(self) -> int:
+        """Tokens in the cache: the committed ones but the root."""
+        return self._past
 
     def adopt(self, length: int) -> None:
         """The cache's first ``length`` slots now hold a committed prefix written from outside
@@ -140,7 +179,7 @@ class KVBackend(ABC):
                 f"prompt has {len(ids)} tokens; the context window is {self._max_length} "
                 "(prompt + at least one new token must fit): shorten the prompt"
             )
-        reuse = min(reuse, len(ids) - 1) if self.reuses_prefix else 0
+        reuse = min(reuse, len(ids) - 1) if self.capabilities.reuses_prefix else 0
         if not 0 <= reuse <= self._past:
             raise ValueError(f"cannot reuse {reuse} tokens of a cache holding {self._past}")
         if reuse:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from draftwise.backends.fast import FastBackend
+from draftwise.backends.quant import QuantBackend
 from draftwise.tree import DraftTree
 
 __all__ = ["SequencePool"]
@@ -40,24 +41,23 @@ class SequencePool:
         self.keys = torch.empty(shape, dtype=backend.keys.dtype)
         self.values = torch.empty(shape, dtype=backend.keys.dtype)
         self.sequences = [backend.with_cache(self.keys[i], self.values[i]) for i in range(slots)]
-        self._native = getattr(backend, "_native", None)
 
     @property
     def shared(self) -> bool:
         """Whether :meth:`forward` reads the weights once for all trees (one pass)."""
-        return self._native is not None
+        return self.backend.capabilities.shared_pass
 
     @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Give slot ``target`` the first ``length`` cached tokens of slot ``source`` (a system
         prompt or document that two requests share): the same rows of keys and values that
         prefilling those tokens in ``target`` computes, where the backend
-        :attr:`~draftwise.backends.base.KVBackend.reuses_prefix`. ``target`` then holds exactly
+        :attr:`~draftwise.backends.base.Capabilities.reuses_prefix`. ``target`` then holds exactly
         those ``length`` tokens (its own are overwritten)."""
         if source == target:
             raise ValueError("a slot cannot copy from itself")
-        if not 0 < length <= self.sequences[source]._past:
-            raise ValueError(f"slot {source} holds {self.sequences[source]._past} committed "
+        if not 0 < length <= self.sequences[source].past:
+            raise ValueError(f"slot {source} holds {self.sequences[source].past} committed "
                              f"tokens, not {length}")
         self.keys[target, :, :, :length] = self.keys[source, :, :, :length]
         self.values[target, :, :, :length] = self.values[source, :, :, :length]
@@ -69,7 +69,8 @@ class SequencePool:
         .forward_tree(tree)`` would give them (every slot at most once)."""
         if len({slot for slot, _ in items}) != len(items):
             raise ValueError("a slot can verify one tree per pass")
-        if self._native is None or len(items) == 1:
+        model = self.backend
+        if not isinstance(model, QuantBackend) or not self.shared or len(items) == 1:
             return [self.sequences[slot].forward_tree(tree) for slot, tree in items]
         ids: list[torch.Tensor] = []
         positions: list[torch.Tensor] = []
@@ -81,7 +82,7 @@ class SequencePool:
         for slot, tree in items:
             backend = self.sequences[slot]
             row_ids, row_positions = backend.tree_rows(tree)
-            past, t = backend._past, len(tree) + 1
+            past, t = backend.past, len(tree) + 1
             ids.append(row_ids)
             positions.append(row_positions)
             seq += [slot] * t
@@ -90,18 +91,14 @@ class SequencePool:
             for row in range(t):  # the root, then each node's path from the root to it
                 extra += [past, *(past + 1 + node for node in tree.path_to(row - 1))]
                 offsets.append(len(extra))
-        model = self.backend
-        pos = torch.cat(positions)
-        hidden = self._native.forward_batch(
-            model.embed[torch.cat(ids)], self.keys, self.values, torch.tensor(seq),
-            torch.tensor(write), torch.tensor(prefix), torch.tensor(offsets),
-            torch.tensor(extra), model.cos[pos], model.sin[pos])
-        logits: torch.Tensor = model.head(hidden)
+        hidden, logits = model.forward_batch(
+            torch.cat(ids), self.keys, self.values, torch.tensor(seq), torch.tensor(write),
+            torch.tensor(prefix), torch.tensor(offsets), torch.tensor(extra),
+            torch.cat(positions))
         out, row = [], 0
         for slot, tree in items:
             t = len(tree) + 1
-            self.sequences[slot]._cached += t
-            self.sequences[slot]._hidden = hidden[row : row + t]
+            self.sequences[slot].took_rows(hidden[row : row + t])
             out.append(logits[row : row + t])
             row += t
         return out

@@ -18,6 +18,7 @@ costs about n times more). Prefill is shared by all methods and stays batched.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from draftwise.backends.base import KVBackend
+from draftwise.backends.base import Capabilities, KVBackend
 from draftwise.backends.kernels import BUCKETS, KERNELS, KernelChoice, Linear, available
 from draftwise.progress import progress_bar
 from draftwise.tree import DraftTree
@@ -138,6 +139,8 @@ class FastBackend(KVBackend):
         self.keys = torch.empty(shape, dtype=self.dtype)
         self.values = torch.empty(shape, dtype=self.dtype)
         self._cached = 0  # filled slots of the cache
+        self.capabilities = Capabilities(hidden_states=True, exact=exact,
+                                         cost_tag="|exact" if exact else "")
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
         return Linear(weight.detach().contiguous(), None if bias is None else bias.detach(),
@@ -190,6 +193,7 @@ class FastBackend(KVBackend):
         other = other.with_cache(torch.empty(shape, dtype=self.keys.dtype),
                                  torch.empty(shape, dtype=self.keys.dtype))
         other.exact = False
+        other.capabilities = dataclasses.replace(self.capabilities, exact=False, cost_tag="")
         return other
 
     def with_cache(self, keys: torch.Tensor, values: torch.Tensor) -> FastBackend:
@@ -204,6 +208,23 @@ class FastBackend(KVBackend):
         other.keys, other.values = keys, values
         other._cached, other._past, other._root = 0, 0, None
         return other
+
+    def took_rows(self, hidden: torch.Tensor) -> None:
+        """A shared pass (:class:`~draftwise.backends.batch.SequencePool`) computed this
+        sequence's next ``len(hidden)`` rows into its cache region; ``hidden``: their
+        final-normed states, as :meth:`forward_tree` would have kept them."""
+        self._cached += len(hidden)
+        self._hidden = hidden
+
+    def lm_head_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The LM head's rows ``[len(ids), hidden]`` as float32 (draft heads score with them)."""
+        rows: torch.Tensor = self.head.weight[ids].float()
+        return rows
+
+    def embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input-embedding rows ``[*ids.shape, hidden]``, as the model reads them."""
+        rows: torch.Tensor = self.embed[ids]
+        return rows
 
     def linears(self) -> list[Linear]:
         """Every weight's matrix product (for kernel tuning)."""

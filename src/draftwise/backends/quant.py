@@ -36,9 +36,9 @@ The kernels are compiled once per machine for the widest instruction set it has 
 AVX-VNNI or AVX2, see :func:`kernel_isa`; ``torch.utils.cpp_extension``, about a minute, cached
 under ``~/.cache/draftwise/kernels``). Without a compiler, ninja or those
 instructions the backend still runs, on float32 copies of the weights (the speed of the fast
-backend), and :attr:`QuantBackend.slow_reason` says why. A tensor type the kernels do not
+backend), and ``capabilities.slow_reason`` says why. A tensor type the kernels do not
 implement is dequantized to float32 for that tensor alone and listed in
-:attr:`QuantBackend.float32_tensors`.
+``capabilities.float32_tensors``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import hashlib
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from draftwise.backends.base import Capabilities
 from draftwise.backends.fast import FastBackend, check_config
 
-__all__ = ["KernelsUnavailable", "QuantBackend", "QuantLinear", "kernels_unavailable",
-           "load_kernels", "IMPLEMENTED"]
+__all__ = ["KernelsUnavailable", "QuantBackend", "QuantLinear", "float32_summary",
+           "kernels_unavailable", "load_kernels", "IMPLEMENTED"]
 
 # ggml type ids the kernels implement: name -> (id, weights per block, bytes per block)
 IMPLEMENTED = {"Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q8_0": (8, 32, 34),
@@ -269,7 +271,6 @@ class QuantBackend(FastBackend):
         if kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
         self.activations = activations
-        self.slow_reason = None if ops is not None else (slow_reason or "no kernels given")
         self._fallbacks: list[tuple[str, str]] = []  # (tensor, its GGUF type) run in float32
         reader = GGUFReader(str(gguf_path))
         self._tensors = {t.name: t for t in reader.tensors}
@@ -316,17 +317,35 @@ class QuantBackend(FastBackend):
         head = linear("output.weight") if "output.weight" in self._tensors else embed
         self._setup(config, max_length, exact, torch.float32, _Embedding(embed), layers,
                     self._dense("output_norm.weight"), head)
+        self.slow_reason = None if ops is not None else (slow_reason or "no kernels given")
         del self._tensors  # the reader's memory map is no longer needed
-        self._ops = ops
+        self.ops = ops  # the compiled kernel module, or None (float32 copies)
         if ops is not None:
             self._into_arena(ops)
         self._native = self._build_native()
         if self._native is not None and kv_cache == "float16":  # (torch's path: float32 only)
             self.keys = torch.empty(self.keys.shape, dtype=torch.float16)
             self.values = torch.empty(self.values.shape, dtype=torch.float16)
+        self.capabilities = self._declare()
+
+    def _declare(self) -> Capabilities:
+        """What this backend does, from what it was built with."""
+        native = self._native is not None
         # the step-cost curve depends on the kernels' build, the activations and the cache
-        build = getattr(ops, "__name__", "float32-copies")
-        self.cost_tag = f"|{build}|{activations}|kv-{self.keys.dtype}".replace("torch.", "")
+        build = getattr(self.ops, "__name__", "float32-copies")
+        tag = f"|{build}|{self.activations}|kv-{self.keys.dtype}".replace("torch.", "")
+        # a cached prefix is reusable exactly when every row goes the row-by-row path: the
+        # kernels run the model, and every product is an 8-bit one or a float32 tensor's (a
+        # float32-activation product of a long prompt goes through torch's batched kernel)
+        pieces = [p for layer in self.layers for name in ("qkv", "out", "gate_up", "down")
+                  for p in (layer[name].parts if isinstance(layer[name], _Concat)
+                            else [layer[name]])]
+        return Capabilities(
+            hidden_states=True, exact=self.exact or native,
+            reuses_prefix=native and all(p.int8 or p.ops is None for p in pieces),
+            shared_pass=native, cost_tag=tag + ("|exact" if self.exact else ""),
+            float32_tensors=tuple(f"{name} ({qtype})" for name, qtype in self._fallbacks),
+            slow_reason=self.slow_reason)
 
     def _into_arena(self, ops: Any) -> None:
         """Move the kernels' weight matrices into one arena of huge pages
@@ -350,9 +369,9 @@ class QuantBackend(FastBackend):
 
     def _build_native(self) -> Any:
         """The kernels' ``Model`` over these layers (every layer in one call), or None."""
-        if self._ops is None or self.head_dim % 8 or int(self.norm.numel()) % 8:
+        if self.ops is None or self.head_dim % 8 or int(self.norm.numel()) % 8:
             return None  # (the kernels' vector loops need multiples of 8)
-        ops = self._ops
+        ops = self.ops
 
         def parts(linear: QuantLinear | _Concat) -> list[Any]:
             pieces = linear.parts if isinstance(linear, _Concat) else [linear]
@@ -378,6 +397,7 @@ class QuantBackend(FastBackend):
         other = super().skipping(skip)
         assert isinstance(other, QuantBackend)
         other._native = other._build_native()
+        other.capabilities = other._declare()
         return other
 
     @torch.inference_mode()
@@ -401,33 +421,28 @@ class QuantBackend(FastBackend):
         logits: torch.Tensor = self.head(hidden)
         return logits
 
-    @property
-    def reuses_prefix(self) -> bool:
-        """A cached prefix is reusable exactly when every row goes the row-by-row path: the
-        kernels run the model, and every product is an 8-bit one or a float32 tensor's (a
-        float32-activation product of a long prompt goes through torch's batched kernel)."""
+    @torch.inference_mode()
+    def forward_batch(self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      sequence: torch.Tensor, write: torch.Tensor, prefix: torch.Tensor,
+                      offsets: torch.Tensor, extra: torch.Tensor,
+                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of several sequences in one pass over a pool's cache ``keys``/``values``
+        (``[slots, layers, kv_heads, window, head_dim]``; ``capabilities.shared_pass`` only):
+        row r is token ``ids[r]`` of slot ``sequence[r]`` at ``positions[r]``, written to
+        cache slot ``write[r]``, seeing that slot's first ``prefix[r]`` cached tokens and the
+        slots ``extra[offsets[r]:offsets[r + 1]]``. Returns ``(hidden, logits)``:
+        ``[R, hidden]`` final-normed states and ``[R, vocab]`` logits."""
         if self._native is None:
-            return False
-        pieces = [p for layer in self.layers for name in ("qkv", "out", "gate_up", "down")
-                  for p in (layer[name].parts if isinstance(layer[name], _Concat)
-                            else [layer[name]])]
-        return all(p.int8 or p.ops is None for p in pieces)
+            raise RuntimeError("a shared pass needs the quantized kernels")
+        hidden: torch.Tensor = self._native.forward_batch(
+            self.embed[ids], keys, values, sequence, write, prefix, offsets, extra,
+            self.cos[positions], self.sin[positions])
+        logits: torch.Tensor = self.head(hidden)
+        return hidden, logits
 
-    @property
-    def float32_tensors(self) -> list[str]:
-        """``"name (type)"`` of each tensor that runs in float32 (no kernel for its type)."""
-        return [f"{name} ({qtype})" for name, qtype in self._fallbacks]
-
-    def float32_summary(self) -> str:
-        """``"169 tensors of type Q5_0 (blk.0.attn_q.weight, ...)"``: what runs in float32."""
-        by_type: dict[str, list[str]] = {}
-        for name, qtype in self._fallbacks:
-            by_type.setdefault(qtype, []).append(name)
-        return "; ".join(
-            f"{len(names)} tensor{'s' if len(names) > 1 else ''} of type {qtype} "
-            f"({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"
-            for qtype, names in by_type.items()
-        )
+    def lm_head_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The LM head's rows ``[len(ids), hidden]``, decoded to float32."""
+        return _Embedding(self.head)[ids].float()
 
     def _raw(self, name: str) -> tuple[torch.Tensor, str, int]:
         if name not in self._tensors:
@@ -457,6 +472,20 @@ class QuantBackend(FastBackend):
         head = self.head.nbytes
         embed = self.embed.linear.nbytes
         return int(total + head + (embed if self.embed.linear is not self.head else 0))
+
+
+def float32_summary(tensors: Sequence[str]) -> str:
+    """``"169 tensors of type Q5_0 (blk.0.attn_q.weight, ...)"``: what runs in float32, from
+    ``capabilities.float32_tensors`` (``"name (type)"`` each)."""
+    by_type: dict[str, list[str]] = {}
+    for entry in tensors:
+        name, _, qtype = entry.rpartition(" (")
+        by_type.setdefault(qtype.rstrip(")"), []).append(name)
+    return "; ".join(
+        f"{len(names)} tensor{'s' if len(names) > 1 else ''} of type {qtype} "
+        f"({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"
+        for qtype, names in by_type.items()
+    )
 
 
 def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:

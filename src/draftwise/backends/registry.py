@@ -106,7 +106,12 @@ def _fast(model: Any, cache_dir: Path, exact: bool, progress: bool) -> KVBackend
 @register_backend("quant", "the fast forward on a GGUF file's own 4/6/8-bit blocks with C++ "
                   "kernels (built once, cached)")
 def _quant(model: Any, cache_dir: Path, exact: bool, progress: bool) -> KVBackend:
-    from draftwise.backends.quant import KernelsUnavailable, QuantBackend, load_kernels
+    from draftwise.backends.quant import (
+        KernelsUnavailable,
+        QuantBackend,
+        float32_summary,
+        load_kernels,
+    )
 
     if not str(model.source).lower().endswith(".gguf"):
         raise ValueError(
@@ -121,7 +126,8 @@ def _quant(model: Any, cache_dir: Path, exact: bool, progress: bool) -> KVBacken
               "copies of the weights, at the fast backend's speed", file=sys.stderr)
     backend = QuantBackend(model.source, model.config, ops=ops, slow_reason=reason,
                            exact=exact)
-    if backend.float32_tensors:
-        print("draftwise: no quantized kernel for " + backend.float32_summary()
+    if backend.capabilities.float32_tensors:
+        print("draftwise: no quantized kernel for "
+              + float32_summary(backend.capabilities.float32_tensors)
               + ": those tensors run in float32", file=sys.stderr)
     return backend

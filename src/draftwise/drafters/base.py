@@ -33,6 +33,7 @@ __all__ = [
     "create_drafter",
     "drafter_config",
     "available_methods",
+    "keeps_second_model",
     "parse_method",
 ]
 
@@ -88,27 +89,49 @@ class TargetBound(Protocol):
 
 
 _Factory = Callable[[Any], Drafter]
-_REGISTRY: dict[str, tuple[type[Any], _Factory, str]] = {}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    config_class: type[Any]
+    factory: _Factory
+    summary: str
+    second_model: bool
+
+
+_REGISTRY: dict[str, _Entry] = {}
 
 
 def register(
-    name: str, config_class: type[Any], summary: str
+    name: str, config_class: type[Any], summary: str, *, second_model: bool = False
 ) -> Callable[[_Factory], _Factory]:
-    """Class decorator: register a drafter built from ``config_class`` under ``name``."""
+    """Class decorator: register a drafter built from ``config_class`` under ``name``.
+
+    ``second_model``: the drafter keeps a second model or cache of its own per request (a
+    draft model, a layer-skipping copy): a server refuses it for its clients."""
 
     def wrap(factory: _Factory) -> _Factory:
         if name in _REGISTRY:
             raise ValueError(f"drafter {name!r} registered twice")
-        _REGISTRY[name] = (config_class, factory, summary)
+        _REGISTRY[name] = _Entry(config_class, factory, summary, second_model)
         return factory
 
     return wrap
 
 
+def keeps_second_model(name: str) -> bool:
+    """Whether the registered drafter ``name`` keeps a model or cache of its own per request
+    (declared at registration; see :func:`register`)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise UnknownMethodError(f"unknown method {name!r}")
+    return _REGISTRY[name].second_model
+
+
 def available_methods() -> dict[str, str]:
     """``{name: one-line summary}`` of every registered drafter."""
     _load_builtin()
-    return {name: entry[2] for name, entry in sorted(_REGISTRY.items())}
+    return {name: entry.summary for name, entry in sorted(_REGISTRY.items())}
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, str]]:
@@ -126,7 +149,7 @@ def parse_method(spec: str) -> tuple[str, dict[str, str]]:
 def create_drafter(spec: str, **overrides: Any) -> Drafter:
     """Build the drafter a method spec names, e.g. ``"pld"`` or ``"pld:budget=16"``."""
     config = drafter_config(spec, **overrides)  # validates the name and the options first
-    return _REGISTRY[parse_method(spec)[0]][1](config)
+    return _REGISTRY[parse_method(spec)[0]].factory(config)
 
 
 def drafter_config(spec: str, **overrides: Any) -> Any:
@@ -137,7 +160,7 @@ def drafter_config(spec: str, **overrides: Any) -> Any:
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         raise UnknownMethodError(f"unknown method {name!r}; available: {known}")
-    config_class = _REGISTRY[name][0]
+    config_class = _REGISTRY[name].config_class
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     hints = typing.get_type_hints(config_class)
     values: dict[str, Any] = {}

@@ -137,22 +137,16 @@ def target_fingerprint(lm_rows: torch.Tensor) -> str:
 def target_rows(backend: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """The target's LM-head rows ``[len(ids), H]`` and its input-embedding lookup, from a
     fast or quant backend."""
-    head, embed = getattr(backend, "head", None), getattr(backend, "embed", None)
-    if head is None or embed is None:
+    from draftwise.backends.fast import FastBackend
+
+    if not (isinstance(backend, FastBackend) and backend.capabilities.hidden_states):
         raise ValueError("draft heads need the fast or quant backend (they read the target's "
                          "hidden state, LM head and embeddings)")
-    if hasattr(head, "weight"):  # fast: a float Linear
-        rows = head.weight[ids].float()
-    else:  # quant: rows of the (quantized) LM head, decoded
-        from draftwise.backends.quant import _Embedding
-
-        rows = _Embedding(head)[ids].float()
 
     def lookup(tokens: torch.Tensor) -> torch.Tensor:
-        rows: torch.Tensor = embed[tokens].float()
-        return rows
+        return backend.embed_rows(tokens).float()
 
-    return rows.contiguous(), lookup
+    return backend.lm_head_rows(ids).contiguous(), lookup
 
 
 class _KernelHeads:
@@ -220,7 +214,6 @@ class HeadsDrafter:
     kind = "medusa"
     # attach() reads the target's weights only (the hidden state arrives with each step), so
     # one backend's many sequences (the server's slots) can share the target it attached to
-    reads_target_only = True
 
     def __init__(self, config: HeadsConfig) -> None:
         if min(config.top_k, config.branch, config.beam, config.depth) < 1:
@@ -243,7 +236,7 @@ class HeadsDrafter:
         heads = DraftHeads.load(path)
         if heads.kind != self.kind:
             raise HeadsMismatchError(f"{path} holds {heads.kind} heads, not {self.kind}")
-        vocab_size = int(getattr(target_backend, "vocab_size", 0))
+        vocab_size = int(target_backend.vocab_size)
         if int(heads.meta.get("vocab_size", -1)) != vocab_size:
             raise HeadsMismatchError(
                 f"{path} was trained for a vocabulary of {heads.meta.get('vocab_size')} tokens "
@@ -258,7 +251,9 @@ class HeadsDrafter:
                 "model's LM head differs")
         self.heads, self._rows, self._embed = heads, rows, embed
         self._scorer = heads
-        ops = getattr(target_backend, "_ops", None)
+        from draftwise.backends.quant import QuantBackend
+
+        ops = target_backend.ops if isinstance(target_backend, QuantBackend) else None
         if ops is not None and rows.shape[1] % 32 == 0:  # quant backend with its kernels
             self._scorer = _KernelHeads(heads, rows, ops)
 

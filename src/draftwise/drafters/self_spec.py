@@ -60,7 +60,8 @@ class DraftConfig:
             raise ValueError(f"dtype must be float32, float64 or bfloat16, got {self.dtype!r}")
 
 
-@register("draft", DraftConfig, "a smaller draft model with the same tokenizer (--draft MODEL)")
+@register("draft", DraftConfig, "a smaller draft model with the same tokenizer (--draft MODEL)",
+          second_model=True)
 class DraftDrafter(ModelDrafter):
     def __init__(self, config: DraftConfig) -> None:
         super().__init__(config.depth, config.width, config.stop_threshold)
@@ -118,7 +119,8 @@ class SelfSpecConfig:
             raise ValueError(f"skip must list layer numbers, got {self.skip}")
 
 
-@register("self", SelfSpecConfig, "self-speculation: the target with some layers skipped")
+@register("self", SelfSpecConfig, "self-speculation: the target with some layers skipped",
+          second_model=True)
 class SelfSpecDrafter(ModelDrafter):
     def __init__(self, config: SelfSpecConfig) -> None:
         super().__init__(config.depth, config.width, config.stop_threshold)

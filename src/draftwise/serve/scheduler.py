@@ -30,12 +30,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from draftwise.api import Generator, TextTracker
 from draftwise.backends.batch import SequencePool
+from draftwise.backends.fast import FastBackend
 from draftwise.constraints import Constraint
-from draftwise.drafters.base import Drafter, TargetBound, create_drafter, drafter_config
 from draftwise.engine import Engine, GenerationConfig, Run, Step
-from draftwise.sizing import SizingConfig, TreeSizer, parse_budget, size_batch, split_budget
+from draftwise.method import MethodBuilder, MethodSpec
+from draftwise.sizing import size_batch
+from draftwise.text import TextTracker
 
 __all__ = ["Job", "QueueFull", "Scheduler"]
 
@@ -91,17 +92,21 @@ class MethodStats:
 
 
 class Scheduler:
-    """Runs :class:`Job` s on ``generator``'s model, up to ``max_batch`` at a time."""
+    """Runs :class:`Job` s on the model ``methods`` builds for, up to ``max_batch`` at a time
+    (each method built by ``methods``, its budget the default)."""
 
-    def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64,
-                 budget: str | int = "auto") -> None:
+    def __init__(self, methods: MethodBuilder, max_batch: int = 8,
+                 max_queue: int = 64) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
-        self.generator = generator
-        self.pool = SequencePool(generator.backend, max_batch)  # type: ignore[arg-type]
+        if not isinstance(methods.backend, FastBackend):
+            raise ValueError("the server runs on the quant or fast backend (a Llama/Qwen2 "
+                             "model)")
+        self.builder = methods
+        self.tokenizer = methods.model.tokenizer
+        self.pool = SequencePool(methods.backend, max_batch)
         self.max_queue = max_queue
-        self.budget = parse_budget(budget)
-        self.cost = generator.cost_curve() if self.budget == "auto" else None
+        self.cost = methods.cost_curve() if methods.budget == "auto" else None
         self._queue: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._free = list(range(max_batch - 1, -1, -1))
@@ -110,7 +115,7 @@ class Scheduler:
         self._held: dict[int, list[int]] = {}
         self.cached_tokens = 0  # prompt tokens reused, not computed
         self._engines: dict[tuple[int, str], Engine] = {}  # (slot, method) -> drafter, sizer
-        self._checked: set[str] = set()  # methods check_method accepted
+        self._checked: dict[str, MethodSpec] = {}  # methods check_method accepted
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="draftwise-scheduler",
@@ -153,21 +158,13 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
-    def check_method(self, method: str) -> None:
-        """Raise (UnknownMethodError, ValueError) unless ``method`` can be served."""
-        spec, at = split_budget(method)
-        drafter_config(spec)
-        if at is not None:
-            parse_budget(at)
-        if method in self._checked:
-            return
-        drafter = create_drafter(spec)
-        if isinstance(drafter, TargetBound):
-            if not getattr(drafter, "reads_target_only", False):
-                raise ValueError(f"method {spec!r} drafts with a second model or cache; the "
-                                 "server runs training-free methods and draft heads")
-            drafter.attach(self.generator.model, self.generator.backend)  # its file is fine
-        self._checked.add(method)
+    def check_method(self, method: str) -> MethodSpec:
+        """The method's spec, if it can be served (see
+        :meth:`~draftwise.method.MethodBuilder.check_servable`); raises UnknownMethodError or
+        ValueError otherwise."""
+        if method not in self._checked:
+            self._checked[method] = self.builder.check_servable(method)
+        return self._checked[method]
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; :class:`QueueFull` when the queue is at its bound."""
@@ -198,16 +195,8 @@ class Scheduler:
         (the sizer's acceptance rates keep learning; ``begin`` resets the drafter)."""
         key = (slot, method)
         if key not in self._engines:
-            spec, at = split_budget(method)
-            drafter: Drafter = create_drafter(spec)
-            if isinstance(drafter, TargetBound):  # draft heads: the target's weights only
-                drafter.attach(self.generator.model, self.generator.backend)
-            budget = parse_budget(at) if at is not None else self.budget
-            sizer = None
-            if spec.split(":")[0] != "none" and budget != "off":
-                config = SizingConfig(budget=budget if isinstance(budget, int) else None)
-                sizer = TreeSizer(config, self.cost)
-            self._engines[key] = Engine(self.pool.sequences[slot], drafter, sizer)
+            self._engines[key] = self.builder.engine(self.check_method(method),
+                                                     backend=self.pool.sequences[slot])
         return self._engines[key]
 
     def _loop(self) -> None:
@@ -248,7 +237,7 @@ class Scheduler:
             held = self._held.pop(job.slot, [])
             job.run.reuse = self._shared_prefix(job, held) if job.cache_prompt else 0
             job.run.top_logprobs = job.logprobs
-            job.text = TextTracker(self.generator.model.tokenizer, job.stop)
+            job.text = TextTracker(self.tokenizer, job.stop)
             job.run.start()
             self.cached_tokens += job.run.stats.cached_tokens
         except Exception as error:  # noqa: BLE001 - one request's failure is its own
@@ -264,7 +253,7 @@ class Scheduler:
         computes."""
         prompt = job.prompt_ids
         own = _common(held, prompt)
-        if not self.generator.backend.reuses_prefix:
+        if not self.builder.backend.capabilities.reuses_prefix:
             return own
         best, source = own, -1
         for slot, tokens in self._holdings(job.slot):

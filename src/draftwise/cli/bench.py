@@ -1,4 +1,5 @@
-"""The ``draftwise bench`` command: flags, output files, the Markdown table on stdout."""
+"""``draftwise bench``: flags, output files, the Markdown table on stdout (the measuring is
+:mod:`draftwise.bench`'s)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_bench_parser", "bench_command"]
+__all__ = ["add_parser", "bench_command", "split_methods"]
 
 
-def add_bench_parser(commands: Any) -> None:
+def add_parser(commands: Any) -> None:
     from draftwise.bench.runner import PEERS
-    from draftwise.cli import (
+    from draftwise.cli.flags import (
         add_backend_flags,
         add_budget_flag,
         add_config_flags,
@@ -138,15 +139,16 @@ def bench_command(args: argparse.Namespace) -> int:
         environment,
         run_bench,
     )
-    from draftwise.cli import config_from_args, validate_method, with_draft
+    from draftwise.cli.flags import config_from_args
+    from draftwise.method import MethodSpec, parse_budget
     from draftwise.models import load_model
     from draftwise.sampling import SamplingConfig
 
     sampling = config_from_args(args, SamplingConfig)
-    methods = tuple(with_draft(m, args.draft, args.heads) for m in split_methods(args.methods))
-    for method in methods:
-        if method.split(":")[0].split("@")[0] not in PEERS:
-            validate_method(method, args.budget)
+    parse_budget(args.budget)
+    methods = tuple(m if m.split(":")[0].split("@")[0] in PEERS
+                    else str(MethodSpec.parse(m, draft=args.draft, heads=args.heads))
+                    for m in split_methods(args.methods))
     if args.structured:
         from draftwise.bench.structured import load_schemas
 
@@ -191,8 +193,8 @@ def bench_command(args: argparse.Namespace) -> int:
     report.mark_exactness(records)
     summary = report.summarize(records)
     summary["environment"] = environment(model, draft)
-    summary["environment"]["backend"] = generator.backend_name + getattr(
-        generator.backend, "cost_tag", "")
+    summary["environment"]["backend"] = (generator.backend_name
+                                         + generator.backend.capabilities.cost_tag)
     summary["settings"] = {
         "methods": list(methods), "max_new_tokens": args.max_new_tokens,
         "questions": args.questions or "packaged", "limit": args.limit,
@@ -315,7 +317,7 @@ def _structured(args: argparse.Namespace, generator: Any, methods: tuple[str, ..
 
 
 def _cost(args: argparse.Namespace, generator: Any, prompt: str, out: Path | None) -> int:
-    from draftwise.bench.cost import measure_step_cost
+    from draftwise.cost import measure_step_cost
 
     sizes = list(range(1, args.cost_max + 1))
     curve = measure_step_cost(

@@ -4,11 +4,16 @@ n counts every token in the pass: the root plus ``n - 1`` draft nodes, so ``c(1)
 decoding step. Sizes are measured in a shuffled order each repetition (so slow drift of the
 machine does not fall on the large sizes alone) and the median time per size is kept. Each
 measured step commits only its root, so the context grows by one token per measurement.
+
+The curve is what automatic tree sizing (:mod:`draftwise.sizing`) weighs a tree against, so it is
+measured once per machine, model and backend build and cached (:func:`cached_step_cost`);
+``draftwise bench --cost`` prints it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import statistics
 import sys
@@ -76,9 +81,6 @@ def cached_step_cost(
     The cache file is keyed by the model, the backend class, the CPU, the thread count and the
     torch version, so a different machine or setting measures its own curve.
     """
-    import json
-
-
     ident = f"{model_key}|{type(backend).__name__}|{machine_key()}"
     path = cache_dir / "cost" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
     if path.is_file():
