@@ -38,7 +38,7 @@ from draftwise.sizing import TreeSizer
 from draftwise.tree import DraftTree
 from draftwise.verify import Acceptance, verify
 
-__all__ = ["GenerationConfig", "Engine", "Run", "Step"]
+__all__ = ["GenerationConfig", "Engine", "Run", "Step", "StepTimes"]
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,7 @@ class Run:
                 break
             t1 = time.perf_counter()
             logits = self.engine.backend.forward_tree(step.full)  # 2. [N + 1, vocab]
-            step.verify_s = time.perf_counter() - t1
-            yield self.finish(step, logits)  # 6.
+            yield self.finish(step, logits, forward_s=time.perf_counter() - t1)  # 6.
 
     def start(self) -> None:
         """Prefill the prompt and start the drafter."""
@@ -162,7 +161,8 @@ class Run:
         """Draft this step's tree (1.), or None when the run is over (``stats.finish_reason``
         says why). ``size=False`` leaves the tree unsized: the caller sizes it (several
         requests' trees together) and passes the result to :meth:`Step.settle`; ``batch``:
-        how many requests' trees that pass verifies (the sizer's gate judges by it)."""
+        how many requests' trees that pass verifies (the sizer's gate judges by it; the pass's
+        time is then no one request's, so the step does not feed the sizer's throughputs)."""
         backend, drafter, sizer = self.engine.backend, self.engine.drafter, self.engine.sizer
         cfg, stats, constraint = self.config, self.stats, self.constraint
         remaining = cfg.max_new_tokens - len(self.tokens)
@@ -195,7 +195,8 @@ class Run:
                     else "context"
                 )
                 self._end()
-                return Step(self, forced, DraftTree.empty(), t0, False, 0.0, emitted)
+                return Step(run=self, forced=forced, tree=DraftTree.empty(),
+                            times=StepTimes(start=t0), emitted=emitted)
             forced = forced[:max_depth]
         depth = max_depth - len(forced)
         # A step that cannot pay for its draft decodes plainly (the sizer's gate): the
@@ -210,14 +211,16 @@ class Run:
         propose_s = time.perf_counter() - tp
         if constraint is not None:
             tree = constraint.prune(tree, after=forced)
-        step = Step(self, forced, tree, t0, drafting and depth > 0, propose_s)
+        step = Step(run=self, forced=forced, tree=tree, drafting=drafting and depth > 0,
+                    shared=batch is not None, times=StepTimes(start=t0, propose_s=propose_s))
         if size:
             step.settle(sizer.size(tree) if sizer is not None else tree)
         return step
 
-    def finish(self, step: Step, logits: torch.Tensor) -> list[int]:
-        """Verify ``logits`` (``[N + 1, vocab]`` over ``step.full``), commit, let the drafter
-        learn; return the tokens this step committed (3.-5.)."""
+    def finish(self, step: Step, logits: torch.Tensor, *, forward_s: float) -> list[int]:
+        """Verify ``logits`` (``[N + 1, vocab]`` over ``step.full``, computed in
+        ``forward_s`` seconds), commit, let the drafter learn; return the tokens this step
+        committed (3.-5.)."""
         backend, drafter, sizer = self.engine.backend, self.engine.drafter, self.engine.sizer
         stats, constraint, forced, full = self.stats, self.constraint, step.forced, step.full
         t1 = time.perf_counter()
@@ -236,10 +239,11 @@ class Run:
         if sizer is not None:
             sizer.observe(tree, own)
         t3 = time.perf_counter()
-        verify_s = step.verify_s + (t2 - t1)
-        if sizer is not None and step.timed:
-            sizer.record(step.drafting, len(acceptance.tokens), t3 - step.t0,
-                         len(full) + 1, verify_s, step.propose_s)
+        times = step.times
+        verify_s = forward_s + (t2 - t1)
+        if sizer is not None and not step.shared:
+            sizer.record(step.drafting, len(acceptance.tokens), t3 - times.start,
+                         len(full) + 1, verify_s, times.propose_s)
 
         emitted = list(acceptance.tokens)
         hit = next((i for i, token in enumerate(emitted) if token in self._eos), None)
@@ -259,7 +263,7 @@ class Run:
         stats.step_tokens.append(len(emitted))
         stats.tree_sizes.append(len(full))
         stats.margins.extend(acceptance.margins[: len(emitted)])
-        stats.draft_s += (step.t1 - step.t0) + (t3 - t2)
+        stats.draft_s += (times.planned - times.start) + (t3 - t2)
         stats.verify_s += verify_s
         if hit is not None:
             stats.finish_reason = "eos"
@@ -284,28 +288,54 @@ class Run:
         self.stats.total_s = time.perf_counter() - self._start
 
 
+@dataclass
+class StepTimes:
+    """A step's clock readings (``time.perf_counter``) and durations, in seconds.
+
+    Attributes:
+        start: when planning began.
+        planned: when the tree was settled (sized, masked); ``start`` until then.
+        propose_s: the drafter's proposal.
+    """
+
+    start: float
+    planned: float = 0.0
+    propose_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.planned = self.planned or self.start
+
+
+@dataclass
 class Step:
     """One step of a :class:`Run` between :meth:`Run.plan` and :meth:`Run.finish`.
 
     Attributes:
+        run: the request.
+        forced: tokens the grammar forces, verified as free drafts at the top of the tree.
         tree: the drafter's tree (pruned by the grammar; sized once settled).
-        full: what the model verifies: forced tokens with ``tree`` below them.
-        masks: the grammar's masks over ``full``'s rows, or None.
+        times: when the step began and was planned, and the proposal's time.
+        drafting: the sizer's gate let this step draft.
+        shared: the forward pass verifies other requests too (a server step): its time is no
+            one request's, so the step does not feed the sizer's throughputs.
         emitted: tokens the grammar forced that end the run without a model step.
-        timed: the step's times feed the sizer's throughputs (False when the forward pass
-            was shared with other requests: its time is not this request's).
+        full: what the model verifies: ``forced`` with ``tree`` below them (set by
+            :meth:`settle`).
+        masks: the grammar's masks over ``full``'s rows, or None.
     """
 
-    def __init__(self, run: Run, forced: list[int], tree: DraftTree, t0: float,
-                 drafting: bool, propose_s: float, emitted: list[int] | None = None) -> None:
-        self.run, self.forced, self.tree, self.t0 = run, forced, tree, t0
-        self.drafting, self.propose_s = drafting, propose_s
-        self.emitted = emitted or []
-        self.full = tree
-        self.masks: torch.Tensor | None = None
-        self.t1 = t0
-        self.verify_s = 0.0
-        self.timed = True
+    run: Run
+    forced: list[int]
+    tree: DraftTree
+    times: StepTimes
+    drafting: bool = False
+    shared: bool = False
+    emitted: list[int] = field(default_factory=list)
+    full: DraftTree = field(init=False)
+    masks: torch.Tensor | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.full = self.tree
 
     def settle(self, tree: DraftTree) -> None:
         """Fix the (sized) tree: graft it below the forced tokens and mask it."""
@@ -314,7 +344,7 @@ class Step:
         constraint = self.run.constraint
         if constraint is not None:
             self.full, self.masks = constraint.tree_masks(self.full)
-        self.t1 = time.perf_counter()
+        self.times.planned = time.perf_counter()
 
 
 def _graft(forced: list[int], tree: DraftTree) -> DraftTree:

@@ -308,7 +308,6 @@ class Scheduler:
                      for s, (_, step) in zip(sizers, planned, strict=True)]
         for (_, step), tree in zip(planned, trees, strict=True):
             step.settle(tree)
-            step.timed = False  # the pass is shared: its time is no one request's
         start = time.perf_counter()
         try:
             logits = self.pool.forward([(job.slot, step.full) for job, step in planned])
@@ -324,9 +323,8 @@ class Scheduler:
         for (job, step), rows in zip(planned, logits, strict=True):
             run = job.run
             assert run is not None
-            step.verify_s = elapsed
             try:
-                emitted = run.finish(step, rows)
+                emitted = run.finish(step, rows, forward_s=elapsed)
             except Exception as error:  # noqa: BLE001
                 self._fail(job, error)
                 continue
