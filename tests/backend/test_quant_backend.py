@@ -17,6 +17,7 @@ import torch
 from draftwise.backends.fast import FastBackend
 from draftwise.backends.quant import (
     IMPLEMENTED,
+    KernelTuning,
     QuantBackend,
     dequantize,
     kernels_unavailable,
@@ -54,6 +55,24 @@ def random_blocks(qtype: str, rows: int, in_features: int, seed: int) -> torch.T
     if qtype in ("Q4_1", "Q4_K"):  # second float16: the min
         blocks[..., 2:4] = (scales[..., 1:] * (-1 if qtype == "Q4_1" else 1)).view(np.uint8)
     return torch.from_numpy(blocks.reshape(rows, -1))
+
+
+@pytest.mark.parametrize("qtype", sorted(IMPLEMENTED))
+def test_the_scalar_reference_decodes_as_gguf_and_the_simd_decoders_as_it(
+    qtype: str, ops: object
+) -> None:
+    """Each block type's plain scalar decoding (the kernels' reference.h: ggml's formulas, no
+    fused multiply-adds) gives exactly the gguf package's float32 values; the vector decoders
+    of both layouts stay within a few roundings of it (they may fuse the scale's multiply-add)."""
+    code, in_features = IMPLEMENTED[qtype][0], 512
+    data = random_blocks(qtype, 2 * ops.rows_per_pack(), in_features, seed=code + 1)  # type: ignore[attr-defined]
+    reference = ops.dequantize_reference(data, code, in_features)  # type: ignore[attr-defined]
+    assert torch.equal(reference, dequantize(data, qtype, in_features))
+    ids = torch.arange(data.shape[0])
+    packed = ops.pack_rows(data, code, in_features)  # type: ignore[attr-defined]
+    for layout, weights in ((code, data), (100 + code, packed)):
+        decoded = ops.dequantize_rows(weights, ids, layout, in_features)  # type: ignore[attr-defined]
+        torch.testing.assert_close(decoded.double(), reference.double(), rtol=4 * U, atol=0)
 
 
 @pytest.mark.parametrize("qtype", sorted(IMPLEMENTED))
@@ -134,23 +153,19 @@ def test_amx_tiles_give_the_vnni_path_bits(qtype: str, ops: object) -> None:
     """Where the CPU has AMX, products of many rows go through the tile unit: the same exact
     integer block dot products, scaled in the same float32 order, so the same bits as the VNNI
     path for every row count (full tiles of 16, a partial tile, the rest on the VNNI path)."""
-    usable, before = ops.tiles(0)  # type: ignore[attr-defined]
-    if not usable:
+    if not ops.amx_usable():  # type: ignore[attr-defined]
         pytest.skip("no AMX tiles here (CPU, build or kernel permission)")
     code, in_features = IMPLEMENTED[qtype][0], 576
     data = ops.pack_rows(random_blocks(qtype, 3 * ops.rows_per_pack(), in_features, seed=code),  # type: ignore[attr-defined]
                          code, in_features)
     generator = torch.Generator().manual_seed(code)
-    try:
-        for rows in (1, 2, 5, 8, 16, 17, 31, 40, 64):
-            x = torch.randn(rows, in_features, generator=generator)
-            ops.tiles(10**9)  # type: ignore[attr-defined]
-            vnni = ops.qmatmul_q8(x, data, code + 100, in_features)  # type: ignore[attr-defined]
-            ops.tiles(1)  # type: ignore[attr-defined]
-            tiles = ops.qmatmul_q8(x, data, code + 100, in_features)  # type: ignore[attr-defined]
-            assert torch.equal(vnni, tiles), (qtype, rows)
-    finally:
-        ops.tiles(before)  # type: ignore[attr-defined]
+    for rows in (1, 2, 5, 8, 16, 17, 31, 40, 64):
+        x = torch.randn(rows, in_features, generator=generator)
+        vnni = ops.qmatmul_q8(x, data, code + 100, in_features,  # type: ignore[attr-defined]
+                              amx_min_rows=10**9)
+        tiles = ops.qmatmul_q8(x, data, code + 100, in_features,  # type: ignore[attr-defined]
+                               amx_min_rows=1)
+        assert torch.equal(vnni, tiles), (qtype, rows)
 
 
 def _permute(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -295,6 +310,25 @@ def test_tree_rows_are_bit_identical_to_plain_decoding(
     assert_tree_rows_are_plain_rows(
         lambda: QuantBackend(path, twin.config, ops=ops, activations=activations,
                              kv_cache=kv_cache), prompt, tree)
+
+
+def test_kernel_tuning_changes_no_bit(
+    tiny_gguf: tuple[Path, torch.nn.Module], ops: object
+) -> None:
+    """The kernels' tuning values (how far ahead weights are prefetched, from how many rows the
+    AMX tiles take products) are speed choices: any setting gives the same logits."""
+    path, twin = tiny_gguf
+    prompt = [3, 9, 27, 1, 5, 8, 40, 2, 2, 7]
+    tree = DraftTree((4, 7, 11, 2, 9, 4, 5, 6, 1, 3), (-1, 0, -1, 2, 2, 3, 5, 6, 7, 8))
+    results = []
+    for tuning in (KernelTuning(), KernelTuning(prefetch_bytes=0, amx_min_rows=1),
+                   KernelTuning(prefetch_bytes=64, amx_min_rows=10**6)):
+        backend = QuantBackend(path, twin.config, ops=ops, tuning=tuning)
+        backend.prefill(prompt)
+        results.append(backend.forward_tree(tree))
+    assert all(torch.equal(results[0], other) for other in results[1:])
+    with pytest.raises(ValueError, match="prefetch_bytes"):
+        KernelTuning(prefetch_bytes=-1)
 
 
 @pytest.fixture(scope="module")

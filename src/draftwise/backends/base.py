@@ -34,7 +34,7 @@ class Capabilities:
 
     Attributes:
         hidden_states: :meth:`KVBackend.commit` sets ``last_hidden``, and the backend is a
-            :class:`~draftwise.backends.fast.FastBackend` whose ``lm_head_rows`` and
+            :class:`~draftwise.backends.decoder.DecoderBackend` whose ``lm_head_rows`` and
             ``embed_rows`` draft heads read.
         exact: every tree row gets, bit for bit, what plain decoding gets for the same tokens,
             so greedy output equals plain greedy decoding with no near-tie caveat.

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from draftwise.backends.fast import FastBackend
+from draftwise.backends.decoder import DecoderBackend
 from draftwise.backends.quant import QuantBackend
 from draftwise.tree import DraftTree
 
@@ -31,12 +31,11 @@ __all__ = ["SequencePool"]
 class SequencePool:
     """``slots`` sequences sharing ``backend``'s weights, each with its own cache region."""
 
-    def __init__(self, backend: FastBackend, slots: int) -> None:
+    def __init__(self, backend: DecoderBackend, slots: int) -> None:
         if slots < 1:
             raise ValueError(f"a pool needs at least one slot, got {slots}")
         self.backend = backend
-        shape = (slots, len(backend.layers), backend.kv_heads, backend.max_length,
-                 backend.head_dim)
+        shape = (slots, *backend.decoder.cache_shape())
         # empty: a slot's pages are touched only as its sequence grows
         self.keys = torch.empty(shape, dtype=backend.keys.dtype)
         self.values = torch.empty(shape, dtype=backend.keys.dtype)

@@ -2,8 +2,8 @@
 
 On this project's CPUs the time of ``x @ W.T`` for a few rows ``x`` is far from proportional to
 the rows, and the best kernel depends on the row count: MKL's path for 2 or 3 rows costs about
-twice or thrice one row, and for the 49k-row LM head MKL takes ~10 ms for one row where oneDNN
-with a prepacked weight takes ~3.5 ms. Timing one weight alone misleads (it stays in cache),
+twice or thrice one row, and for a large LM head oneDNN with a prepacked weight beats MKL by a
+wide margin at one row. Timing one weight alone misleads (it stays in cache),
 so :meth:`draftwise.backends.fast.FastBackend.tune` times whole forward passes for each row
 bucket and kernel and records the winner here, per weight shape and row bucket:
 

@@ -3,11 +3,11 @@
 The fast backend computes on float32 copies of the weights; for a 4-bit GGUF that is 5-8x more
 bytes to read per step than the file holds, and a CPU decoding step is a read of every weight.
 This backend keeps each weight matrix as the GGUF stores it (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K:
-``[out, row_bytes]`` bytes) and runs the decoder with the C++ kernels of ``quant_kernels.cpp``,
+``[out, row_bytes]`` bytes) and runs the decoder with the C++ kernels of ``quant_kernels/``,
 which read each block once per call and use it for every row of the tree — so verifying n rows
 costs far less than n steps. The step contract (tree masks, positions, KV cache, commit by
-compaction) is :class:`~draftwise.backends.fast.FastBackend`'s, so every drafter and structured
-output run on it unchanged.
+compaction) is :class:`~draftwise.backends.decoder.DecoderBackend`'s, shared with the fast
+backend, so every drafter and structured output run on it unchanged.
 
 Exactness: with the kernels, every decoder layer runs in one C++ call (``Model`` in the
 kernels) that computes each row alone — row-independent matrix products, per-row norms, and
@@ -50,6 +50,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,11 @@ import torch
 import torch.nn.functional as F
 
 from draftwise.backends.base import Capabilities
-from draftwise.backends.fast import FastBackend, check_config
+from draftwise.backends.decoder import LAYER_LINEARS, Decoder, DecoderBackend
+from draftwise.backends.fast import check_config
 
-__all__ = ["KernelsUnavailable", "QuantBackend", "QuantLinear", "float32_summary",
+__all__ = ["ISAS", "KernelTuning", "KernelsUnavailable", "QuantBackend", "QuantLinear",
+           "float32_summary",
            "kernels_unavailable", "load_kernels", "IMPLEMENTED"]
 
 # ggml type ids the kernels implement: name -> (id, weights per block, bytes per block)
@@ -68,7 +71,7 @@ IMPLEMENTED = {"Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q
                "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210)}
 _TYPE_IDS = {"F32": 0, **{name: spec[0] for name, spec in IMPLEMENTED.items()}}
 _PACKED = 100  # type code of blocks regrouped R rows at a time (the kernels' kPacked)
-_SOURCE = Path(__file__).with_name("quant_kernels.cpp")
+_SOURCES = Path(__file__).with_name("quant_kernels")  # quant_kernels.cpp and its parts
 _NO_COMPILE = "DRAFTWISE_NO_COMPILE"  # set to 1 to run as if no compiler were installed
 _ISA = "DRAFTWISE_QUANT_ISA"  # avx2 | avx-vnni | avx512-vnni | avx512-amx: force one build
 _loaded: dict[str, Any] = {}
@@ -105,12 +108,15 @@ def _cpu_flags() -> set[str] | None:
     return set(line.split(":", 1)[-1].split())
 
 
-def kernel_isa() -> tuple[str, list[str]]:
+ISAS = ("avx512-amx", "avx512-vnni", "avx-vnni", "avx2")  # widest first
+
+
+def kernel_isa(wanted: str | None = None) -> tuple[str, list[str]]:
     """The instruction set the kernels are built for on this machine, and its compiler flags:
-    AVX-512 VNNI with AMX tiles where the CPU has them (the tiles take products of many rows:
-    Q8_0 from 4, the 4-bit types from 16), else AVX-512 VNNI, else AVX-VNNI, else AVX2
-    (``$DRAFTWISE_QUANT_ISA`` picks a narrower one, e.g. to test the AVX2 build on an AVX-512
-    machine)."""
+    ``wanted`` (one of :data:`ISAS`), or the next narrower one this CPU has; by default the
+    widest: AVX-512 VNNI with AMX tiles where the CPU has them (the tiles take products of many
+    rows), else AVX-512 VNNI, else AVX-VNNI, else AVX2. ``$DRAFTWISE_QUANT_ISA`` overrides the
+    default (e.g. to test the AVX2 build on an AVX-512 machine)."""
     flags = _cpu_flags() or set()
     avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
     have = {
@@ -119,9 +125,11 @@ def kernel_isa() -> tuple[str, list[str]]:
         "avx-vnni": "avx_vnni" in flags,
         "avx2": True,
     }
-    wanted = os.environ.get(_ISA)
+    if wanted is None:
+        wanted = os.environ.get(_ISA)
     if wanted is not None and wanted not in have:
-        raise ValueError(f"{_ISA} must be one of {', '.join(have)}, got {wanted!r}")
+        raise ValueError(f"the kernels' instruction set ({_ISA}) must be one of "
+                         f"{', '.join(have)}, got {wanted!r}")
     names = list(have)
     start = names.index(wanted) if wanted else 0  # the widest, or the one asked for
     isa = next(name for name in names[start:] if have[name])  # ... or the next narrower
@@ -131,16 +139,17 @@ def kernel_isa() -> tuple[str, list[str]]:
     return isa, extra
 
 
-def load_kernels(cache_dir: Path, progress: bool = True) -> Any:
-    """The compiled kernel module for this machine's instruction set (built once into
-    ``cache_dir/kernels``; see :func:`kernel_isa`)."""
+def load_kernels(cache_dir: Path, progress: bool = True, isa: str | None = None) -> Any:
+    """The compiled kernel module for ``isa`` (default: this machine's widest; see
+    :func:`kernel_isa`), built once into ``cache_dir/kernels``."""
     reason = kernels_unavailable()
     if reason:
         raise KernelsUnavailable(reason)
-    isa, isa_flags = kernel_isa()
+    isa, isa_flags = kernel_isa(isa)
     if isa in _loaded:
         return _loaded[isa]
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.name.encode() + path.read_bytes()
+                      for path in sorted(_SOURCES.iterdir()) if path.suffix in (".cpp", ".h"))
     digest = hashlib.sha256(source + torch.__version__.encode() + isa.encode()).hexdigest()[:12]
     build = cache_dir / "kernels" / f"quant-{isa}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
@@ -152,7 +161,8 @@ def load_kernels(cache_dir: Path, progress: bool = True) -> Any:
 
     try:
         module = load(
-            name=f"draftwise_quant_{digest}", sources=[str(_SOURCE)], build_directory=str(build),
+            name=f"draftwise_quant_{digest}", sources=[str(_SOURCES / "quant_kernels.cpp")],
+            build_directory=str(build),
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", *isa_flags, "-fopenmp"],
             extra_ldflags=["-fopenmp"], verbose=False,
         )
@@ -162,6 +172,28 @@ def load_kernels(cache_dir: Path, progress: bool = True) -> Any:
         print("draftwise: quantized kernels built", file=sys.stderr, flush=True)
     _loaded[isa] = module
     return module
+
+
+@dataclass(frozen=True)
+class KernelTuning:
+    """Values the kernels may be tuned by without changing a bit of any result (the kernels'
+    ``Tuning``; defaults measured on this project's machines, see docs/benchmarks.md).
+
+    Attributes:
+        prefetch_bytes: how far ahead of the block being multiplied the first pass over a
+            weight matrix prefetches it (0: no prefetch).
+        amx_min_rows: the fewest activation rows whose Q8_0 products go to AMX tiles (four
+            times as many for the 4-bit types); AMX builds only.
+    """
+
+    prefetch_bytes: int = 4096
+    amx_min_rows: int = 4
+
+    def __post_init__(self) -> None:
+        if self.prefetch_bytes < 0:
+            raise ValueError(f"prefetch_bytes must be >= 0, got {self.prefetch_bytes}")
+        if self.amx_min_rows < 1:
+            raise ValueError(f"amx_min_rows must be >= 1, got {self.amx_min_rows}")
 
 
 ACTIVATIONS = ("int8", "float32")
@@ -252,8 +284,9 @@ def dequantize(data: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(-1, in_features)
 
 
-class QuantBackend(FastBackend):
-    """The fast backend's forward pass on a GGUF file's quantized weights.
+class QuantBackend(DecoderBackend):
+    """A :class:`~draftwise.backends.decoder.Decoder` on a GGUF file's quantized weights, its
+    layers run by the C++ kernels (or by the decoder's torch forward where they do not build).
 
     ``config``: the model's transformers config (shapes, rotary, norms); the weights come from
     ``gguf_path`` only. ``ops``: the kernel module from :func:`load_kernels`, or None to run
@@ -262,7 +295,7 @@ class QuantBackend(FastBackend):
     def __init__(self, gguf_path: str | Path, config: Any, *, ops: Any = None,
                  slow_reason: str | None = None, max_length: int | None = None,
                  exact: bool = False, activations: str = "int8",
-                 kv_cache: str = "float16") -> None:
+                 kv_cache: str = "float16", tuning: KernelTuning | None = None) -> None:
         from gguf import GGUFReader
 
         check_config(config)
@@ -271,6 +304,7 @@ class QuantBackend(FastBackend):
         if kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
         self.activations = activations
+        self.tuning = tuning or KernelTuning()
         self._fallbacks: list[tuple[str, str]] = []  # (tensor, its GGUF type) run in float32
         reader = GGUFReader(str(gguf_path))
         self._tensors = {t.name: t for t in reader.tensors}
@@ -315,17 +349,18 @@ class QuantBackend(FastBackend):
             })
         embed = linear("token_embd.weight")
         head = linear("output.weight") if "output.weight" in self._tensors else embed
-        self._setup(config, max_length, exact, torch.float32, _Embedding(embed), layers,
-                    self._dense("output_norm.weight"), head)
+        decoder = Decoder(config, torch.float32, _Embedding(embed), layers,
+                          self._dense("output_norm.weight"), head, max_length)
         self.slow_reason = None if ops is not None else (slow_reason or "no kernels given")
         del self._tensors  # the reader's memory map is no longer needed
         self.ops = ops  # the compiled kernel module, or None (float32 copies)
+        self.decoder = decoder
         if ops is not None:
             self._into_arena(ops)
         self._native = self._build_native()
-        if self._native is not None and kv_cache == "float16":  # (torch's path: float32 only)
-            self.keys = torch.empty(self.keys.shape, dtype=torch.float16)
-            self.values = torch.empty(self.values.shape, dtype=torch.float16)
+        # the kernels read a float16 cache (torch's path: float32 only)
+        half = self._native is not None and kv_cache == "float16"
+        super().__init__(decoder, exact=exact, cache_dtype=torch.float16 if half else None)
         self.capabilities = self._declare()
 
     def _declare(self) -> Capabilities:
@@ -337,7 +372,7 @@ class QuantBackend(FastBackend):
         # a cached prefix is reusable exactly when every row goes the row-by-row path: the
         # kernels run the model, and every product is an 8-bit one or a float32 tensor's (a
         # float32-activation product of a long prompt goes through torch's batched kernel)
-        pieces = [p for layer in self.layers for name in ("qkv", "out", "gate_up", "down")
+        pieces = [p for layer in self.decoder.layers for name in LAYER_LINEARS
                   for p in (layer[name].parts if isinstance(layer[name], _Concat)
                             else [layer[name]])]
         return Capabilities(
@@ -351,9 +386,9 @@ class QuantBackend(FastBackend):
         """Move the kernels' weight matrices into one arena of huge pages
         (``weight_arena``): the same bytes, read faster when a step streams them all."""
         linears: dict[int, QuantLinear] = {}
-        for linear in [*(layer[name] for layer in self.layers
-                         for name in ("qkv", "out", "gate_up", "down")),
-                       self.head, self.embed.linear]:
+        for linear in [*(layer[name] for layer in self.decoder.layers
+                         for name in LAYER_LINEARS),
+                       self.decoder.head, self.decoder.embed.linear]:
             for part in (linear.parts if isinstance(linear, _Concat) else [linear]):
                 if part.ops is not None and part.data.dtype == torch.uint8:
                     linears[id(part)] = part
@@ -369,7 +404,8 @@ class QuantBackend(FastBackend):
 
     def _build_native(self) -> Any:
         """The kernels' ``Model`` over these layers (every layer in one call), or None."""
-        if self.ops is None or self.head_dim % 8 or int(self.norm.numel()) % 8:
+        decoder = self.decoder
+        if self.ops is None or decoder.head_dim % 8 or int(decoder.norm.numel()) % 8:
             return None  # (the kernels' vector loops need multiples of 8)
         ops = self.ops
 
@@ -388,10 +424,12 @@ class QuantBackend(FastBackend):
         layers = [
             ops.Layer(layer["attn_norm"].float(), parts(layer["qkv"]), parts(layer["out"])[0],
                       layer["mlp_norm"].float(), parts(layer["gate_up"]), parts(layer["down"])[0])
-            for layer in self.layers
+            for layer in self.decoder.layers
         ]
-        return ops.Model(layers, self.norm.float(), self.eps, self.heads, self.kv_heads,
-                         self.head_dim, self.activations == "int8")
+        return ops.Model(layers, decoder.norm.float(), decoder.eps, decoder.heads,
+                         decoder.kv_heads, decoder.head_dim, self.activations == "int8",
+                         prefetch_bytes=self.tuning.prefetch_bytes,
+                         amx_min_rows=self.tuning.amx_min_rows)
 
     def skipping(self, skip: set[int] | frozenset[int]) -> QuantBackend:
         other = super().skipping(skip)
@@ -405,20 +443,20 @@ class QuantBackend(FastBackend):
                  last_only: bool = False) -> torch.Tensor:
         if self._native is None:
             return super()._forward(ids, positions, mask, last_only)
-        t, start = len(ids), self._cached
-        if start + t > self._max_length:
-            raise ValueError(f"KV cache holds {self._max_length} tokens; {start + t} requested")
+        self._check_room(len(ids))
+        t, start, decoder = len(ids), self._cached, self.decoder
         if mask is None:
             tree = torch.ones(t, t, dtype=torch.uint8).tril()
         else:  # [T, start + T]: the committed prefix is visible to every row
             tree = mask[:, start:].to(torch.uint8)
-        hidden = self._native.forward(self.embed[ids], self.keys, self.values, start,
-                                      self.cos[positions], self.sin[positions], tree, last_only)
+        hidden = self._native.forward(decoder.embed[ids], self.keys, self.values, start,
+                                      decoder.cos[positions], decoder.sin[positions], tree,
+                                      last_only)
         self._cached = start + t
         if last_only:
             hidden = hidden[-1:]
         self._hidden = hidden
-        logits: torch.Tensor = self.head(hidden)
+        logits: torch.Tensor = decoder.head(hidden)
         return logits
 
     @torch.inference_mode()
@@ -434,15 +472,16 @@ class QuantBackend(FastBackend):
         ``[R, hidden]`` final-normed states and ``[R, vocab]`` logits."""
         if self._native is None:
             raise RuntimeError("a shared pass needs the quantized kernels")
+        decoder = self.decoder
         hidden: torch.Tensor = self._native.forward_batch(
-            self.embed[ids], keys, values, sequence, write, prefix, offsets, extra,
-            self.cos[positions], self.sin[positions])
-        logits: torch.Tensor = self.head(hidden)
+            decoder.embed[ids], keys, values, sequence, write, prefix, offsets, extra,
+            decoder.cos[positions], decoder.sin[positions])
+        logits: torch.Tensor = decoder.head(hidden)
         return hidden, logits
 
     def lm_head_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The LM head's rows ``[len(ids), hidden]``, decoded to float32."""
-        return _Embedding(self.head)[ids].float()
+        return _Embedding(self.decoder.head)[ids].float()
 
     def _raw(self, name: str) -> tuple[torch.Tensor, str, int]:
         if name not in self._tensors:
@@ -459,19 +498,12 @@ class QuantBackend(FastBackend):
         data, qtype, in_features = self._raw(name)
         return dequantize(data, qtype, in_features).reshape(-1)
 
-    def tune(self, *args: Any, **kwargs: Any) -> dict[int, dict[str, float]]:
-        return {}  # one kernel per type: nothing to choose
-
-    def linears(self) -> list[Any]:
-        return []
-
     def weight_bytes(self) -> int:
         """Bytes of weight matrices held (quantized blocks, or float32 where not)."""
-        total = sum(layer[name].nbytes for layer in self.layers
-                    for name in ("qkv", "out", "gate_up", "down"))
-        head = self.head.nbytes
-        embed = self.embed.linear.nbytes
-        return int(total + head + (embed if self.embed.linear is not self.head else 0))
+        decoder = self.decoder
+        total = sum(layer[name].nbytes for layer in decoder.layers for name in LAYER_LINEARS)
+        head, embed = decoder.head, decoder.embed.linear
+        return int(total + head.nbytes + (embed.nbytes if embed is not head else 0))
 
 
 def float32_summary(tensors: Sequence[str]) -> str:

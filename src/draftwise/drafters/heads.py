@@ -137,9 +137,9 @@ def target_fingerprint(lm_rows: torch.Tensor) -> str:
 def target_rows(backend: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """The target's LM-head rows ``[len(ids), H]`` and its input-embedding lookup, from a
     fast or quant backend."""
-    from draftwise.backends.fast import FastBackend
+    from draftwise.backends.decoder import DecoderBackend
 
-    if not (isinstance(backend, FastBackend) and backend.capabilities.hidden_states):
+    if not (isinstance(backend, DecoderBackend) and backend.capabilities.hidden_states):
         raise ValueError("draft heads need the fast or quant backend (they read the target's "
                          "hidden state, LM head and embeddings)")
 
@@ -152,9 +152,9 @@ def target_rows(backend: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
 class _KernelHeads:
     """The heads' products on the quant backend's kernels: ``W_k``, ``U_k`` and the draft
     vocabulary's LM-head rows rounded to Q8_0 blocks, run as 8-bit dot products like the
-    target's own. Measured (default model, hydra, depth 3, 12 nodes): float32 ``torch``
-    products took 1.7-2.2 ms per proposal — up to half a decoding step, mostly reading the
-    9.4 MB of float32 rows once per level; on Q8_0 rows (2.5 MB) 0.7 ms. Draft scores only:
+    target's own: float32 ``torch`` products spend most of a proposal reading the float32 rows
+    once per level, and Q8_0 rows are a quarter of the bytes (figures: docs/benchmarks.md).
+    Draft scores only:
     which tokens are drafted may change in a near-tie, never which are accepted."""
 
     def __init__(self, heads: DraftHeads, rows: torch.Tensor, ops: Any) -> None:

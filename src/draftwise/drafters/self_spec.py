@@ -6,10 +6,10 @@ first request: :meth:`attach` receives the target's loaded model and backend (th
 
 ``self`` drafts with the target itself minus a set of layers (the idea of SWIFT, Draft & Verify
 and Kangaroo: a shallow sub-network of the model, no trained adapter), sharing the target's
-weights through :meth:`~draftwise.backends.fast.FastBackend.skipping`. The skipped set is chosen
-on the fly: the first requests try each candidate set for ``trial_steps`` steps and keep the one
-with the most committed tokens per unit of cost, where a step costs one target pass plus each
-draft pass's share of the layers.
+weights through :meth:`~draftwise.backends.decoder.DecoderBackend.skipping`. The skipped set is
+chosen on the fly: the first requests try each candidate set for ``trial_steps`` steps and keep
+the one with the most committed tokens per unit of cost, where a step costs one target pass plus
+each draft pass's share of the layers.
 """
 
 from __future__ import annotations
@@ -134,11 +134,12 @@ class SelfSpecDrafter(ModelDrafter):
 
     def attach(self, target: Any, target_backend: Any) -> None:
         """Build the shallow sub-network from the target's weights."""
+        from draftwise.backends.decoder import DecoderBackend
         from draftwise.backends.fast import FastBackend
 
-        self.base = (target_backend if isinstance(target_backend, FastBackend)
+        self.base = (target_backend if isinstance(target_backend, DecoderBackend)
                      else FastBackend(target.model))
-        layers = len(self.base.layers)
+        layers = len(self.base.decoder.layers)
         if self.config.skip:
             self.candidates = [frozenset(int(s) for s in self.config.skip)]
         else:
@@ -171,7 +172,7 @@ class SelfSpecDrafter(ModelDrafter):
         super().observe(step)
         if self.chosen is not None or not self._drafted:
             return  # a plain step (nothing asked of the draft) says nothing about the skip set
-        layers = len(self.base.layers)
+        layers = len(self.base.decoder.layers)
         share = (layers - len(self.current)) / layers  # a draft pass's cost in target passes
         cost = 1.0 + share * max(1, len(step.tree))
         self.scores.setdefault(self.current, []).append(len(step.acceptance.tokens) / cost)

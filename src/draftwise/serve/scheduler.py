@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from draftwise.backends.batch import SequencePool
-from draftwise.backends.fast import FastBackend
+from draftwise.backends.decoder import DecoderBackend
 from draftwise.constraints import Constraint
 from draftwise.engine import Engine, GenerationConfig, Run, Step
 from draftwise.method import MethodBuilder, MethodSpec
@@ -99,7 +99,7 @@ class Scheduler:
                  max_queue: int = 64) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
-        if not isinstance(methods.backend, FastBackend):
+        if not isinstance(methods.backend, DecoderBackend):
             raise ValueError("the server runs on the quant or fast backend (a Llama/Qwen2 "
                              "model)")
         self.builder = methods
@@ -148,7 +148,7 @@ class Scheduler:
     def run_forever(self) -> None:
         """Run the loop in the calling thread until :meth:`close` (``draftwise serve`` runs
         it on the main thread: the kernels' OpenMP teams then are the ones the model was
-        loaded with, which measured 10-15% faster per step than a second thread's)."""
+        loaded with, faster per step than a second thread's)."""
         self._loop()
 
     def close(self) -> None:

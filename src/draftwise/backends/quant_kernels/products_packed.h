@@ -1,0 +1,247 @@
+// 8-bit-activation products on blocks packed R output rows at a time (repack.h), one tile of
+// activation rows per call: Q4_0/Q4_1/Q8_0, Q5_0, Q4_K, Q6_K.
+#pragma once
+
+namespace {
+
+// What a build may tune without changing a bit of any result: how far ahead the first pass over
+// a matrix prefetches its weights (bytes; 0: no prefetch), and the fewest activation rows that
+// go to the AMX tiles (Q8_0; four times as many for the 4-bit types). A Model takes them from
+// its constructor; the defaults were measured on this project's machines (docs/benchmarks.md).
+struct Tuning {
+  int64_t prefetch_bytes = 4096;
+  int64_t amx_min_rows = 4;
+};
+
+
+// bytes of one packed block (one 256-weight super-block for Q4_K, with its 6-bit scales and
+// mins unpacked to bytes: 148 bytes per row where the GGUF has 144)
+int64_t packed_stride(int64_t type) {
+  return type == Q4_K ? kRows * 148 : kRows * block_bytes(type);
+}
+
+bool packable(int64_t type) {
+  return has_q8_path(type) || type == Q5_0 || type == Q4_K || type == Q6_K;
+}
+
+// offsets inside a packed block: scales, mins (Q4_1), quants
+constexpr int64_t kScales = 0, kMins = 2 * kRows;
+inline int64_t quants_at(int64_t type) { return (type == Q4_1 ? 4 : 2) * kRows; }
+
+// The 8 four-weight groups of one 32-weight block against one activation row's block, as four
+// independent integer chains (integer sums: any grouping gives the same bits). ``kHalves``:
+// chains 0-1 take weights 0..15 and chains 2-3 weights 16..31 (Q6_K's 16-weight scales); else
+// group g goes to chain g % 4. ``kSigned``: w is int8 (Q8_0), else unsigned (nibbles, 5/6 bits).
+template <bool kSigned, bool kHalves>
+__attribute__((always_inline)) inline void group_dots(const typename Vec::I w[8], const int8_t* xb,
+                                                      typename Vec::I part[4]) {
+  for (int c = 0; c < 4; ++c) part[c] = Vec::zero();
+  for (int g = 0; g < 8; ++g) {
+    const int c = kHalves ? g % 2 + 2 * (g / 4) : g % 4;
+    const uint8_t* four = reinterpret_cast<const uint8_t*>(xb) + 4 * g;
+    if (!kSigned) {
+      part[c] = Vec::dot_u4_at(part[c], w[g], four);
+    } else {
+      int32_t x;
+      std::memcpy(&x, four, 4);
+      part[c] = Vec::dot_s8(part[c], w[g], Vec::set1(x));
+    }
+  }
+}
+
+template <bool kSigned>
+__attribute__((always_inline)) inline typename Vec::I block_dot(const typename Vec::I w[8],
+                                                                const int8_t* xb) {
+  typename Vec::I part[4];
+  group_dots<kSigned, false>(w, xb, part);
+  return Vec::add(Vec::add(part[0], part[1]), Vec::add(part[2], part[3]));
+}
+
+// Weights stream from memory once per step (a model is larger than the cache a core may use),
+// and one row's products are too few operations to hide a miss: the first row pass over each
+// block asks for the bytes ``Tuning::prefetch_bytes`` ahead, so several lines are in flight per core
+// rather than the one the current block waits on. Within a thread's run of groups the packed
+// blocks are contiguous, so the lines ahead are the next ones it reads (past a matrix's end
+// they are only wasted: a prefetch never faults). No arithmetic changes.
+inline void prefetch_block(const uint8_t* blk, int64_t stride, int64_t ahead) {
+  for (int64_t at = 0; at < stride; at += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(blk + ahead + at), _MM_HINT_T0);
+}
+
+template <int T>
+void packed_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, int64_t in,
+                 int64_t r0, float* y, int64_t ldy, int64_t o0, int64_t ahead) {
+  const int64_t blocks = in / 32, stride = packed_stride(type), lane_bytes = 4 * kRows;
+  typename Vec::F acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = Vec::fzero();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = group + b * stride;
+    if (ahead) prefetch_block(blk, stride, ahead);
+    const typename Vec::F dw = Vec::halves(blk + kScales);
+    typename Vec::F mw = Vec::fzero();
+    typename Vec::I w[8];
+    const uint8_t* q = blk + quants_at(type);
+    if (type == Q8_0) {
+      for (int g = 0; g < 8; ++g) w[g] = Vec::load(q + lane_bytes * g);
+    } else {
+      mw = type == Q4_1 ? Vec::halves(blk + kMins) : Vec::mul(dw, Vec::fset1(-8.0f));
+      for (int k = 0; k < 4; ++k) {
+        const typename Vec::I p = Vec::load(q + lane_bytes * k);
+        w[k] = Vec::low_nibbles(p);
+        w[k + 4] = Vec::high_nibbles(p);
+      }
+    }
+#pragma GCC unroll 16  // acc[t] in registers, not on the stack
+    for (int t = 0; t < T; ++t) {
+      const int64_t r = r0 + t;
+      const int8_t* xb = xq.q.data() + r * in + 32 * b;
+      const typename Vec::I dot = type == Q8_0 ? block_dot<true>(w, xb) : block_dot<false>(w, xb);
+      const typename Vec::F dx = Vec::fset1(xq.scale[r * blocks + b]);
+      acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(dw, dx), acc[t]);
+      if (type != Q8_0) acc[t] = Vec::fma(mw, Vec::fset1(xq.sum[r * blocks + b]), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
+}
+
+// Q4_K, packed per super-block: half d[R], dmin[R], uint8 sc[8][R], m[8][R], then for each
+// pair j of 32-weight sub-blocks uint8 q[8][4R] with q[k][4r + i] = qs_r[32j + 4k + i] (low
+// nibbles: sub-block 2j, high: 2j + 1). Sub-block s of row r weighs w = d1 q - m1 with
+// d1 = d sc[s] and m1 = dmin m[s] in float32, as ggml decodes it, against the 32-value
+// activation block it covers: acc = fma(float(dot), d1 d_x, acc); acc -= m1 d_x sum(q_x).
+template <int T>
+void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, int64_t r0,
+                     float* y, int64_t ldy, int64_t o0, int64_t ahead) {
+  const int64_t supers = in / 256, blocks = in / 32, stride = packed_stride(Q4_K);
+  const int64_t lane_bytes = 4 * kRows;
+  typename Vec::F acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = Vec::fzero();
+  for (int64_t sb = 0; sb < supers; ++sb) {
+    const uint8_t* blk = group + sb * stride;
+    if (ahead) prefetch_block(blk, stride, ahead);
+    const typename Vec::F d = Vec::halves(blk), dmin = Vec::halves(blk + 2 * kRows);
+    const uint8_t* sc = blk + 4 * kRows;
+    const uint8_t* mn = blk + 12 * kRows;
+    const uint8_t* q = blk + 20 * kRows;
+    for (int s = 0; s < 8; ++s) {
+      const typename Vec::F d1 = Vec::mul(d, Vec::u8s(sc + s * kRows));
+      const typename Vec::F m1 = Vec::mul(dmin, Vec::u8s(mn + s * kRows));
+      typename Vec::I w[8];
+      const uint8_t* pair = q + (s / 2) * 8 * lane_bytes;
+      for (int k = 0; k < 8; ++k) {
+        const typename Vec::I p = Vec::load(pair + lane_bytes * k);
+        w[k] = s % 2 ? Vec::high_nibbles(p) : Vec::low_nibbles(p);
+      }
+      const int64_t b = 8 * sb + s;  // the activation block
+#pragma GCC unroll 16  // acc[t] in registers, not on the stack
+      for (int t = 0; t < T; ++t) {
+        const int64_t r = r0 + t;
+        const int8_t* xb = xq.q.data() + r * in + 32 * b;
+        const typename Vec::I dot = block_dot<false>(w, xb);
+        acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(d1, Vec::fset1(xq.scale[r * blocks + b])),
+                          acc[t]);
+        acc[t] = Vec::fnma(m1, Vec::fset1(xq.sum[r * blocks + b]), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
+}
+
+// Q6_K, packed per super-block: half d[R], int8 sc[16][R], then per 128-weight half n the
+// bytes ql[n*64 + 4k..], ql[n*64 + 32 + 4k..] and qh[n*32 + 4k..] of every row as
+// A[8][4R], B[8][4R], H[8][4R] (k = 0..7). 32-weight block c of half n is
+// q = (A or B nibble) | (2 bits of H) << 4, minus 32; its first and last 16 weights have scales
+// d sc[8n + 2c] and d sc[8n + 2c + 1]. Per 16 weights: integer dot of q (0..63) with q_x, less
+// 32 sum(q_x) (exact), then acc = fma(float(that), d sc d_x, acc).
+template <int T>
+void packed_tile_q6k(const uint8_t* group, const QuantizedRows& xq, int64_t in, int64_t r0,
+                     float* y, int64_t ldy, int64_t o0, int64_t ahead) {
+  const int64_t supers = in / 256, blocks = in / 32, stride = packed_stride(Q6_K);
+  const int64_t lane_bytes = 4 * kRows;
+  typename Vec::F acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = Vec::fzero();
+  const typename Vec::I two = Vec::set1(0x03030303);
+  for (int64_t sb = 0; sb < supers; ++sb) {
+    const uint8_t* blk = group + sb * stride;
+    if (ahead) prefetch_block(blk, stride, ahead);
+    const typename Vec::F d = Vec::halves(blk);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 2 * kRows);
+    for (int n = 0; n < 2; ++n) {
+      const uint8_t* A = blk + 18 * kRows + n * 96 * kRows;
+      const uint8_t* B = A + 8 * lane_bytes;
+      const uint8_t* H = B + 8 * lane_bytes;
+      for (int c = 0; c < 4; ++c) {
+        typename Vec::I w[8];
+        for (int k = 0; k < 8; ++k) {
+          const typename Vec::I low = Vec::load((c % 2 ? B : A) + lane_bytes * k);
+          const typename Vec::I nib = c < 2 ? Vec::low_nibbles(low) : Vec::high_nibbles(low);
+          const typename Vec::I h = Vec::load(H + lane_bytes * k);
+          w[k] = Vec::or_(nib, Vec::shl4(Vec::and_(Vec::shr(h, 2 * c), two)));
+        }
+        const typename Vec::F d_a = Vec::mul(d, Vec::s8s(sc + (8 * n + 2 * c) * kRows));
+        const typename Vec::F d_b = Vec::mul(d, Vec::s8s(sc + (8 * n + 2 * c + 1) * kRows));
+        const int64_t b = 8 * sb + 4 * n + c;  // the activation block
+#pragma GCC unroll 16  // acc[t] in registers, not on the stack
+        for (int t = 0; t < T; ++t) {
+          const int64_t r = r0 + t;
+          const int8_t* xb = xq.q.data() + r * in + 32 * b;
+          typename Vec::I part[4];
+          group_dots<false, true>(w, xb, part);
+          const int32_t* halves = xq.half_sums.data() + 2 * (r * blocks + b);
+          const typename Vec::I dot_a =
+              Vec::sub(Vec::add(part[0], part[1]), Vec::set1(32 * halves[0]));
+          const typename Vec::I dot_b =
+              Vec::sub(Vec::add(part[2], part[3]), Vec::set1(32 * halves[1]));
+          const typename Vec::F dx = Vec::fset1(xq.scale[r * blocks + b]);
+          acc[t] = Vec::fma(Vec::to_float(dot_a), Vec::mul(d_a, dx), acc[t]);
+          acc[t] = Vec::fma(Vec::to_float(dot_b), Vec::mul(d_b, dx), acc[t]);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
+}
+
+// Q5_0, packed: half d[R], uint32 qh[R], uint8 q[4][4R] laid out as Q4_0's. Group g (weights
+// 4g..4g+3) of lane r is its nibbles plus bits 4g..4g+3 of qh_r, each moved to bit 4 of its byte
+// (t * 0x00204081 spreads 4 bits to the low bit of 4 bytes, no carries); q - 16 in integers.
+template <int T>
+void packed_tile_q5(const uint8_t* group, const QuantizedRows& xq, int64_t in, int64_t r0,
+                    float* y, int64_t ldy, int64_t o0, int64_t ahead) {
+  const int64_t blocks = in / 32, stride = packed_stride(Q5_0), lane_bytes = 4 * kRows;
+  typename Vec::F acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = Vec::fzero();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = group + b * stride;
+    if (ahead) prefetch_block(blk, stride, ahead);
+    const typename Vec::F dw = Vec::halves(blk);
+    const typename Vec::I qh = Vec::load(blk + 2 * kRows);
+    const uint8_t* q = blk + 6 * kRows;
+    typename Vec::I w[8];
+    for (int k = 0; k < 4; ++k) {
+      const typename Vec::I p = Vec::load(q + lane_bytes * k);
+      w[k] = Vec::low_nibbles(p);
+      w[k + 4] = Vec::high_nibbles(p);
+    }
+    for (int g = 0; g < 8; ++g) {
+      const typename Vec::I bits = Vec::and_(Vec::shr32(qh, 4 * g), Vec::set1(0xF));
+      const typename Vec::I spread =
+          Vec::and_(Vec::mullo(bits, Vec::set1(0x00204081)), Vec::set1(0x01010101));
+      w[g] = Vec::or_(w[g], Vec::shl4(spread));
+    }
+#pragma GCC unroll 16  // acc[t] in registers, not on the stack
+    for (int t = 0; t < T; ++t) {
+      const int64_t r = r0 + t;
+      const int8_t* xb = xq.q.data() + r * in + 32 * b;
+      const int32_t* halves = xq.half_sums.data() + 2 * (r * blocks + b);
+      const typename Vec::I dot =
+          Vec::sub(block_dot<false>(w, xb), Vec::set1(16 * (halves[0] + halves[1])));
+      acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(dw, Vec::fset1(xq.scale[r * blocks + b])),
+                        acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
+}
+
+
+}  // namespace
