@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from draftwise.tree import DraftTree
 from draftwise.verify import Acceptance
 
-__all__ = ["CostCurve", "SizingConfig", "TreeSizer", "parse_budget", "size_batch", "split_budget"]
+__all__ = ["CostCurve", "SizingConfig", "TreeSizer", "size_batch"]
 
 _MAX_DEPTH_BUCKET = 15
 _MAX_RANK_BUCKET = 7
@@ -387,21 +387,3 @@ class Throughput:
 
     def rate(self) -> float:
         return self.numerator / self.denominator if self.denominator > 0 else 0.0
-
-
-def split_budget(spec: str) -> tuple[str, str | None]:
-    """``"recycling:k=4@8"`` -> ``("recycling:k=4", "8")``; no ``@`` -> ``(spec, None)``."""
-    method, sep, budget = spec.rpartition("@")
-    return (method, budget) if sep else (spec, None)
-
-
-def parse_budget(text: str | int | None) -> int | str:
-    """``"auto"`` (cost-optimal), ``"off"`` (verify the drafter's whole tree) or a node count."""
-    if text is None:
-        return "auto"
-    if isinstance(text, int) or text.strip().isdigit():
-        return int(text)
-    value = text.strip().lower()
-    if value not in ("auto", "off"):
-        raise ValueError(f"budget must be 'auto', 'off' or a node count, got {text!r}")
-    return value
