@@ -197,9 +197,10 @@ def _one(client: _Client, kind: str, prompt: str, n: int) -> None:
 def run_soak(url: str, prompts: Sequence[str], seconds: float, clients: int,
              method: str = "pld", model: str = "default", rss: Callable[[], float] | None = None,
              rss_every: float = 30.0, progress: bool = True,
-             timeout: float = 600.0) -> SoakResult:
-    """``clients`` clients send the rotation of :data:`KINDS` for ``seconds``; ``rss``: the
-    server's resident memory in MB (None: not sampled)."""
+             timeout: float = 600.0, min_requests: int = 0) -> SoakResult:
+    """``clients`` clients send the rotation of :data:`KINDS` for ``seconds``, each at least
+    ``min_requests`` requests however long they take (``len(KINDS)``: every client sends
+    every kind); ``rss``: the server's resident memory in MB (None: not sampled)."""
     if seconds <= 0 or clients < 1 or not prompts:
         raise ValueError("a soak needs seconds > 0, clients >= 1 and some prompts")
     result = SoakResult(seconds, clients)
@@ -210,7 +211,7 @@ def run_soak(url: str, prompts: Sequence[str], seconds: float, clients: int,
     def work(index: int) -> None:
         client = _Client(url, model, method, timeout)
         n = index
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline or n - index < min_requests:
             kind = KINDS[n % len(KINDS)]
             prompt = prompts[n % len(prompts)]
             try:
@@ -239,7 +240,7 @@ def run_soak(url: str, prompts: Sequence[str], seconds: float, clients: int,
     next_sample = start
     while any(thread.is_alive() for thread in threads):
         now = time.monotonic()
-        if rss is not None and now >= next_sample and now < deadline:
+        if rss is not None and now >= next_sample:
             result.rss_mb.append((round(now - start, 1), round(rss(), 1)))
             next_sample += rss_every
             if progress:
