@@ -1,6 +1,6 @@
 """Verifier: decides which draft tokens the target model accepts.
 
-Contract (see DESIGN.md, "Lossless, precisely"): the emitted tokens are distributed exactly as
+Contract (docs/design.md, "Lossless, precisely"): the emitted tokens are distributed exactly as
 plain decoding with the same :class:`~draftwise.sampling.Sampling` would produce them.
 
 * Greedy: from the root, take the target argmax at each node and descend into the child carrying

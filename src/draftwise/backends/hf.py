@@ -1,7 +1,7 @@
 """Transformers backend: any causal LM, a tree step through public APIs only.
 
 A tree step passes a 4D *additive float* attention mask ``[1, 1, T, past + T]`` and
-``position_ids = past + depth`` (DESIGN.md: ``eager`` attention silently misreads boolean 4D
+``position_ids = past + depth`` (docs/design.md: ``eager`` attention silently misreads boolean 4D
 masks, an additive float mask is right for both ``eager`` and ``sdpa``). Accepted nodes are kept
 by ``index_select`` on each layer's keys and values of the ``DynamicCache``. No modeling file is
 copied or patched.
