@@ -58,6 +58,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed}")
 
 
 class Engine:
@@ -208,6 +210,11 @@ class Run:
             asked = min(asked, pinned)
         tp = time.perf_counter()
         tree = drafter.propose(self._context + forced, asked).truncated(depth)
+        # every node takes a cache row until the step commits: no more nodes than rows left
+        # (the first k nodes of a tree are closed under parents)
+        rows = room - len(forced)
+        if len(tree) > rows:
+            tree = tree.subset(range(max(rows, 0)))
         propose_s = time.perf_counter() - tp
         if constraint is not None:
             tree = constraint.prune(tree, after=forced)
