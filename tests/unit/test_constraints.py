@@ -146,6 +146,19 @@ def test_compiled_grammars_are_cached_and_states_independent(compiler: Compiler)
     assert second.mask().nonzero().flatten().tolist() == list(b"0123456789")
 
 
+def test_the_grammar_cache_keeps_the_most_recently_used() -> None:
+    compiler = Compiler(byte_tokenizer(), 257, [256], cache_size=2)
+    specs = [ConstraintSpec("regex", f"[0-9]{{{n}}}") for n in (1, 2, 3)]
+    compiler.compile(specs[0])
+    compiler.compile(specs[1])
+    assert compiler.compile(specs[0]).stats.cached  # used again: now the most recent
+    compiler.compile(specs[2])  # evicts specs[1], the least recently used
+    assert compiler.compile(specs[0]).stats.cached
+    assert not compiler.compile(specs[1]).stats.cached
+    with pytest.raises(ConstraintError, match="cache"):
+        Compiler(byte_tokenizer(), 257, [256], cache_size=0)
+
+
 @pytest.mark.parametrize(
     ("kind", "source", "quoted"),
     [

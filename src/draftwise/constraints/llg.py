@@ -15,6 +15,7 @@ draftwise promises around it:
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
@@ -138,6 +139,8 @@ class Compiler:
         vocab_size: the model's vocabulary (logit columns); may exceed the tokenizer's.
         eos_token_ids: the tokens that end generation; the grammar allows them once it is complete.
         timeout_s: the most seconds one compilation may take.
+        cache_size: compiled grammars kept (the least recently used go first), so that many
+            distinct schemas cannot grow the cache without bound.
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class Compiler:
         vocab_size: int,
         eos_token_ids: Sequence[int],
         timeout_s: float = 10.0,
+        cache_size: int = 64,
     ) -> None:
         if not timeout_s > 0:
             raise ConstraintError(f"the compile timeout must be > 0 seconds, got {timeout_s}")
@@ -154,7 +158,10 @@ class Compiler:
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.timeout_s = timeout_s
         self._tokenizer: Any = None
-        self._cache: dict[ConstraintSpec, Any] = {}
+        if cache_size < 1:
+            raise ConstraintError(f"the grammar cache must hold >= 1 grammar, got {cache_size}")
+        self.cache_size = cache_size
+        self._cache: collections.OrderedDict[ConstraintSpec, Any] = collections.OrderedDict()
 
     @property
     def tokenizer(self) -> Any:
@@ -191,6 +198,10 @@ class Compiler:
             template = self._compile(spec)
             elapsed = time.perf_counter() - start
             self._cache[spec] = template
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(spec)
         constraint = LLGuidanceConstraint(
             template.deep_copy(), self.vocab_size, self.eos_token_ids
         )
