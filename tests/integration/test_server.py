@@ -119,6 +119,28 @@ def test_a_chats_next_turn_reuses_the_cached_turn_exactly(server: tuple[str, Any
     assert again.choices[0].message.content == expected
 
 
+def test_cached_prefixes_never_cross_cache_salts(server: tuple[str, Any]) -> None:
+    """A prompt prefix cached for one cache salt (or API key) is never reused for another: the
+    second user's prefill is computed whole, so neither ``cached_tokens`` nor its timing tells
+    it what the first user sent."""
+    url, generator = server
+    if not generator.backend.capabilities.reuses_prefix:
+        pytest.skip("this backend does not reuse a cached prefix")
+    wait_idle(url)
+    messages = [{"role": "system", "content": "The vault code is 7391. Never tell it."},
+                {"role": "user", "content": "What is the weather like?"}]
+
+    def cached(salt: str) -> int:
+        reply = client(url).chat.completions.create(
+            model="default", messages=messages, temperature=0, max_tokens=1,
+            extra_body={"cache_salt": salt})
+        return int(reply.usage.prompt_tokens_details.cached_tokens)
+
+    cached("alice")
+    assert cached("alice") > 20  # the same salt reuses its own prefix
+    assert cached("mallory") == 0
+
+
 def test_streaming_chat_and_completions(server: tuple[str, Any]) -> None:
     url, _ = server
     whole = chat(url, PROMPTS[1]).choices[0].message.content

@@ -4,6 +4,7 @@ the main thread."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ from draftwise.cli.flags import (
     positive_int,
 )
 
-__all__ = ["add_parser"]
+__all__ = ["API_KEY_ENV", "add_parser"]
+
+API_KEY_ENV = "DRAFTWISE_API_KEY"
 
 
 def add_parser(commands: Any) -> None:
@@ -39,6 +42,20 @@ def add_parser(commands: Any) -> None:
                        help="requests decoded together (KV cache regions; default: 8)")
     serve.add_argument("--max-queue", type=int, default=64,
                        help="requests waiting for a slot before 429 (default: 64)")
+    guard = serve.add_argument_group("what clients may send")
+    guard.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="every /v1 route (and /metrics) needs 'Authorization: Bearer KEY' "
+                       f"(repeatable; also ${API_KEY_ENV}, comma-separated); /health stays open")
+    guard.add_argument("--metrics-public", action="store_true",
+                       help="serve /metrics without an API key")
+    guard.add_argument("--max-body", type=positive_int, default=4 << 20, metavar="BYTES",
+                       help="the largest request body; larger ones get 413 (default: 4 MiB)")
+    guard.add_argument("--allow-methods", default="", metavar="NAMES",
+                       help="comma-separated methods clients may pick (default: every method "
+                       "the server can run)")
+    guard.add_argument("--max-method-option", type=positive_int, default=64, metavar="N",
+                       help="the largest integer method option or budget a client may set "
+                       "(default: 64)")
     serve.set_defaults(handler=_serve)
 
 
@@ -52,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
     from draftwise.method import MethodBuilder, MethodSpec, parse_budget
     from draftwise.models import default_cache_dir, load_model
     from draftwise.serve.app import create_app
+    from draftwise.serve.policy import ClientPolicy
 
     MethodSpec.parse(args.method)
     budget = parse_budget(args.budget)
@@ -59,8 +77,12 @@ def _serve(args: argparse.Namespace) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     backend = make_backend(loaded, args.backend, cache)
     methods = MethodBuilder(loaded, backend, budget=budget, cache_dir=cache)
+    keys = [*args.api_key, *os.environ.get(API_KEY_ENV, "").split(",")]
+    policy = ClientPolicy.of(args.allow_methods.split(","), args.max_method_option)
     app = create_app(methods, args.method, max_batch=args.max_batch,
-                     max_queue=args.max_queue, scheduler_thread=False)
+                     max_queue=args.max_queue, scheduler_thread=False, policy=policy,
+                     api_keys=frozenset(k.strip() for k in keys if k.strip()),
+                     metrics_public=args.metrics_public, max_body=args.max_body)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level="warning"))
     http = threading.Thread(target=server.run, name="draftwise-http", daemon=True)

@@ -33,6 +33,7 @@ __all__ = [
     "create_drafter",
     "drafter_config",
     "available_methods",
+    "file_options",
     "keeps_second_model",
     "parse_method",
 ]
@@ -117,6 +118,16 @@ def register(
         return factory
 
     return wrap
+
+
+def file_options(name: str) -> frozenset[str]:
+    """The options of the registered drafter ``name`` that name a file or folder (declared with
+    ``field(metadata={"file": True})`` in its config): a server never lets a client set them."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise UnknownMethodError(f"unknown method {name!r}")
+    return frozenset(f.name for f in dataclasses.fields(_REGISTRY[name].config_class)
+                     if f.metadata.get("file"))
 
 
 def keeps_second_model(name: str) -> bool:

@@ -10,7 +10,7 @@ verified step, and per-part statistics record how many of its nodes were verifie
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from draftwise.drafters.base import Drafter, StepResult, create_drafter, register
 from draftwise.sampling import GREEDY, SamplingConfig
@@ -27,7 +27,7 @@ class CompositeConfig:
     budget: most nodes of the merged tree.
     """
 
-    parts: tuple[str, ...] = ("pld", "recycling")
+    parts: tuple[str, ...] = field(default=("pld", "recycling"), metadata={"methods": True})
     budget: int = 24
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +201,7 @@ class HeadsConfig:
     depth: most levels (at most the file's number of heads).
     """
 
-    heads: str = ""
+    heads: str = field(default="", metadata={"file": True})
     top_k: int = 4
     branch: int = 2
     beam: int = 2

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +105,7 @@ class RetrievalConfig:
     budget: most draft nodes.
     """
 
-    datastore: str = ""
+    datastore: str = field(default="", metadata={"file": True})
     max_ngram: int = 6
     min_ngram: int = 2
     depth: int = 6

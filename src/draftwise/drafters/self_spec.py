@@ -15,7 +15,7 @@ each draft pass's share of the layers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,13 @@ class DraftConfig:
     cache_dir: where converted models and tuned kernels are kept (default: ~/.cache/draftwise).
     """
 
-    model: str = ""
+    model: str = field(default="", metadata={"file": True})
     backend: str = "auto"
     depth: int = 5
     width: int = 1
     stop_threshold: float = 1.0
     dtype: str = "float32"
-    cache_dir: str = ""
+    cache_dir: str = field(default="", metadata={"file": True})
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -23,10 +23,13 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from draftwise.method import MethodBuilder
 from draftwise.serve import openai
+from draftwise.serve.guard import Guard
 from draftwise.serve.openai import ApiError
+from draftwise.serve.policy import ClientPolicy
 from draftwise.serve.protocol import ChatRequest, CompletionRequest
 from draftwise.serve.scheduler import Event, QueueFull
 from draftwise.serve.server import Pending, Server
@@ -34,6 +37,7 @@ from draftwise.serve.server import Pending, Server
 __all__ = ["ApiError", "create_app"]
 
 routes = APIRouter()
+DISCONNECT_CHECK_S = 0.5  # how often a non-streamed request looks for its client's departure
 
 
 def _server(request: Request) -> Server:
@@ -41,9 +45,10 @@ def _server(request: Request) -> Server:
     return server
 
 
-@routes.get("/health")
-async def health(request: Request) -> dict[str, Any]:
-    return _server(request).health()
+@routes.get("/health", response_model=None)
+async def health(request: Request) -> JSONResponse:
+    status, body = _server(request).health()
+    return JSONResponse(body, status_code=status)
 
 
 @routes.get("/v1/models")
@@ -89,8 +94,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 async def _generate(server: Server, body: ChatRequest | CompletionRequest, request: Request,
                     ids: list[int], chat: bool) -> Any:
     # prepare() may compile a grammar: off the event loop
+    tenant = str(getattr(request.state, "tenant", ""))
     jobs, choices = await run_in_threadpool(server.prepare, body, ids,
-                                            asyncio.get_running_loop())
+                                            asyncio.get_running_loop(), tenant)
     try:
         server.scheduler.submit_all(jobs)
     except QueueFull as error:
@@ -133,15 +139,21 @@ class _Reply:
 
 
 async def _collect(server: Server, choices: list[Pending], request: Request) -> str | None:
-    """Wait for every choice to finish; the first error, or None (also when the client left)."""
+    """Wait for every choice to finish; the first error, or None (also when the client left:
+    looked at every :data:`DISCONNECT_CHECK_S` seconds, however fast events come)."""
     error = None
+    checked = time.monotonic()
     for choice in choices:
         while choice.finish_reason is None:
             try:
-                event = await asyncio.wait_for(choice.events.get(), timeout=1.0)
+                event = await asyncio.wait_for(choice.events.get(), timeout=DISCONNECT_CHECK_S)
             except TimeoutError:
+                event = None
+            if time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return None
+            if event is None:
                 continue
             server.absorb(choice, event)
             if event.error and choice.finish_reason == "error":
@@ -194,9 +206,22 @@ async def _api_error(request: Request, error: Exception) -> JSONResponse:
     return error.response()
 
 
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    """Starlette's own errors (no such route, method not allowed, a body it cannot read) in
+    OpenAI's shape."""
+    assert isinstance(error, StarletteHTTPException)
+    _server(request).requests[(request.url.path, error.status_code)] += 1
+    kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+    return ApiError(error.status_code, str(error.detail), kind).response()
+
+
 async def _invalid(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     first = error.errors()[0] if error.errors() else {}
+    if first.get("type") == "json_invalid":  # (its location is a character offset)
+        _server(request).requests[(request.url.path, 400)] += 1
+        return ApiError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+                        .rstrip(": ")).response()
     where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
     message = f"{where}: {first.get('msg', 'invalid request')}" if where else str(
         first.get("msg", "invalid request"))
@@ -205,12 +230,15 @@ async def _invalid(request: Request, error: Exception) -> JSONResponse:
 
 
 def create_app(methods: MethodBuilder, method: str = "pld", *, max_batch: int = 8,
-               max_queue: int = 64, scheduler_thread: bool = True) -> FastAPI:
+               max_queue: int = 64, scheduler_thread: bool = True,
+               policy: ClientPolicy | None = None, api_keys: frozenset[str] = frozenset(),
+               metrics_public: bool = False, max_body: int = 4 << 20) -> FastAPI:
     """The server's ASGI app over the model and backend ``methods`` builds for; ``method``:
-    the method of requests that name none. ``scheduler_thread``: the app's lifespan runs the
-    scheduler in a thread of its own; else the caller runs
-    ``app.state.server.scheduler.run_forever()``."""
-    server = Server(methods, method, max_batch, max_queue)
+    the method of requests that name none; ``policy``: what clients may ask for;
+    ``api_keys``, ``metrics_public``, ``max_body``: see :class:`~draftwise.serve.guard.Guard`.
+    ``scheduler_thread``: the app's lifespan runs the scheduler in a thread of its own; else
+    the caller runs ``app.state.server.scheduler.run_forever()``."""
+    server = Server(methods, method, max_batch, max_queue, policy)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -223,5 +251,8 @@ def create_app(methods: MethodBuilder, method: str = "pld", *, max_batch: int = 
     app.state.server = server
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(routes)
+    app.add_middleware(Guard, api_keys=api_keys, metrics_public=metrics_public,
+                       max_body=max_body)
     return app

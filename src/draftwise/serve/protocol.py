@@ -3,8 +3,11 @@
 Unknown fields are ignored, as OpenAI's own server does for fields it has no use for; a field
 it knows with a bad value is an HTTP 400 with an OpenAI-style error body. ``draftwise`` is
 this server's extra field: ``{"method": "pld", "budget": "auto" | "off" | N, "cache_prompt":
-true}`` (``cache_prompt``, llama-server's name: whether the request may reuse a slot's cached
-prefix; default true).
+true, "deadline_s": S}`` (``cache_prompt``, llama-server's name: whether the request may reuse
+a cached prefix, default true; ``deadline_s``: the request ends, finish reason ``length``, once
+it has run that long). ``cache_salt`` (vLLM's name): requests reuse cached prefixes only with
+requests of the same salt (and, with API keys, of the same key). A positive ``temperature``
+below :data:`MIN_TEMPERATURE` is greedy; ``seed`` is any 64-bit integer, signed or not.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ChatRequest", "CompletionRequest", "DraftwiseOptions", "ResponseFormat"]
+__all__ = ["MIN_TEMPERATURE", "ChatRequest", "CompletionRequest", "DraftwiseOptions",
+           "ResponseFormat"]
+
+MIN_TEMPERATURE = 1e-5  # a smaller positive temperature is greedy
 
 
 class _Body(BaseModel):
@@ -21,9 +27,10 @@ class _Body(BaseModel):
 
 
 class DraftwiseOptions(_Body):
-    method: str | None = None
+    method: str | None = Field(default=None, max_length=512)
     budget: str | int | None = None
     cache_prompt: bool = True
+    deadline_s: float | None = Field(default=None, gt=0.0, le=86_400.0)
 
 
 class JsonSchemaFormat(_Body):
@@ -45,8 +52,10 @@ class _Sampling(_Body):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    # a vLLM name: requests with different salts never share cached prompt prefixes
+    cache_salt: str | None = Field(default=None, max_length=256)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -54,6 +63,13 @@ class _Sampling(_Body):
     response_format: ResponseFormat | None = None
     ignore_eos: bool = False  # as vLLM and llama-server: generate max_tokens whatever comes
     draftwise: DraftwiseOptions | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        # below this, logits / temperature leaves float32's range and the distribution is its
+        # argmax to within float32 anyway: decode greedily
+        return 0.0 if value < MIN_TEMPERATURE else value
 
     @field_validator("stop")
     @classmethod

@@ -38,7 +38,9 @@ from draftwise.method import MethodBuilder, MethodSpec
 from draftwise.sizing import size_batch
 from draftwise.text import TextTracker
 
-__all__ = ["Job", "QueueFull", "Scheduler"]
+__all__ = ["ENGINES_PER_SLOT", "Job", "QueueFull", "Scheduler"]
+
+ENGINES_PER_SLOT = 4  # engines (a drafter and sizer each) a slot keeps for the methods it ran
 
 
 class QueueFull(RuntimeError):
@@ -70,6 +72,9 @@ class Job:
     constraint: Constraint | None = None
     logprobs: int | None = None  # None: off; else alternatives per token (see Run)
     cache_prompt: bool = True  # may reuse a slot's cached prefix of the prompt
+    # prefixes are reused only between jobs of one tenant (an API key and cache salt)
+    tenant: str = ""
+    deadline: float | None = None  # time.perf_counter() after which the job ends ("length")
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     run: Run | None = None
@@ -112,9 +117,13 @@ class Scheduler:
         self._free = list(range(max_batch - 1, -1, -1))
         # the tokens each slot's cache holds from its last request (a prompt that begins with
         # them reuses them: a chat's next turn, a shared system prompt)
-        self._held: dict[int, list[int]] = {}
+        self._held: dict[int, tuple[str, list[int]]] = {}  # slot -> (tenant, tokens)
         self.cached_tokens = 0  # prompt tokens reused, not computed
-        self._engines: dict[tuple[int, str], Engine] = {}  # (slot, method) -> drafter, sizer
+        # per slot, the engines (drafter, sizer) of the methods it ran last, most recent last:
+        # a few, so that clients naming ever new method strings cannot grow them
+        self._engines: dict[int, collections.OrderedDict[str, Engine]] = (
+            collections.defaultdict(collections.OrderedDict))
+        self.failure: str | None = None  # why the loop died, if it did
         self._checked: dict[str, MethodSpec] = {}  # methods check_method accepted
         self._wake = threading.Condition()
         self._stopping = False
@@ -140,7 +149,7 @@ class Scheduler:
         while self._queue or self._active:
             while self._queue and self._free:
                 job = self._queue.popleft()
-                job.slot = self._take_slot(job.prompt_ids)
+                job.slot = self._take_slot(job)
                 self._admit(job)
             if self._active:
                 self._step()
@@ -193,13 +202,31 @@ class Scheduler:
     def _engine(self, slot: int, method: str) -> Engine:
         """The slot's engine for ``method``: its own drafter and sizer, kept across requests
         (the sizer's acceptance rates keep learning; ``begin`` resets the drafter)."""
-        key = (slot, method)
-        if key not in self._engines:
-            self._engines[key] = self.builder.engine(self.check_method(method),
-                                                     backend=self.pool.sequences[slot])
-        return self._engines[key]
+        engines = self._engines[slot]
+        if method in engines:
+            engines.move_to_end(method)
+        else:
+            engines[method] = self.builder.engine(self.check_method(method),
+                                                  backend=self.pool.sequences[slot])
+            while len(engines) > ENGINES_PER_SLOT:
+                engines.popitem(last=False)
+        return engines[method]
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:
+            # a bug in the loop itself (one request's failures are caught per request): every
+            # request ends with the error, /health reports it, and the server exits
+            self.failure = f"{type(error).__name__}: {error}"
+            for job in [*self._active, *self._queue]:
+                job.emit(Event(finish_reason="error", error=f"the scheduler failed: "
+                                                           f"{self.failure}"))
+            self._active.clear()
+            self._queue.clear()
+            raise
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 while not self._stopping and not self._queue and not self._active:
@@ -209,7 +236,7 @@ class Scheduler:
                 admitted = []
                 while self._queue and self._free:
                     job = self._queue.popleft()
-                    job.slot = self._take_slot(job.prompt_ids)
+                    job.slot = self._take_slot(job)
                     admitted.append(job)
             for job in admitted:
                 self._admit(job)
@@ -218,14 +245,21 @@ class Scheduler:
         for job in [*self._active, *self._queue]:
             job.emit(Event(finish_reason="cancelled", error="the server is shutting down"))
 
-    def _take_slot(self, prompt_ids: list[int]) -> int:
-        """The free slot whose cache holds the longest prefix of ``prompt_ids`` (the most
-        recently freed among equals), taken off the free list."""
-        if not prompt_ids:
+    def _take_slot(self, job: Job) -> int:
+        """The free slot whose cache holds the longest prefix of ``job``'s prompt for its
+        tenant (the most recently freed among equals), taken off the free list."""
+        if not job.prompt_ids:
             return self._free.pop()
         best = max(range(len(self._free)),
-                   key=lambda i: (_common(self._held.get(self._free[i], []), prompt_ids), i))
+                   key=lambda i: (self._common_held(self._free[i], job), i))
         return self._free.pop(best)
+
+    def _common_held(self, slot: int, job: Job) -> int:
+        """How much of ``job``'s prompt slot ``slot`` holds from its last request, if that was
+        the same tenant's (else nothing: one tenant's prompts never shorten another's
+        prefill, so cached counts and timings tell nothing across tenants)."""
+        tenant, tokens = self._held.get(slot, ("", []))
+        return _common(tokens, job.prompt_ids) if tenant == job.tenant else 0
 
     def _admit(self, job: Job) -> None:
         if job.cancelled:
@@ -234,8 +268,9 @@ class Scheduler:
         try:
             engine = self._engine(job.slot, job.method)
             job.run = engine.run(job.prompt_ids, job.config, job.constraint)
-            held = self._held.pop(job.slot, [])
-            job.run.reuse = self._shared_prefix(job, held) if job.cache_prompt else 0
+            own = self._common_held(job.slot, job)
+            self._held.pop(job.slot, None)
+            job.run.reuse = self._shared_prefix(job, own) if job.cache_prompt else 0
             job.run.top_logprobs = job.logprobs
             job.text = TextTracker(self.tokenizer, job.stop)
             job.run.start()
@@ -245,18 +280,17 @@ class Scheduler:
             return
         self._active.append(job)
 
-    def _shared_prefix(self, job: Job, held: list[int]) -> int:
-        """How many of ``job``'s prompt tokens its slot will hold cached: those ``held`` there
-        from its last request, or a longer run of them that another slot holds (a shared
-        system prompt or document: another request's, running or done), copied into this slot
-        — where the backend reuses a prefix exactly, so the copy holds the bits a prefill
-        computes."""
+    def _shared_prefix(self, job: Job, own: int) -> int:
+        """How many of ``job``'s prompt tokens its slot will hold cached: the ``own`` its slot
+        holds from its last request, or a longer run of them that another slot holds for the
+        same tenant (a shared system prompt or document: another request's, running or done),
+        copied into this slot — where the backend reuses a prefix exactly, so the copy holds
+        the bits a prefill computes."""
         prompt = job.prompt_ids
-        own = _common(held, prompt)
         if not self.builder.backend.capabilities.reuses_prefix:
             return own
         best, source = own, -1
-        for slot, tokens in self._holdings(job.slot):
+        for slot, tokens in self._holdings(job.slot, job.tenant):
             common = _common(tokens, prompt)
             if common > best:
                 best, source = common, slot
@@ -264,13 +298,16 @@ class Scheduler:
             self.pool.copy_prefix(source, job.slot, best)
         return best
 
-    def _holdings(self, exclude: int) -> list[tuple[int, list[int]]]:
-        """``(slot, tokens its cache holds committed)`` for every other slot that holds some:
-        free slots' last requests and running requests' prompts and tokens so far."""
-        out = [(slot, tokens) for slot, tokens in self._held.items() if slot != exclude]
+    def _holdings(self, exclude: int, tenant: str) -> list[tuple[int, list[int]]]:
+        """``(slot, tokens its cache holds committed)`` for every other slot that holds some
+        of ``tenant``'s: free slots' last requests and running requests' prompts and tokens so
+        far."""
+        out = [(slot, tokens) for slot, (owner, tokens) in self._held.items()
+               if slot != exclude and owner == tenant]
         for other in self._active:
             run = other.run
-            if run is not None and run.started and other.slot not in (exclude, -1):
+            if (run is not None and run.started and other.slot not in (exclude, -1)
+                    and other.tenant == tenant):
                 cached = self.pool.sequences[other.slot].length - 1  # (the root is not cached)
                 out.append((other.slot, (run.prompt_ids + run.tokens)[:cached]))
         return out
@@ -283,6 +320,10 @@ class Scheduler:
             assert run is not None
             if job.cancelled:
                 self._finish(job, "cancelled")
+                continue
+            if job.deadline is not None and time.perf_counter() >= job.deadline:
+                run.stats.finish_reason = "length"
+                self._finish(job, "length")
                 continue
             try:
                 step = run.plan(size=False, batch=width)
@@ -328,7 +369,7 @@ class Scheduler:
             except Exception as error:  # noqa: BLE001
                 self._fail(job, error)
                 continue
-            stats = self.methods[job.method]
+            stats = self.methods[job.method.partition(":")[0].partition("@")[0]]
             stats.steps += 1
             stats.tokens += len(emitted)
             stats.drafted += len(step.tree)
@@ -367,7 +408,7 @@ class Scheduler:
             run = job.run
             if run is not None and run.started:  # the slot's cache holds its first committed
                 held = self.pool.sequences[job.slot].length - 1  # tokens (the root is not cached)
-                self._held[job.slot] = (run.prompt_ids + run.tokens)[:held]
+                self._held[job.slot] = (job.tenant, (run.prompt_ids + run.tokens)[:held])
             with self._wake:
                 self._free.append(job.slot)
             job.slot = -1

@@ -21,9 +21,10 @@ from typing import Any
 from draftwise.constraints import Compiler, ConstraintError, constraint_spec
 from draftwise.drafters.base import UnknownMethodError
 from draftwise.engine import GenerationConfig
-from draftwise.method import MethodBuilder
+from draftwise.method import MethodBuilder, MethodSpec, parse_budget
 from draftwise.sampling import SamplingConfig
 from draftwise.serve.openai import ApiError, Choice, LogprobEntry
+from draftwise.serve.policy import ClientPolicy
 from draftwise.serve.protocol import ChatRequest, CompletionRequest
 from draftwise.serve.scheduler import Event, Job, Scheduler
 
@@ -81,13 +82,15 @@ class Server:
         method: the method of requests that name none.
         max_batch, max_queue: the scheduler's slots and queue bound (see
             :class:`~draftwise.serve.scheduler.Scheduler`).
+        policy: what clients may ask for (:class:`~draftwise.serve.policy.ClientPolicy`).
     """
 
     def __init__(self, methods: MethodBuilder, method: str, max_batch: int,
-                 max_queue: int) -> None:
+                 max_queue: int, policy: ClientPolicy | None = None) -> None:
         self.model = methods.model
         self.backend = methods.backend
         self.method = method
+        self.policy = policy or ClientPolicy()
         self.scheduler = Scheduler(methods, max_batch, max_queue)
         self.scheduler.check_method(method)
         self.model_id = self.model.name
@@ -111,24 +114,27 @@ class Server:
         text: str = self.model.tokenizer.decode([token])
         return text
 
-    def prepare(self, body: Request, prompt_ids: list[int],
-                loop: asyncio.AbstractEventLoop) -> tuple[list[Job], list[Pending]]:
-        """Jobs for the request's ``n`` choices; raises :class:`ApiError` on a bad request."""
+    def prepare(self, body: Request, prompt_ids: list[int], loop: asyncio.AbstractEventLoop,
+                tenant: str = "") -> tuple[list[Job], list[Pending]]:
+        """Jobs for the request's ``n`` choices; raises :class:`ApiError` on a bad request.
+        ``tenant``: who the request is (an API key's digest): cached prompt prefixes are reused
+        only within one tenant and cache salt."""
         window = self.backend.max_length
         if len(prompt_ids) >= window:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the context window "
-                                f"is {window}", param="messages", code="context_length_exceeded")
-        options = body.draftwise
-        method = options.method if options and options.method else self.method
-        if options and options.budget is not None:
-            method = f"{method}@{options.budget}"
-        try:
-            self.scheduler.check_method(method)
-        except (UnknownMethodError, ValueError, OSError) as error:
-            raise ApiError(400, str(error), param="draftwise.method") from error
+                                f"is {window}",
+                           param="messages" if isinstance(body, ChatRequest) else "prompt",
+                           code="context_length_exceeded")
+        method = self._method(body)
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
         max_new = min(limit or window, window - len(prompt_ids))
         sampling = SamplingConfig(temperature=body.temperature, top_p=body.top_p)
+        options = body.draftwise
+        if body.cache_salt is not None:
+            tenant = f"{tenant}|{body.cache_salt}"
+        deadline = None
+        if options is not None and options.deadline_s is not None:
+            deadline = time.perf_counter() + options.deadline_s
         constraint_args = self._constraint_args(body)
         try:
             spec = constraint_spec(**constraint_args) if constraint_args is not None else None
@@ -146,7 +152,8 @@ class Server:
                 except ConstraintError as error:
                     raise ApiError(400, f"response_format: {error}",
                                    param="response_format") from error
-            seed = (body.seed if body.seed is not None else uuid.uuid4().int % 2**31) + i
+            # any 64-bit seed, signed or not, as the generator's unsigned 64-bit one
+            seed = ((body.seed if body.seed is not None else uuid.uuid4().int % 2**31) + i) % 2**64
             config = GenerationConfig(max_new_tokens=max_new, sampling=sampling, seed=seed,
                                       eos_token_ids=self.model.eos_token_ids)
             if body.ignore_eos:
@@ -154,7 +161,8 @@ class Server:
             choice = Pending(i, logprobs_wanted=body.alternatives is not None, method=method,
                              mailbox=self._mailboxes[loop])
             job = Job(list(prompt_ids), config, method, choice.emit, body.stops, constraint,
-                      body.alternatives, cache_prompt=options.cache_prompt if options else True)
+                      body.alternatives, cache_prompt=options.cache_prompt if options else True,
+                      tenant=tenant, deadline=deadline)
             choice.job = job
             jobs.append(job)
             choices.append(choice)
@@ -175,6 +183,26 @@ class Server:
             choice.finish_reason = event.finish_reason
         return entries
 
+    def _method(self, body: Request) -> str:
+        """The request's method spec: the server's default, or the client's choice held to the
+        server's policy, with the client's budget; raises :class:`ApiError` (400)."""
+        options = body.draftwise
+        try:
+            if options is not None and options.method:
+                spec = MethodSpec.parse(options.method)
+                self.policy.check(spec)
+                method = options.method
+            else:
+                method = self.method
+            if options is not None and options.budget is not None:
+                budget = parse_budget(options.budget)
+                self.policy.check_budget(budget)
+                method = f"{MethodSpec.parse(method).drafter}@{budget}"
+            self.scheduler.check_method(method)
+        except (UnknownMethodError, ValueError, OSError) as error:
+            raise ApiError(400, str(error), param="draftwise.method") from error
+        return method
+
     @staticmethod
     def _constraint_args(body: Request) -> dict[str, Any] | None:
         fmt = body.response_format
@@ -187,10 +215,13 @@ class Server:
                            param="response_format")
         return {"json_schema": fmt.json_schema.schema_, "whitespace": "flexible"}
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """``(HTTP status, body)``: 503 once the scheduler's loop has died."""
         s = self.scheduler
-        return {"status": "ok", "model": self.model_id, "active": s.active,
-                "queued": s.queue_depth}
+        if s.failure is not None:
+            return 503, {"status": "error", "model": self.model_id, "error": s.failure}
+        return 200, {"status": "ok", "model": self.model_id, "active": s.active,
+                     "queued": s.queue_depth}
 
     def metrics(self) -> str:
         """Prometheus text: requests, tokens, queue, steps and per-method acceptance."""

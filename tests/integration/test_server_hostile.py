@@ -1,0 +1,198 @@
+"""Hostile input against ``draftwise serve`` on a tiny model (fast backend, no weights to load):
+each case gets its 4xx with an OpenAI error body, and a normal request running beside them
+completes with its usual answer. Every loop is bounded; nothing asserts a time."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..conftest import save_tiny_model_dir
+
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+KEY = "secret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROMPT = "w3 w4 w5 w6 w3 w4 w5 w6 w3 w4"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    from draftwise.backends.registry import make_backend
+    from draftwise.method import MethodBuilder
+    from draftwise.models import load_model
+    from draftwise.serve.app import create_app
+    from draftwise.serve.policy import ClientPolicy
+
+    folder = save_tiny_model_dir(tmp_path_factory.mktemp("tiny-server"), seed=11)
+    cache = tmp_path_factory.mktemp("cache")
+    model = load_model(str(folder), progress=False)
+    backend = make_backend(model, "fast", Path(cache), progress=False)
+    methods = MethodBuilder(model, backend, budget=8, cache_dir=Path(cache))
+    app = create_app(methods, "pld", max_batch=4, max_queue=8,
+                     policy=ClientPolicy.of(["none", "pld", "composite", "medusa",
+                                             "retrieval"], max_option=32),
+                     api_keys=frozenset({KEY}), max_body=64 * 1024)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                             log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url, app
+    instance.should_exit = True
+    thread.join(timeout=30)
+
+
+def complete(url: str, **fields: Any) -> Any:
+    body = {"model": "default", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, **fields}
+    return httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=120)
+
+
+def error_of(answer: Any, status: int) -> dict[str, Any]:
+    assert answer.status_code == status, answer.text
+    error: dict[str, Any] = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def test_keys_are_required_where_they_should_be(server: tuple[str, Any]) -> None:
+    url, _ = server
+    assert httpx.get(url + "/health").status_code == 200
+    error_of(httpx.get(url + "/v1/models"), 401)
+    error_of(httpx.get(url + "/metrics"), 401)
+    error_of(httpx.post(url + "/v1/completions", json={"model": "default", "prompt": "w3"},
+                        headers={"Authorization": "Bearer wrong"}), 401)
+    assert httpx.get(url + "/v1/models", headers=AUTH).status_code == 200
+
+
+def test_bad_sampling_values_are_4xx_or_well_defined(server: tuple[str, Any]) -> None:
+    url, _ = server
+    greedy = complete(url).json()["choices"][0]["text"]
+    tiny = complete(url, temperature=1e-310)  # too small to compute with: greedy
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy
+    for seed in (-1, 2**64 - 1, -(2**63)):
+        assert complete(url, temperature=1.0, seed=seed).status_code == 200
+    assert "seed" in error_of(complete(url, seed=2**64), 400)["message"]
+    assert complete(url, max_tokens=10**12).status_code == 200  # capped by the window
+
+
+def test_methods_and_options_clients_may_not_choose(server: tuple[str, Any]) -> None:
+    url, _ = server
+    big = error_of(complete(url, draftwise={"method": "pld:max_ngram=2000"}), 400)
+    assert "limit of 32" in big["message"] and big["param"] == "draftwise.method"
+    messages = []
+    for path in ("/etc/passwd", "/nonexistent/x"):
+        messages.append(error_of(complete(url, draftwise={"method": f"medusa:heads={path}"}),
+                                 400)["message"])
+        messages.append(error_of(complete(url, draftwise={"method": f"retrieval:datastore="
+                                                                      f"{path}"}), 400)["message"])
+    assert messages[0] == messages[2] and messages[1] == messages[3]  # existence not told
+    assert not any("passwd" in m or "nonexistent" in m for m in messages)
+    assert "not offered" in error_of(complete(url, draftwise={"method": "aded"}), 400)["message"]
+    assert "limit" in error_of(complete(url, draftwise={"budget": 100000}), 400)["message"]
+
+
+def test_malformed_bodies_get_openai_errors(server: tuple[str, Any]) -> None:
+    url, _ = server
+    post = lambda body: httpx.post(  # noqa: E731
+        url + "/v1/completions", content=body, headers={**AUTH, "content-type":
+                                                        "application/json"})
+    invalid = error_of(post(b'{"model": "default", "prompt": '), 400)
+    assert invalid["param"] is None and "JSON" in invalid["message"]
+    error_of(post(b"[" * 1500 + b"]" * 1500), 400)  # deeply nested
+    deep = b'{"type": "object", "properties": {"a": ' * 1500 + b'{"type": "object"}' + b"}}" * 1500
+    schema = b'{"type": "json_schema", "json_schema": {"name": "x", "schema": ' + deep + b"}}"
+    error_of(post(b'{"model": "default", "prompt": "w3", "response_format": ' + schema + b"}"),
+             400)
+    error_of(post(b"x" * (64 * 1024 + 1)), 413)
+    error_of(httpx.get(url + "/v1/nowhere", headers=AUTH), 404)
+    window = server[1].state.server.backend.max_length
+    long = error_of(complete(url, prompt=[3] * window), 400)
+    assert long["param"] == "prompt" and long["code"] == "context_length_exceeded"
+
+
+def test_a_deadline_ends_a_request(server: tuple[str, Any]) -> None:
+    url, _ = server
+    answer = complete(url, max_tokens=200, ignore_eos=True, draftwise={"deadline_s": 1e-6})
+    assert answer.status_code == 200
+    choice = answer.json()["choices"][0]
+    assert choice["finish_reason"] == "length" and answer.json()["usage"]["completion_tokens"] < 200
+
+
+def test_a_normal_request_keeps_its_answer_beside_hostile_ones(server: tuple[str, Any]) -> None:
+    url, _ = server
+    expected = complete(url, max_tokens=24).json()["choices"][0]["text"]
+    hostile: list[dict[str, Any]] = [
+        {"draftwise": {"method": "pld:max_ngram=2000"}},
+        {"draftwise": {"method": "medusa:heads=/etc/passwd"}},
+        {"seed": 2**70},
+        {"temperature": 1e-310, "max_tokens": 64, "ignore_eos": True},
+        {"max_tokens": 10**12, "ignore_eos": True, "draftwise": {"budget": "off"}},
+        {"draftwise": {"method": "pld", "budget": 32}, "max_tokens": 64, "ignore_eos": True},
+    ]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        normal = pool.submit(complete, url, max_tokens=24)
+        others = [pool.submit(complete, url, **fields) for fields in hostile]
+        statuses = [f.result().status_code for f in others]
+        assert normal.result().json()["choices"][0]["text"] == expected
+    assert all(s < 500 for s in statuses), statuses
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_scheduler_makes_health_503(tmp_path: Path) -> None:
+    """A bug in the scheduler's own loop (not one request's) ends every request with the
+    error and /health says so, so a supervisor can restart the process."""
+    from draftwise.backends.fast import FastBackend
+    from draftwise.engine import GenerationConfig
+    from draftwise.method import MethodBuilder
+    from draftwise.serve.scheduler import Event, Job
+    from draftwise.serve.server import Server
+
+    from ..conftest import tiny_hf_model
+
+    class Model:
+        name = source = "tiny"
+        tokenizer = None
+        eos_token_ids = ()
+
+    backend = FastBackend(tiny_hf_model(seed=2))
+    server = Server(MethodBuilder(Model(), backend, budget=4, cache_dir=tmp_path), "none",
+                    max_batch=2, max_queue=2)
+    scheduler = server.scheduler
+
+    def broken() -> None:
+        raise RuntimeError("a bug in the loop")
+
+    scheduler._step = broken  # type: ignore[method-assign]
+    events: list[Event] = []
+    done = threading.Event()
+
+    def emit(event: Event) -> None:
+        events.append(event)
+        if event.finish_reason is not None:
+            done.set()
+
+    scheduler.submit(Job([1, 2, 3], GenerationConfig(max_new_tokens=4), "none", emit))
+    scheduler.start()
+    assert done.wait(60)
+    assert events[-1].finish_reason == "error" and "a bug in the loop" in str(events[-1].error)
+    status, body = server.health()
+    assert status == 503 and "a bug in the loop" in body["error"]
