@@ -40,7 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]
     app = create_app(methods, "pld", max_batch=4, max_queue=8,
                      policy=ClientPolicy.of(["none", "pld", "composite", "medusa",
                                              "retrieval"], max_option=32),
-                     api_keys=frozenset({KEY}), max_body=64 * 1024)
+                     api_keys=frozenset({KEY}), max_body=1 << 20)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -121,7 +121,7 @@ def test_malformed_bodies_get_openai_errors(server: tuple[str, Any]) -> None:
     schema = b'{"type": "json_schema", "json_schema": {"name": "x", "schema": ' + deep + b"}}"
     error_of(post(b'{"model": "default", "prompt": "w3", "response_format": ' + schema + b"}"),
              400)
-    error_of(post(b"x" * (64 * 1024 + 1)), 413)
+    error_of(post(b"x" * ((1 << 20) + 1)), 413)
     error_of(httpx.get(url + "/v1/nowhere", headers=AUTH), 404)
     window = server[1].state.server.backend.max_length
     long = error_of(complete(url, prompt=[3] * window), 400)
@@ -193,6 +193,20 @@ def test_a_dead_scheduler_makes_health_503(tmp_path: Path) -> None:
     scheduler.submit(Job([1, 2, 3], GenerationConfig(max_new_tokens=4), "none", emit))
     scheduler.start()
     assert done.wait(60)
+    scheduler._thread.join(timeout=60)  # (its exception is raised here, under this test)
     assert events[-1].finish_reason == "error" and "a bug in the loop" in str(events[-1].error)
     status, body = server.health()
     assert status == 503 and "a bug in the loop" in body["error"]
+
+
+def test_the_hostile_bench_finds_no_failure(server: tuple[str, Any]) -> None:
+    """``draftwise bench --hostile``'s cases against this server: every case answered as it
+    must be, no 5xx, the normal client's answers unchanged."""
+    from draftwise.bench.hostile import CASES, markdown, run_hostile
+
+    url, _ = server
+    result = run_hostile(url, [PROMPT, "w7 w8 w9 w7 w8"], "default", api_key=KEY,
+                         max_tokens=12)
+    assert set(result.outcomes) == set(CASES)
+    assert result.failures == 0, markdown(result)
+    assert result.normal_sent > 0

@@ -93,6 +93,14 @@ def add_parser(commands: Any) -> None:
                       "clients dropping mid-stream, malformed bodies) for SECONDS, each reply "
                       "checked; reports failures and the spawned server's RSS over time "
                       "(exit status 1 on any failure)")
+    load.add_argument("--hostile", action="store_true",
+                      help="instead of the levels: hostile requests (unbounded options, server "
+                      "file paths, huge bodies, bad sampling values, malformed and deep bodies, "
+                      "prefix-cache probing, clients leaving) beside a normal client; reports "
+                      "each case, 5xx replies, changed answers, latency against idle and the "
+                      "spawned server's RSS (exit status 1 on any failure)")
+    load.add_argument("--api-key", default=None, metavar="KEY",
+                      help="the API key to send (with --spawn, the server is started with it)")
     sampling = bench.add_argument_group("sampling (temperature 0 = greedy)")
     add_config_flags(sampling, SamplingConfig)
     bench.set_defaults(handler=bench_command)
@@ -163,6 +171,8 @@ def bench_command(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if args.soak is not None and not (args.serve or args.spawn):
         raise ValueError("--soak needs a server: --serve URL or --spawn")
+    if args.hostile and not (args.serve or args.spawn):
+        raise ValueError("--hostile needs a server: --serve URL or --spawn")
     if args.serve or args.spawn:
         return _load(args, methods, [q.turns[0] for q in questions], out)
     chart_missing = None
@@ -238,8 +248,12 @@ def _load(args: argparse.Namespace, methods: tuple[str, ...], prompts: list[str]
             serve_args += ["--backend", args.backend]
         if args.cache_dir:
             serve_args += ["--cache-dir", args.cache_dir]
+        if args.api_key:
+            serve_args += ["--api-key", args.api_key]
         url, process = load.spawn_server(serve_args)
     try:
+        if args.hostile:
+            return _hostile(args, url, prompts, process, out)
         if args.soak is not None:
             return _soak(args, url, methods[0], prompts, clients[-1], process, out)
         results = load.run_load(url, prompts, methods, clients, args.max_new_tokens,
@@ -258,6 +272,24 @@ def _load(args: argparse.Namespace, methods: tuple[str, ...], prompts: list[str]
         written = load.write(rows, results, out, settings)
         print(f"\nwrote {', '.join(f'{out}/{name}' for name in written)}", file=sys.stderr)
     return 0
+
+
+def _hostile(args: argparse.Namespace, url: str, prompts: list[str], process: Any,
+             out: Path | None) -> int:
+    from draftwise.bench import hostile, load, soak
+
+    rss = soak.process_rss(process.pid) if process is not None else None
+    result = hostile.run_hostile(load.server_root(url), prompts[:4], "default",
+                                 api_key=args.api_key, rss=rss)
+    table = hostile.markdown(result)
+    sys.stdout.write(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "hostile.json").write_text(json.dumps(result.summary(), indent=2),
+                                          encoding="utf-8")
+        (out / "hostile.md").write_text(table, encoding="utf-8")
+        print(f"\nwrote {out}/hostile.json, {out}/hostile.md", file=sys.stderr)
+    return 0 if result.failures == 0 else 1
 
 
 def _soak(args: argparse.Namespace, url: str, method: str, prompts: list[str], clients: int,
