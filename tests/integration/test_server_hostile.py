@@ -210,3 +210,23 @@ def test_the_hostile_bench_finds_no_failure(server: tuple[str, Any]) -> None:
     assert set(result.outcomes) == set(CASES)
     assert result.failures == 0, markdown(result)
     assert result.normal_sent > 0
+
+
+def test_schemas_waiting_to_compile_are_bounded_and_never_hold_up_others(
+    server: tuple[str, Any]
+) -> None:
+    """Grammars compile one at a time on their own thread; with the compile queue full a new
+    schema gets 429 at once, while a request without one is admitted as usual."""
+    from draftwise.serve.server import COMPILES_WAITING
+
+    url, app = server
+    state = app.state.server
+    state._compiling = COMPILES_WAITING + 1  # as if that many slow schemas were compiling
+    try:
+        schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {"q": {"type": "integer"}}}}}
+        refused = error_of(complete(url, response_format=schema), 429)
+        assert refused["code"] == "compile_queue_full"
+        assert complete(url).status_code == 200
+    finally:
+        state._compiling = 0

@@ -106,34 +106,9 @@ def _generate(args: argparse.Namespace) -> int:
         "histogram": stats.histogram,
         "finish_reason": stats.finish_reason,
     }
-    line = stats.summary()
-    # the quant backend: tensors it runs in float32, and why it runs without its kernels
-    caps = generator.backend.capabilities
-    fallback, slow = list(caps.float32_tensors), caps.slow_reason
-    if fallback or slow:
-        result.update(float32_tensors=fallback, slow_reason=slow)
-        if fallback:
-            from draftwise.backends.quant import float32_summary
-
-            line += f" | float32 (no quantized kernel): {float32_summary(fallback)}"
-        if slow:
-            line += f" | without quantized kernels: {slow}"
+    line = stats.summary() + _backend_report(generator.backend.capabilities, result)
     if constraint is not None:
-        from draftwise.constraints import check_output
-
-        complete = stats.finish_reason == "eos" or constraint.is_accepting()
-        valid, why = check_output(spec, stream.text, complete)
-        cs = constraint.stats
-        result["constraint"] = {
-            "kind": spec.kind, "valid": valid, "invalid_reason": why or None,
-            "compile_ms": 1e3 * cs.compile_s, "mask_us": cs.mask_us, "masks": cs.masks,
-            "forced_tokens": cs.forced, "pruned_nodes": cs.pruned,
-        }
-        line += (
-            f"\n{spec.kind.replace('_', ' ')}: {'valid' if valid else 'INVALID (' + why + ')'}"
-            f" | compile {1e3 * cs.compile_s:.1f} ms, {cs.masks} masks at {cs.mask_us:.0f} us,"
-            f" {cs.forced} forced tokens, {cs.pruned} draft nodes pruned"
-        )
+        line += _constraint_report(spec, constraint, stream.text, stats.finish_reason, result)
     if comparison is not None:
         measured = comparison.measure(stream)
         result.update(measured)
@@ -143,6 +118,43 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         print("\n" + line)
     return 0
+
+
+def _backend_report(caps: Any, result: dict[str, Any]) -> str:
+    """The stats line's note on tensors run in float32 (no quantized kernel for their type) and
+    on a backend running without its kernels; both go into ``result`` too."""
+    fallback, slow = list(caps.float32_tensors), caps.slow_reason
+    line = ""
+    if fallback or slow:
+        result.update(float32_tensors=fallback, slow_reason=slow)
+        if fallback:
+            from draftwise.backends.quant import float32_summary
+
+            line += f" | float32 (no quantized kernel): {float32_summary(fallback)}"
+        if slow:
+            line += f" | without quantized kernels: {slow}"
+    return line
+
+
+def _constraint_report(spec: Any, constraint: Any, text: str, finish_reason: str,
+                       result: dict[str, Any]) -> str:
+    """Whether the output is valid for the grammar, and the grammar's costs (into ``result``
+    too)."""
+    from draftwise.constraints import check_output
+
+    complete = finish_reason == "eos" or constraint.is_accepting()
+    valid, why = check_output(spec, text, complete)
+    cs = constraint.stats
+    result["constraint"] = {
+        "kind": spec.kind, "valid": valid, "invalid_reason": why or None,
+        "compile_ms": 1e3 * cs.compile_s, "mask_us": cs.mask_us, "masks": cs.masks,
+        "forced_tokens": cs.forced, "pruned_nodes": cs.pruned,
+    }
+    return (
+        f"\n{spec.kind.replace('_', ' ')}: {'valid' if valid else 'INVALID (' + why + ')'}"
+        f" | compile {1e3 * cs.compile_s:.1f} ms, {cs.masks} masks at {cs.mask_us:.0f} us,"
+        f" {cs.forced} forced tokens, {cs.pruned} draft nodes pruned"
+    )
 
 
 def _generate_samples(args: argparse.Namespace, generator: Any, spec: Any, sampling: Any) -> int:

@@ -188,6 +188,10 @@ class Compiler:
                 ) from None
         return self._tokenizer
 
+    def is_cached(self, spec: ConstraintSpec) -> bool:
+        """Whether ``spec`` is compiled already (:meth:`compile` then only copies it)."""
+        return spec in self._cache
+
     def compile(self, spec: ConstraintSpec) -> LLGuidanceConstraint:
         """A fresh constraint for one request (compiled once per spec, then copied)."""
         template = self._cache.get(spec)

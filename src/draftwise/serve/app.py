@@ -93,7 +93,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 async def _generate(server: Server, body: ChatRequest | CompletionRequest, request: Request,
                     ids: list[int], chat: bool) -> Any:
-    # prepare() may compile a grammar: off the event loop
+    await server.precompile(body)  # a grammar compiles on its own thread, bounded
     tenant = str(getattr(request.state, "tenant", ""))
     jobs, choices = await run_in_threadpool(server.prepare, body, ids,
                                             asyncio.get_running_loop(), tenant)

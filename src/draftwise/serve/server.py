@@ -10,6 +10,7 @@ Events a job reports on the scheduler's thread reach the request's coroutine thr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import threading
 import time
@@ -18,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from draftwise.constraints import Compiler, ConstraintError, constraint_spec
+from draftwise.constraints import Compiler, ConstraintError, ConstraintSpec, constraint_spec
 from draftwise.drafters.base import UnknownMethodError
 from draftwise.engine import GenerationConfig
 from draftwise.method import MethodBuilder, MethodSpec, parse_budget
@@ -28,7 +29,9 @@ from draftwise.serve.policy import ClientPolicy
 from draftwise.serve.protocol import ChatRequest, CompletionRequest
 from draftwise.serve.scheduler import Event, Job, Scheduler
 
-__all__ = ["Mailbox", "Pending", "Server"]
+__all__ = ["COMPILES_WAITING", "Mailbox", "Pending", "Server"]
+
+COMPILES_WAITING = 4  # grammars that may wait to compile; more get 429
 
 Request = ChatRequest | CompletionRequest
 
@@ -101,6 +104,12 @@ class Server:
         self.compiler = Compiler(self.model.tokenizer, self.backend.vocab_size,
                                  self.model.eos_token_ids)
         self._compile_lock = threading.Lock()
+        # grammars compile one at a time on a thread of their own, at most COMPILES_WAITING
+        # more waiting: a flood of slow schemas gets 429s and never holds up the admission of
+        # other requests (whose preparation shares the HTTP side's thread pool)
+        self._compile_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="draftwise-compile")
+        self._compiling = 0
         self._mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
 
     def check_model(self, name: str) -> None:
@@ -167,6 +176,35 @@ class Server:
             jobs.append(job)
             choices.append(choice)
         return jobs, choices
+
+    async def precompile(self, body: Request) -> None:
+        """Compile the request's grammar, if it has one and it is not compiled yet, on the
+        compile thread (see above); raises :class:`ApiError`: 400 for a bad grammar, 429 when
+        too many are waiting."""
+        args = self._constraint_args(body)
+        if args is None:
+            return
+        try:
+            spec = constraint_spec(**args)
+        except ConstraintError as error:
+            raise ApiError(400, f"response_format: {error}", param="response_format") from error
+        if spec is None or self.compiler.is_cached(spec):
+            return
+        if self._compiling > COMPILES_WAITING:
+            raise ApiError(429, "too many schemas are compiling; retry shortly",
+                           "rate_limit_error", code="compile_queue_full")
+        self._compiling += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._compile_pool, self._compile, spec)
+        except ConstraintError as error:
+            raise ApiError(400, f"response_format: {error}", param="response_format") from error
+        finally:
+            self._compiling -= 1
+
+    def _compile(self, spec: ConstraintSpec) -> None:
+        with self._compile_lock:
+            self.compiler.compile(spec)
 
     def absorb(self, choice: Pending, event: Event) -> list[LogprobEntry]:
         """Take one of ``choice``'s events in; returns its tokens' logprob entries."""
