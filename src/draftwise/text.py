@@ -40,7 +40,12 @@ class TextTracker:
         self._read = 0
 
     def update(self, tokens: Sequence[int]) -> tuple[str, bool]:
+        # a context of special tokens alone decodes to nothing, and the next word would lose
+        # its leading space: reach back to a token that has text
         before = self._decode(tokens[self._context : self._read])
+        while not before and self._context > 0:
+            self._context -= 1
+            before = self._decode(tokens[self._context : self._read])
         window = self._decode(tokens[self._context :])
         if window.startswith(before):
             decoded = self._decoded + window[len(before) :]

@@ -78,3 +78,25 @@ def test_a_held_tail_is_released_at_the_end() -> None:
     pieces, tracker, stopped = _feed(Bytes(), "ends with ST", 0, stop=("STOP",))
     assert not stopped
     assert "".join(pieces) == tracker.text == "ends with ST"
+
+
+class Words:
+    """A word-level tokenizer that joins words with spaces and skips special tokens, as
+    transformers' WordLevel tokenizers decode (token 0 is special)."""
+
+    def decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(f"w{t}" for t in tokens if t != 0 or not skip_special_tokens)
+
+
+def test_a_special_token_between_words_keeps_their_space() -> None:
+    """A window whose context is only special tokens decodes to nothing, which lost the space
+    before the next word ('w5w7'); the context now reaches back to a token with text."""
+    ids = [3, 5, 0, 7, 9]
+    whole = Words().decode(ids)
+    for steps in ([1] * 5, [2, 1, 2], [3, 2], [1, 2, 1, 1]):
+        tracker, pieces, n = TextTracker(Words()), [], 0
+        for step in steps:
+            n += step
+            pieces.append(tracker.update(ids[:n])[0])
+        pieces.append(tracker.final(ids))
+        assert "".join(pieces) == whole == "w3 w5 w7 w9", steps
