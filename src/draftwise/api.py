@@ -27,6 +27,7 @@ from draftwise.engine import GenerationConfig, Run
 from draftwise.method import MethodBuilder
 from draftwise.metrics import GenerationStats
 from draftwise.models import LoadedModel, default_cache_dir, load_model
+from draftwise.prediction import Prediction
 from draftwise.sampling import SamplingConfig
 from draftwise.sizing import CostCurve
 from draftwise.text import TextTracker
@@ -160,14 +161,24 @@ class Generator:
         config: GenerationConfig,
         stop: Sequence[str] = (),
         constraint: Constraint | None = None,
+        prediction: str | None = None,
     ) -> TextStream:
         """Start a request on ids; iterate the result for new text pieces as they decode.
 
-        ``constraint``: a fresh state from :meth:`constrain` the output must follow."""
-        run = self.engine.run(prompt_ids, config, constraint)
+        ``constraint``: a fresh state from :meth:`constrain` the output must follow;
+        ``prediction``: text the output is expected to resemble (see :meth:`generate`)."""
+        run = self.engine.run(prompt_ids, config, constraint, self.predict(prediction))
         stream = TextStream(run, iter(()))
         stream.pieces = self._texts(stream, tuple(s for s in stop if s))
         return stream
+
+    def predict(self, text: str | None) -> Prediction | None:
+        """A fresh :class:`~draftwise.prediction.Prediction` of ``text`` (its tokens as they
+        would appear in the output), or None."""
+        if text is None:
+            return None
+        ids: list[int] = self.model.tokenizer(text, add_special_tokens=False).input_ids
+        return Prediction(ids)
 
     def _texts(self, stream: TextStream, stop: tuple[str, ...]) -> Iterator[str]:
         run, text = stream.run, TextTracker(self.model.tokenizer, stop)
@@ -197,6 +208,7 @@ class Generator:
         regex: str | None = None,
         grammar: str | Path | None = None,
         whitespace: str = "compact",
+        prediction: str | None = None,
     ) -> Completion:
         """Generate a completion of ``prompt`` (chat template applied unless ``raw``).
 
@@ -204,6 +216,12 @@ class Generator:
         ``regex``, or ``grammar`` (Lark or GBNF text, or a file). ``whitespace``: JSON only,
         ``compact`` (default) or ``flexible``. Invalid or unsupported ones raise
         :class:`~draftwise.constraints.GrammarError` before any token is generated.
+
+        ``prediction``: text the output is expected to resemble (OpenAI's Predicted Outputs:
+        a file to edit, a document to rewrite). It is drafted from, aligned with the output as
+        the output departs from it and rejoins it, beside the method's own drafts; the output
+        is the same with or without it. ``stats.accepted_prediction_tokens`` and
+        ``stats.rejected_prediction_tokens`` count its tokens as OpenAI does.
         """
         spec = constraint_spec(
             json_schema=json_schema, regex=regex, grammar=grammar, whitespace=whitespace
@@ -211,7 +229,7 @@ class Generator:
         constraint = self.constrain(spec) if spec is not None else None
         prompt_ids = self.encode(prompt, raw=raw)
         config = self.config(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
-        stream = self.stream_ids(prompt_ids, config, stop, constraint)
+        stream = self.stream_ids(prompt_ids, config, stop, constraint, prediction)
         for _ in stream:
             pass
         run = stream.run

@@ -33,9 +33,10 @@ from draftwise.backends.base import Backend
 from draftwise.constraints.base import Constraint, apply_mask
 from draftwise.drafters.base import Drafter, StepResult
 from draftwise.metrics import GenerationStats
+from draftwise.prediction import Prediction
 from draftwise.sampling import Sampling, SamplingConfig
 from draftwise.sizing import TreeSizer
-from draftwise.tree import DraftTree
+from draftwise.tree import DraftTree, TreeBuilder
 from draftwise.verify import Acceptance, verify
 
 __all__ = ["GenerationConfig", "Engine", "Run", "Step", "StepTimes"]
@@ -77,20 +78,24 @@ class Engine:
         prompt_ids: Sequence[int],
         config: GenerationConfig,
         constraint: Constraint | None = None,
+        prediction: Prediction | None = None,
     ) -> Run:
         """A request; iterate it to decode (each item: the tokens one step committed).
 
-        ``constraint``: a fresh grammar state the output must follow (see module docstring)."""
-        return Run(self, list(prompt_ids), config, constraint)
+        ``constraint``: a fresh grammar state the output must follow (see module docstring);
+        ``prediction``: a predicted output to draft from besides the drafter (its own state for
+        this request: :mod:`draftwise.prediction`)."""
+        return Run(self, list(prompt_ids), config, constraint, prediction)
 
     def generate(
         self,
         prompt_ids: Sequence[int],
         config: GenerationConfig,
         constraint: Constraint | None = None,
+        prediction: Prediction | None = None,
     ) -> Run:
         """Decode to the end and return the finished :class:`Run`."""
-        run = self.run(prompt_ids, config, constraint)
+        run = self.run(prompt_ids, config, constraint, prediction)
         for _ in run:
             pass
         return run
@@ -110,13 +115,17 @@ class Run:
         prompt_ids: list[int],
         config: GenerationConfig,
         constraint: Constraint | None = None,
+        prediction: Prediction | None = None,
     ) -> None:
         self.engine = engine
         self.prompt_ids = prompt_ids
         self.config = config
         self.constraint = constraint
+        self.prediction = prediction
         self.tokens: list[int] = []  # committed new tokens
-        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids),
+                                     prediction_tokens=len(prediction.tokens) if prediction
+                                     else 0)
         self.done = False
         # logprobs: None (off) or how many alternatives to keep; each committed token gets
         # (its log-probability, [(token, log-probability) of the top alternatives]) under the
@@ -210,6 +219,11 @@ class Run:
             asked = min(asked, pinned)
         tp = time.perf_counter()
         tree = drafter.propose(self._context + forced, asked).truncated(depth)
+        chain: tuple[int, ...] = ()
+        if self.prediction is not None and depth > 0:
+            chain = tuple(self.prediction.propose(self.tokens + forced, depth))
+            tree = _with_chain(chain, tree)
+            drafting = drafting or bool(chain)
         # every node takes a cache row until the step commits: no more nodes than rows left
         # (the first k nodes of a tree are closed under parents)
         rows = room - len(forced)
@@ -219,7 +233,8 @@ class Run:
         if constraint is not None:
             tree = constraint.prune(tree, after=forced)
         step = Step(run=self, forced=forced, tree=tree, drafting=drafting and depth > 0,
-                    shared=batch is not None, times=StepTimes(start=t0, propose_s=propose_s))
+                    shared=batch is not None, times=StepTimes(start=t0, propose_s=propose_s),
+                    predicted=chain)
         if size:
             step.settle(sizer.size(tree) if sizer is not None else tree)
         return step
@@ -252,6 +267,14 @@ class Run:
             sizer.record(step.drafting, len(acceptance.tokens), t3 - times.start,
                          len(full) + 1, verify_s, times.propose_s)
 
+        if step.predicted:  # the predicted tokens the target accepted
+            accepted = own.tokens[: len(own.path)]
+            taken = next((i for i, (a, b) in enumerate(zip(accepted, step.predicted,
+                                                           strict=False)) if a != b),
+                         min(len(accepted), len(step.predicted)))
+            assert self.prediction is not None
+            self.prediction.accepted += taken
+            stats.accepted_prediction_tokens += taken
         emitted = list(acceptance.tokens)
         hit = next((i for i, token in enumerate(emitted) if token in self._eos), None)
         if hit is not None:
@@ -322,10 +345,12 @@ class Step:
         forced: tokens the grammar forces, verified as free drafts at the top of the tree.
         tree: the drafter's tree (pruned by the grammar; sized once settled).
         times: when the step began and was planned, and the proposal's time.
-        drafting: the sizer's gate let this step draft.
+        drafting: the sizer's gate let this step draft (or a prediction drafted).
         shared: the forward pass verifies other requests too (a server step): its time is no
             one request's, so the step does not feed the sizer's throughputs.
         emitted: tokens the grammar forced that end the run without a model step.
+        predicted: the chain of predicted tokens at the top of ``tree`` (see
+            :mod:`draftwise.prediction`), or empty.
         full: what the model verifies: ``forced`` with ``tree`` below them (set by
             :meth:`settle`).
         masks: the grammar's masks over ``full``'s rows, or None.
@@ -338,6 +363,7 @@ class Step:
     drafting: bool = False
     shared: bool = False
     emitted: list[int] = field(default_factory=list)
+    predicted: tuple[int, ...] = ()
     full: DraftTree = field(init=False)
     masks: torch.Tensor | None = field(init=False, default=None)
 
@@ -352,6 +378,23 @@ class Step:
         if constraint is not None:
             self.full, self.masks = constraint.tree_masks(self.full)
         self.times.planned = time.perf_counter()
+
+
+def _with_chain(chain: Sequence[int], tree: DraftTree) -> DraftTree:
+    """``chain`` as the first path below the root, ``tree``'s nodes merged below it by shared
+    prefixes. A tree whose drafts carry probabilities (sampled from a draft model) is kept as
+    it is: the rejection rule needs every node's distribution, which a predicted token has
+    not."""
+    if not chain or tree.draft_probs is not None:
+        return tree if tree.draft_probs is not None else DraftTree.chain(chain)
+    builder = TreeBuilder()
+    builder.add_path(chain)
+    mapped: dict[int, int] = {}
+    for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents, strict=True)):
+        node = builder.add(-1 if parent < 0 else mapped[parent], token)
+        assert node is not None  # (no budget)
+        mapped[i] = node
+    return builder.build()
 
 
 def _graft(forced: list[int], tree: DraftTree) -> DraftTree:

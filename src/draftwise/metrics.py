@@ -26,6 +26,9 @@ class GenerationStats:
     margins: greedy only: top-2 logit margin of the target at each committed token.
     prefill_s, draft_s, verify_s, total_s: wall time (seconds).
     finish_reason: ``eos``, ``length`` (max new tokens), ``context`` (window full) or ``stop``.
+    prediction_tokens: tokens of the predicted output, if the request had one.
+    accepted_prediction_tokens: of those, tokens the target accepted as drafts (the rest are
+        ``rejected_prediction_tokens``, as OpenAI counts them).
     """
 
     prompt_tokens: int = 0
@@ -40,6 +43,12 @@ class GenerationStats:
     verify_s: float = 0.0
     total_s: float = 0.0
     finish_reason: str = ""
+    prediction_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+
+    @property
+    def rejected_prediction_tokens(self) -> int:
+        return max(0, self.prediction_tokens - self.accepted_prediction_tokens)
 
     @property
     def mat(self) -> float:

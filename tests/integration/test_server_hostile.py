@@ -230,3 +230,23 @@ def test_schemas_waiting_to_compile_are_bounded_and_never_hold_up_others(
         assert complete(url).status_code == 200
     finally:
         state._compiling = 0
+
+
+def test_a_prediction_is_drafted_from_and_counted(server: tuple[str, Any]) -> None:
+    """OpenAI's ``prediction``: the same text with or without it; its tokens counted as
+    accepted or rejected; a malformed one is a 400."""
+    url, _ = server
+    plain = complete(url, max_tokens=40, ignore_eos=True).json()
+    text = plain["choices"][0]["text"]
+    predicted = complete(url, max_tokens=40, ignore_eos=True,
+                         prediction={"type": "content", "content": text}).json()
+    assert predicted["choices"][0]["text"] == text
+    details = predicted["usage"]["completion_tokens_details"]
+    assert details["accepted_prediction_tokens"] > 20
+    assert (details["accepted_prediction_tokens"] + details["rejected_prediction_tokens"]
+            == len(text.split()))  # (one word, one token)
+    parts = complete(url, max_tokens=40, ignore_eos=True, prediction={
+        "type": "content", "content": [{"type": "text", "text": text}]}).json()
+    assert parts["choices"][0]["text"] == text
+    assert "prediction" in error_of(complete(url, prediction={"type": "image"}), 400)["param"]
+    assert plain["usage"]["completion_tokens_details"] == {}

@@ -54,6 +54,10 @@ def add_parser(commands: Any) -> None:
         help="stop when TEXT appears (repeatable); the output ends before it",
     )
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--prediction", default=None, metavar="FILE",
+                     help="a text the output is expected to resemble (a file to edit, a "
+                     "document to rewrite): drafted from as the output follows it; the output "
+                     "is the same without it (OpenAI's Predicted Outputs)")
     gen.add_argument(
         "--compare", action="store_true",
         help="also run plain decoding; print the speedup (medians of "
@@ -86,9 +90,13 @@ def _generate(args: argparse.Namespace) -> int:
     config = generator.config(
         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
     )
+    prediction = None
+    if args.prediction is not None:
+        with open(args.prediction, encoding="utf-8") as file:
+            prediction = file.read()
     comparison = (PlainComparison(generator, prompt_ids, config, args.stop, constrain)
                   if args.compare else None)
-    stream = generator.stream_ids(prompt_ids, config, args.stop, constraint)
+    stream = generator.stream_ids(prompt_ids, config, args.stop, constraint, prediction)
     for piece in stream:
         if not args.json:
             sys.stdout.write(piece)
@@ -107,6 +115,11 @@ def _generate(args: argparse.Namespace) -> int:
         "finish_reason": stats.finish_reason,
     }
     line = stats.summary() + _backend_report(generator.backend.capabilities, result)
+    if prediction is not None:
+        result.update(accepted_prediction_tokens=stats.accepted_prediction_tokens,
+                      rejected_prediction_tokens=stats.rejected_prediction_tokens)
+        line += (f" | prediction: {stats.accepted_prediction_tokens} tokens accepted, "
+                 f"{stats.rejected_prediction_tokens} rejected")
     if constraint is not None:
         line += _constraint_report(spec, constraint, stream.text, stats.finish_reason, result)
     if comparison is not None:

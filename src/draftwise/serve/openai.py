@@ -58,6 +58,7 @@ class Choice:
     method: str = ""
     steps: int = 0
     cached_tokens: int = 0
+    prediction: tuple[int, int] | None = None  # (accepted, rejected) predicted tokens
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -107,9 +108,15 @@ def usage(choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
     (steps, MAT, method)."""
     completion = sum(c.tokens for c in choices)
     steps = sum(c.steps for c in choices)
+    details: dict[str, Any] = {}
+    predicted = [c.prediction for c in choices if c.prediction is not None]
+    if predicted:
+        details = {"accepted_prediction_tokens": sum(a for a, _ in predicted),
+                   "rejected_prediction_tokens": sum(r for _, r in predicted)}
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": choices[0].cached_tokens},
+            "completion_tokens_details": details,
             "draftwise": {"steps": steps, "mat": round(completion / steps, 4) if steps else 0.0,
                           "method": choices[0].method}}
 

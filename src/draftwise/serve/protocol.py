@@ -8,6 +8,8 @@ a cached prefix, default true; ``deadline_s``: the request ends, finish reason `
 it has run that long). ``cache_salt`` (vLLM's name): requests reuse cached prefixes only with
 requests of the same salt (and, with API keys, of the same key). A positive ``temperature``
 below :data:`MIN_TEMPERATURE` is greedy; ``seed`` is any 64-bit integer, signed or not.
+``prediction`` (OpenAI's Predicted Outputs): text the output is expected to resemble, drafted
+from; ``usage.completion_tokens_details`` then counts its accepted and rejected tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ class DraftwiseOptions(_Body):
     deadline_s: float | None = Field(default=None, gt=0.0, le=86_400.0)
 
 
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
 class JsonSchemaFormat(_Body):
     name: str = "output"
     schema_: dict[str, Any] | bool = Field(default=True, alias="schema")
@@ -42,6 +49,18 @@ class JsonSchemaFormat(_Body):
 class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+
+
+class PredictionContent(_Body):
+    """OpenAI's ``prediction``: ``{"type": "content", "content": text or text parts}``."""
+
+    type: Literal["content"]
+    content: str | list[TextPart] = Field(max_length=1 << 20)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
 
 
 class StreamOptions(_Body):
@@ -63,6 +82,7 @@ class _Sampling(_Body):
     response_format: ResponseFormat | None = None
     ignore_eos: bool = False  # as vLLM and llama-server: generate max_tokens whatever comes
     draftwise: DraftwiseOptions | None = None
+    prediction: PredictionContent | None = None
 
     @field_validator("temperature")
     @classmethod

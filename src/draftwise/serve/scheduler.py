@@ -35,6 +35,7 @@ from draftwise.backends.decoder import DecoderBackend
 from draftwise.constraints import Constraint
 from draftwise.engine import Engine, GenerationConfig, Run, Step
 from draftwise.method import MethodBuilder, MethodSpec
+from draftwise.prediction import Prediction
 from draftwise.sizing import size_batch
 from draftwise.text import TextTracker
 
@@ -75,6 +76,7 @@ class Job:
     # prefixes are reused only between jobs of one tenant (an API key and cache salt)
     tenant: str = ""
     deadline: float | None = None  # time.perf_counter() after which the job ends ("length")
+    prediction: Prediction | None = None  # a predicted output to draft from (its own state)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     run: Run | None = None
@@ -267,7 +269,7 @@ class Scheduler:
             return
         try:
             engine = self._engine(job.slot, job.method)
-            job.run = engine.run(job.prompt_ids, job.config, job.constraint)
+            job.run = engine.run(job.prompt_ids, job.config, job.constraint, job.prediction)
             own = self._common_held(job.slot, job)
             self._held.pop(job.slot, None)
             job.run.reuse = self._shared_prefix(job, own) if job.cache_prompt else 0

@@ -23,6 +23,7 @@ from draftwise.constraints import Compiler, ConstraintError, ConstraintSpec, con
 from draftwise.drafters.base import UnknownMethodError
 from draftwise.engine import GenerationConfig
 from draftwise.method import MethodBuilder, MethodSpec, parse_budget
+from draftwise.prediction import Prediction
 from draftwise.sampling import SamplingConfig
 from draftwise.serve.openai import ApiError, Choice, LogprobEntry
 from draftwise.serve.policy import ClientPolicy
@@ -151,6 +152,10 @@ class Server:
             raise ApiError(400, f"response_format: {error}", param="response_format") from error
         if loop not in self._mailboxes:
             self._mailboxes[loop] = Mailbox(loop)
+        predicted = None
+        if body.prediction is not None:  # its tokens as they would appear in the output
+            predicted = self.model.tokenizer(body.prediction.text(),
+                                             add_special_tokens=False).input_ids
         jobs, choices = [], []
         for i in range(body.n):
             constraint = None
@@ -171,7 +176,8 @@ class Server:
                              mailbox=self._mailboxes[loop])
             job = Job(list(prompt_ids), config, method, choice.emit, body.stops, constraint,
                       body.alternatives, cache_prompt=options.cache_prompt if options else True,
-                      tenant=tenant, deadline=deadline)
+                      tenant=tenant, deadline=deadline,
+                      prediction=Prediction(predicted) if predicted is not None else None)
             choice.job = job
             jobs.append(job)
             choices.append(choice)
@@ -217,6 +223,9 @@ class Server:
         run = choice.job.run if choice.job is not None else None
         if run is not None:
             choice.steps, choice.cached_tokens = run.stats.steps, run.stats.cached_tokens
+            if run.prediction is not None:
+                choice.prediction = (run.stats.accepted_prediction_tokens,
+                                     run.stats.rejected_prediction_tokens)
         if event.finish_reason is not None:
             choice.finish_reason = event.finish_reason
         return entries
