@@ -14,7 +14,10 @@ request kinds (each client starting at its own place in it), with the standard l
 - ``drop``: a streaming chat the client closes after the first chunks (the server must cancel
   it and free its slot: later requests still succeed);
 - ``malformed``: a body that is not JSON, or a field out of range; must be HTTP 400 with an
-  OpenAI-style ``{"error": {...}}`` body.
+  OpenAI-style ``{"error": {...}}`` body;
+- ``hostile``: in turn, an unbounded method option, an option naming a server file, a seed past
+  64 bits, a body declaring 200 MB (each must be a 4xx with an OpenAI error body) and a
+  temperature too small to compute with (must be answered as greedy).
 
 Any other outcome (a refused connection, a 5xx, an unfinished stream, a wrong shape) is a
 failure, with its message kept. HTTP 429 (queue full) is counted apart: a bounded queue refusing
@@ -38,7 +41,8 @@ from typing import Any
 
 __all__ = ["KINDS", "SoakResult", "markdown", "process_rss", "run_soak"]
 
-KINDS = ("stream", "sampled", "schema", "completion", "two_turn", "drop", "malformed")
+KINDS = ("stream", "sampled", "schema", "completion", "two_turn", "drop", "malformed",
+         "hostile")
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
                                            "year": {"type": "integer"}},
@@ -137,6 +141,34 @@ class _Client:
         finally:
             connection.close()
 
+    def hostile(self, which: int) -> None:
+        """One of the server issue's hostile requests, in turn, and the reply it must get."""
+        base = {"model": self.model, "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 8}
+        cases: list[tuple[dict[str, Any], int, dict[str, str]]] = [
+            ({**base, "draftwise": {"method": "pld:max_ngram=2000"}}, 400, {}),
+            ({**base, "draftwise": {"method": "medusa:heads=/etc/passwd"}}, 400, {}),
+            ({**base, "seed": 2**64}, 400, {}),
+            ({}, 413, {"content-length": str(200 << 20)}),
+            ({**base, "temperature": 1e-310}, 200, {}),
+        ]
+        fields, wanted, headers = cases[which % len(cases)]
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            connection.request("POST", "/v1/chat/completions", json.dumps(fields).encode(),
+                               {"content-type": "application/json", **headers})
+            response = connection.getresponse()
+            status, payload = response.status, response.read()
+        finally:
+            connection.close()
+        if status == 429:
+            raise _Status(status, "")
+        reply = json.loads(payload) if payload else {}
+        shaped = wanted == 200 or isinstance(reply.get("error"), dict)
+        if status != wanted or not shaped:
+            raise Unexpected(f"hostile case {which % len(cases)} got HTTP {status} (wanted "
+                             f"{wanted}): {payload[:200]!r}")
+
     def malformed(self, which: int) -> None:
         if which % 2 == 0:
             body = b'{"model": "default", "messages": [{"role": "user", "content": "hi"}'
@@ -190,6 +222,8 @@ def _one(client: _Client, kind: str, prompt: str, n: int) -> None:
                     temperature=0, max_tokens=32)
     elif kind == "malformed":
         client.malformed(n)
+    elif kind == "hostile":
+        client.hostile(n // len(KINDS))
     else:
         raise ValueError(f"unknown request kind {kind!r}")
 

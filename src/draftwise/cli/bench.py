@@ -90,8 +90,9 @@ def add_parser(commands: Any) -> None:
     load.add_argument("--soak", type=float, default=None, metavar="SECONDS",
                       help="instead of the levels: the most --clients send a mix of requests "
                       "(streaming, n=2 sampled, json_schema, completions, two-turn chats, "
-                      "clients dropping mid-stream, malformed bodies) for SECONDS, each reply "
-                      "checked; reports failures and the spawned server's RSS over time "
+                      "clients dropping mid-stream, malformed and hostile bodies) for "
+                      "SECONDS, each reply checked; reports failures and the spawned server's "
+                      "RSS over time "
                       "(exit status 1 on any failure)")
     load.add_argument("--hostile", action="store_true",
                       help="instead of the levels: hostile requests (unbounded options, server "
