@@ -39,7 +39,9 @@ from draftwise.sizing import TreeSizer
 from draftwise.tree import DraftTree, TreeBuilder
 from draftwise.verify import Acceptance, verify
 
-__all__ = ["GenerationConfig", "Engine", "Run", "Step", "StepTimes"]
+__all__ = ["GenerationConfig", "Engine", "Run", "Step", "StepTimes", "UNSIZED_PREDICTION"]
+
+UNSIZED_PREDICTION = 8  # predicted tokens drafted per step when no sizer prunes the tree
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,10 @@ class Run:
         tree = drafter.propose(self._context + forced, asked).truncated(depth)
         chain: tuple[int, ...] = ()
         if self.prediction is not None and depth > 0:
-            chain = tuple(self.prediction.propose(self.tokens + forced, depth))
+            # without a sizer every node is verified: an unsized chain stays short, since on a
+            # CPU each verified row costs compute whether or not it is accepted
+            reach = depth if sizer is not None else min(depth, UNSIZED_PREDICTION)
+            chain = tuple(self.prediction.propose(self.tokens + forced, reach))
             tree = _with_chain(chain, tree)
             drafting = drafting or bool(chain)
         # every node takes a cache row until the step commits: no more nodes than rows left
