@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from ..conftest import serving
 
 pytestmark = pytest.mark.slow
 
@@ -40,23 +41,8 @@ def server() -> Iterator[tuple[str, Any]]:
 
     generator = Generator(load_model("default", progress=False), "none", backend="auto")
     app = create_app(generator.methods, "pld", max_batch=4, max_queue=2)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url, generator
-    instance.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as url:
+        yield url, generator
 
 
 def client(url: str) -> Any:

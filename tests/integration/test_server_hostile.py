@@ -5,16 +5,14 @@ completes with its usual answer. Every loop is bounded; nothing asserts a time."
 from __future__ import annotations
 
 import concurrent.futures
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ..conftest import save_tiny_model_dir
+from ..conftest import save_tiny_model_dir, serving
 
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
@@ -41,23 +39,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]
                      policy=ClientPolicy.of(["none", "pld", "composite", "medusa",
                                              "retrieval"], max_option=32),
                      api_keys=frozenset({KEY}), max_body=1 << 20)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                             log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url, app
-    instance.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as url:
+        yield url, app
 
 
 def complete(url: str, **fields: Any) -> Any:
