@@ -226,7 +226,8 @@ class Run:
             # without a sizer every node is verified: an unsized chain stays short, since on a
             # CPU each verified row costs compute whether or not it is accepted
             reach = depth if sizer is not None else min(depth, UNSIZED_PREDICTION)
-            chain = tuple(self.prediction.propose(self.tokens + forced, reach))
+            output = self.tokens + forced if forced else self.tokens  # (no copy per step)
+            chain = tuple(self.prediction.propose(output, reach))
             tree = _with_chain(chain, tree)
             drafting = drafting or bool(chain)
         # every node takes a cache row until the step commits: no more nodes than rows left
