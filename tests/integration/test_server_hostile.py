@@ -233,3 +233,20 @@ def test_a_prediction_is_drafted_from_and_counted(server: tuple[str, Any]) -> No
     assert parts["choices"][0]["text"] == text
     assert "prediction" in error_of(complete(url, prediction={"type": "image"}), 400)["param"]
     assert plain["usage"]["completion_tokens_details"] == {}
+
+
+def test_distinct_method_strings_grow_nothing_without_bound(server: tuple[str, Any]) -> None:
+    """Per-slot engines, remembered method strings and metric labels stay bounded however many
+    distinct method strings clients send."""
+    from draftwise.serve.scheduler import CHECKED_METHODS, ENGINES_PER_SLOT
+
+    url, app = server
+    scheduler = app.state.server.scheduler
+    for depth in range(1, 9):  # through the server: each builds an engine in some slot
+        assert complete(url, max_tokens=2,
+                        draftwise={"method": f"pld:depth={depth}"}).status_code == 200
+    for n in range(CHECKED_METHODS + 40):
+        scheduler.check_method(f"pld:max_ngram={1 + n % 32},depth={1 + n // 32}")
+    assert len(scheduler._checked) == CHECKED_METHODS
+    assert all(len(engines) <= ENGINES_PER_SLOT for engines in scheduler._engines.values())
+    assert set(scheduler.methods) <= {"none", "pld", "composite", "medusa", "retrieval"}

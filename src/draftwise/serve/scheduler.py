@@ -39,9 +39,10 @@ from draftwise.prediction import Prediction
 from draftwise.sizing import size_batch
 from draftwise.text import TextTracker
 
-__all__ = ["ENGINES_PER_SLOT", "Job", "QueueFull", "Scheduler"]
+__all__ = ["CHECKED_METHODS", "ENGINES_PER_SLOT", "Job", "QueueFull", "Scheduler"]
 
 ENGINES_PER_SLOT = 4  # engines (a drafter and sizer each) a slot keeps for the methods it ran
+CHECKED_METHODS = 256  # method strings remembered as servable (more are checked again)
 
 
 class QueueFull(RuntimeError):
@@ -126,7 +127,8 @@ class Scheduler:
         self._engines: dict[int, collections.OrderedDict[str, Engine]] = (
             collections.defaultdict(collections.OrderedDict))
         self.failure: str | None = None  # why the loop died, if it did
-        self._checked: dict[str, MethodSpec] = {}  # methods check_method accepted
+        # method strings check_method accepted, the most recent CHECKED_METHODS of them
+        self._checked: collections.OrderedDict[str, MethodSpec] = collections.OrderedDict()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="draftwise-scheduler",
@@ -173,8 +175,12 @@ class Scheduler:
         """The method's spec, if it can be served (see
         :meth:`~draftwise.method.MethodBuilder.check_servable`); raises UnknownMethodError or
         ValueError otherwise."""
-        if method not in self._checked:
+        if method in self._checked:
+            self._checked.move_to_end(method)
+        else:
             self._checked[method] = self.builder.check_servable(method)
+            while len(self._checked) > CHECKED_METHODS:
+                self._checked.popitem(last=False)
         return self._checked[method]
 
     def submit(self, job: Job) -> None:
