@@ -250,3 +250,50 @@ def test_distinct_method_strings_grow_nothing_without_bound(server: tuple[str, A
     assert len(scheduler._checked) == CHECKED_METHODS
     assert all(len(engines) <= ENGINES_PER_SLOT for engines in scheduler._engines.values())
     assert set(scheduler.methods) <= {"none", "pld", "composite", "medusa", "retrieval"}
+
+
+def test_a_request_whose_delivery_fails_ends_alone(tmp_path: Path) -> None:
+    """A failure delivering one request's tokens (its channel broken, its text undecodable)
+    ends that request; the others in the same passes finish with their usual tokens."""
+    from draftwise.backends.fast import FastBackend
+    from draftwise.engine import GenerationConfig
+    from draftwise.method import MethodBuilder
+    from draftwise.serve.scheduler import Event, Job, Scheduler
+
+    from ..conftest import tiny_hf_model
+
+    class Words:
+        def decode(self, tokens: Any, skip_special_tokens: bool = True) -> str:
+            return " ".join(f"w{t}" for t in tokens)
+
+    class Model:
+        name = source = "tiny"
+        tokenizer = Words()
+        eos_token_ids = ()
+
+    backend = FastBackend(tiny_hf_model(seed=2))
+    methods = MethodBuilder(Model(), backend, budget=4, cache_dir=tmp_path)
+    config = GenerationConfig(max_new_tokens=12)
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+
+    def run(broken: int | None) -> list[list[Event]]:
+        events: list[list[Event]] = [[] for _ in prompts]
+
+        def emitter(i: int) -> Any:
+            def emit(event: Event) -> None:
+                if i == broken:
+                    raise ConnectionError("the client's channel is gone")
+                events[i].append(event)
+            return emit
+
+        jobs = [Job(p, config, "pld", emitter(i)) for i, p in enumerate(prompts)]
+        Scheduler(methods, max_batch=3).run_jobs(jobs)
+        return events
+
+    alone = run(None)
+    with_broken = run(1)
+    assert with_broken[1] == []
+    for i in (0, 2):
+        assert with_broken[i][-1].finish_reason == "length"
+        assert ([t for e in with_broken[i] for t in e.tokens]
+                == [t for e in alone[i] for t in e.tokens])

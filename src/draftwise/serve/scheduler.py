@@ -389,25 +389,36 @@ class Scheduler:
     def _deliver(self, job: Job, tokens: list[int]) -> None:
         run, text = job.run, job.text
         assert run is not None and text is not None
-        piece, stopped = text.update(run.tokens)
-        logprobs = run.logprobs[len(run.tokens) - len(tokens) :] if job.logprobs is not None else []
-        job.emit(Event(text=piece, tokens=list(tokens), logprobs=logprobs))
+        try:
+            piece, stopped = text.update(run.tokens)
+            logprobs = (run.logprobs[len(run.tokens) - len(tokens) :]
+                        if job.logprobs is not None else [])
+            job.emit(Event(text=piece, tokens=list(tokens), logprobs=logprobs))
+        except Exception as error:  # noqa: BLE001 - one request's delivery failing is its own
+            self._fail(job, error)
+            return
         if stopped:
             run.stats.finish_reason = "stop"
             self._finish(job, "stop")
 
     def _finish(self, job: Job, reason: str) -> None:
         run, text = job.run, job.text
-        if reason not in ("stop", "cancelled") and run is not None and text is not None:
-            piece = text.final(run.tokens)
-            if piece:
-                job.emit(Event(text=piece))
-        self._release(job)
-        job.emit(Event(finish_reason=reason))
+        try:
+            if reason not in ("stop", "cancelled") and run is not None and text is not None:
+                piece = text.final(run.tokens)
+                if piece:
+                    job.emit(Event(text=piece))
+            self._release(job)
+            job.emit(Event(finish_reason=reason))
+        except Exception as error:  # noqa: BLE001 - one request's delivery failing is its own
+            self._fail(job, error)
 
     def _fail(self, job: Job, error: Exception) -> None:
         self._release(job)
-        job.emit(Event(finish_reason="error", error=f"{type(error).__name__}: {error}"))
+        try:
+            job.emit(Event(finish_reason="error", error=f"{type(error).__name__}: {error}"))
+        except Exception:  # noqa: BLE001 - its own channel is what failed: nothing to tell it
+            pass
 
     def _release(self, job: Job) -> None:
         if job in self._active:
