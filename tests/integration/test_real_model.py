@@ -53,8 +53,13 @@ def test_greedy_pld_equals_transformers_generate(generator: Generator) -> None:
 
 def test_second_load_uses_the_cache(tmp_path: Path) -> None:
     first = load_model("default", cache_dir=tmp_path, progress=False)
+    (folder,) = (tmp_path / "models").iterdir()
+    # the tokenizer and config at once; the float32 weights only when a backend asks for them
+    assert first.converted and not first.weights_loaded
+    assert not (folder / "model.safetensors").exists()
+    assert first.model is not None and (folder / "model.safetensors").is_file()
     second = load_model("default", cache_dir=tmp_path, progress=False)
-    assert first.converted and not second.converted  # the second load read the cache
+    assert not second.converted  # the second load read the cache
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.inference_mode():
         torch.testing.assert_close(first.model(ids).logits, second.model(ids).logits)
