@@ -1,14 +1,14 @@
-"""llama.cpp as a bench peer: plain decoding and its prompt-lookup speculation on the same GGUF.
-
-llama.cpp comes from the npm package ``node-llama-cpp`` (prebuilt CPU binaries, nothing to
-compile), installed once with::
+"""The fallback llama.cpp peer: the npm package ``node-llama-cpp`` (prebuilt CPU binaries,
+nothing to compile). Its build runs at a fraction of a native llama.cpp's speed and lacks
+llama.cpp's newer speculation, so the bench uses it only when no native ``llama-server`` is found
+(see :mod:`draftwise.bench.llamacpp`) and labels it. Installed once with::
 
     npm install --prefix ~/.cache/draftwise/llamacpp node-llama-cpp --ignore-scripts
 
 (or into any folder named by ``$DRAFTWISE_LLAMACPP``). A small Node script
 (``llamacpp_peer.mjs``) loads the GGUF and answers one JSON line per request; prompts travel as
 token ids, so llama.cpp sees exactly the tokens draftwise's chat template made. When Node, the
-package or a GGUF model is missing, :func:`start_peer` raises :class:`PeerUnavailable` with the
+package or a GGUF model is missing, :func:`start_npm_peer` raises :class:`PeerUnavailable` with the
 one-line reason the bench prints before skipping the peer.
 """
 
@@ -25,16 +25,13 @@ from typing import IO, Any
 
 import torch
 
+from draftwise.bench.llamacpp import PeerUnavailable
 from draftwise.models import default_cache_dir
 
-__all__ = ["LlamaCppPeer", "PeerUnavailable", "peer_folder", "start_peer"]
+__all__ = ["NpmPeer", "peer_folder", "start_npm_peer"]
 
 _SCRIPT = "llamacpp_peer.mjs"
 INSTALL = "npm install --prefix {folder} node-llama-cpp --ignore-scripts"
-
-
-class PeerUnavailable(RuntimeError):
-    """llama.cpp cannot run here; the message says why and how to install it."""
 
 
 def peer_folder() -> Path:
@@ -43,14 +40,16 @@ def peer_folder() -> Path:
     return Path(env).expanduser() if env else default_cache_dir() / "llamacpp"
 
 
-class LlamaCppPeer:
+class NpmPeer:
     """One Node process holding the GGUF; :meth:`generate` runs one greedy request."""
 
     def __init__(self, process: subprocess.Popen[str]) -> None:
         self.process = process
 
+    label = "llama.cpp (npm node-llama-cpp build: a fallback, slower than a native build)"
+
     def generate(self, tokens: list[int], max_new_tokens: int, eos: tuple[int, ...],
-                 *, lookup: bool) -> dict[str, Any]:
+                 *, lookup: bool = False) -> dict[str, Any]:
         stdin, stdout = _pipes(self.process)
         request = {"tokens": tokens, "max_new_tokens": max_new_tokens, "eos": list(eos),
                    "lookup": lookup}
@@ -75,8 +74,8 @@ def _pipes(process: subprocess.Popen[str]) -> tuple[IO[str], IO[str]]:
     return process.stdin, process.stdout
 
 
-def start_peer(gguf: str | Path, *, context: int = 4096, threads: int | None = None,
-               folder: Path | None = None) -> LlamaCppPeer:
+def start_npm_peer(gguf: str | Path, *, context: int = 4096, threads: int | None = None,
+                   folder: Path | None = None) -> NpmPeer:
     """Start llama.cpp on ``gguf``; raises :class:`PeerUnavailable` with the reason if it
     cannot run here."""
     folder = folder or peer_folder()
@@ -109,4 +108,4 @@ def start_peer(gguf: str | Path, *, context: int = 4096, threads: int | None = N
         lines = error.strip().splitlines()
         last = lines[-1] if lines else f"exit code {process.returncode}"
         raise PeerUnavailable(f"llama.cpp did not start: {last}")
-    return LlamaCppPeer(process)
+    return NpmPeer(process)

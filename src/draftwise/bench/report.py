@@ -78,6 +78,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         categories = sorted({r["category"] for r in rows})
         methods[name] = {
             "reference": rows[0].get("reference", BASELINE),
+            "peer": rows[0].get("peer"),  # which llama.cpp build a llama.cpp peer ran
             "overall": _aggregate(rows, base),
             "categories": {
                 c: _aggregate(
@@ -115,6 +116,9 @@ def markdown(summary: dict[str, Any]) -> str:
               if d.get("reference", BASELINE) != BASELINE]
     if others:
         lines += ["", f"exact: greedy output identical to {BASELINE}'s; " + ", ".join(others)]
+    peers = [f"{n}: {d['peer']}" for n, d in methods.items() if d.get("peer")]
+    if peers:
+        lines += ["", "peers: " + "; ".join(peers)]
     categories = sorted({c for data in methods.values() for c in data["categories"]})
     lines += ["", "Speedup (MAT, exact) per category:", ""]
     lines.append("| method | " + " | ".join(categories) + " |")

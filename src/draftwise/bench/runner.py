@@ -8,9 +8,10 @@ Multi-turn questions feed each method its own earlier answers through the chat t
 Methods are our registered drafters (``none``, ``pld``, ...) and transformers peers:
 ``hf-generate`` (plain ``generate``), ``hf-pld`` (``prompt_lookup_num_tokens``) and
 ``hf-assisted`` (``assistant_model``; needs a draft model), and llama.cpp peers on the same
-GGUF: ``llamacpp`` (plain decoding) and ``llamacpp-lookup`` (its prompt-lookup speculation,
-checked for exactness against ``llamacpp``), skipped with a one-line reason when llama.cpp is not
-installed (see :mod:`draftwise.bench.llamacpp`).
+GGUF: ``llamacpp`` (plain decoding), ``llamacpp-spec`` (its ``--spec-default`` speculation),
+``llamacpp-draft`` (its draft-model speculation) and ``llamacpp-lookup`` (the npm build's prompt
+lookup), the last three checked for exactness against ``llamacpp``; a peer that cannot run here
+is skipped with a one-line reason (see :mod:`draftwise.bench.llamacpp`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from draftwise.api import Generator
 from draftwise.bench.datasets import Question, report_category
-from draftwise.bench.llamacpp import LlamaCppPeer, PeerUnavailable, start_peer
+from draftwise.bench.llamacpp import Peer, PeerUnavailable, start_peer
 from draftwise.bench.report import BASELINE
 from draftwise.drafters.base import UnknownMethodError, parse_method
 from draftwise.engine import GenerationConfig
@@ -38,11 +39,17 @@ PEERS = {
     "hf-generate": "transformers generate(), plain decoding",
     "hf-pld": "transformers prompt lookup (options: num_tokens=10, max_ngram=2)",
     "hf-assisted": "transformers assisted generation with --draft MODEL",
-    "llamacpp": "llama.cpp plain decoding on the same GGUF (node-llama-cpp)",
-    "llamacpp-lookup": "llama.cpp prompt-lookup speculation, exactness against llamacpp",
+    "llamacpp": "llama.cpp plain decoding on the same GGUF (a native llama-server, see "
+                "--llama-server; else the npm build, labelled)",
+    "llamacpp-spec": "llama-server --spec-default (its ngram-mod speculation), exactness "
+                     "against llamacpp",
+    "llamacpp-draft": "llama-server with the --draft MODEL GGUF (draft-simple), exactness "
+                      "against llamacpp",
+    "llamacpp-lookup": "the npm build's prompt-lookup speculation, exactness against llamacpp",
 }
 # a peer whose output is checked against another peer rather than against ``none``
-REFERENCE = {"llamacpp-lookup": "llamacpp"}
+REFERENCE = {"llamacpp-lookup": "llamacpp", "llamacpp-spec": "llamacpp",
+             "llamacpp-draft": "llamacpp"}
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,7 @@ def _peer(model: Any, kwargs: dict[str, Any]) -> Runner:
     return run
 
 
-def _llamacpp(peer: LlamaCppPeer, lookup: bool) -> Runner:
+def _llamacpp(peer: Peer, lookup: bool) -> Runner:
     def run(prompt_ids: list[int], config: GenerationConfig) -> dict[str, Any]:
         if not config.sampling.greedy:
             raise ValueError("the llama.cpp peers run greedy decoding only (temperature 0)")
@@ -117,24 +124,28 @@ def _llamacpp(peer: LlamaCppPeer, lookup: bool) -> Runner:
                                lookup=lookup)
         tokens = answer["tokens"]
         return {"token_ids": tokens, "new_tokens": len(tokens), "wall_s": answer["seconds"],
-                "steps": None, "validated": answer["validated"], "refuted": answer["refuted"]}
+                "steps": None, "validated": answer["validated"], "refuted": answer["refuted"],
+                "peer": peer.label}
 
     return run
 
 
 def build_runners(
     generator: Generator, methods: Sequence[str], draft: LoadedModel | None,
-    *, skipped: Callable[[str, str], None] | None = None,
+    *, skipped: Callable[[str, str], None] | None = None, llama_server: str | None = None,
 ) -> dict[str, Runner]:
     """A runner per method spec; ``none`` first and always present (it is the baseline).
 
     A llama.cpp peer that cannot run here is left out and reported to ``skipped(spec,
-    reason)``; ``llamacpp-lookup`` brings ``llamacpp`` along (its exactness reference)."""
+    reason)``; a llama.cpp speculation brings ``llamacpp`` along (its exactness reference).
+    ``llama_server``: the native server's path, ``"xllamacpp"`` or ``"npm"`` (see
+    :func:`~draftwise.bench.llamacpp.start_peer`)."""
     specs = [BASELINE] + [m for m in methods if m != BASELINE]
-    if "llamacpp-lookup" in specs and "llamacpp" not in specs:
-        specs.insert(specs.index("llamacpp-lookup"), "llamacpp")
+    for spec in [s for s in specs if REFERENCE.get(s) == "llamacpp"]:
+        if "llamacpp" not in specs:
+            specs.insert(specs.index(spec), "llamacpp")
     runners: dict[str, Runner] = {}
-    peer: LlamaCppPeer | None = None
+    peers: dict[str, Peer | None] = {}  # by the variant each peer process runs
     for spec in specs:
         name, options = parse_method(spec)
         if name not in PEERS:
@@ -143,14 +154,21 @@ def build_runners(
         if name.startswith("llamacpp"):
             if options:
                 raise UnknownMethodError(f"{name} takes no options, got {options}")
-            if peer is None:
+            variant = {"llamacpp-spec": "spec", "llamacpp-draft": "draft"}.get(name, "plain")
+            server = "npm" if name == "llamacpp-lookup" else llama_server
+            key = f"{variant}/{server}"
+            if key not in peers:
                 try:
-                    peer = start_peer(generator.model.source)
+                    peers[key] = start_peer(
+                        generator.model.source, variant=variant, server=server,
+                        draft=draft.source if draft is not None else None)
                 except PeerUnavailable as error:
+                    peers[key] = None
                     if skipped is not None:
                         skipped(spec, str(error))
-                    continue
-            runners[spec] = _llamacpp(peer, lookup=name == "llamacpp-lookup")
+            peer = peers[key]
+            if peer is not None:
+                runners[spec] = _llamacpp(peer, lookup=name == "llamacpp-lookup")
             continue
         model = generator.model.model
         if name == "hf-generate":

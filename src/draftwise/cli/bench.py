@@ -53,8 +53,13 @@ def add_parser(commands: Any) -> None:
                        help="head file for medusa/hydra (default: the one shipped for the "
                        "default model)")
     bench.add_argument("--draft", default=None, metavar="MODEL",
-                       help="draft model for the draft method and hf-assisted (same spec forms "
-                       "as --model)")
+                       help="draft model for the draft method, hf-assisted and llamacpp-draft "
+                       "(same spec forms as --model)")
+    bench.add_argument("--llama-server", default=None, metavar="PATH",
+                       help="the native llama-server the llamacpp peers drive (default: "
+                       "$DRAFTWISE_LLAMA_SERVER, else llama-server on PATH, else "
+                       "~/.cache/draftwise/llamacpp/build/bin); 'xllamacpp': the prebuilt "
+                       "wheel's server (plain only); 'npm': the node-llama-cpp fallback")
     bench.add_argument("--out", default=None, metavar="DIR",
                        help="write result files here (records.partial.jsonl grows during the run, "
                        "so an interrupted run keeps what it measured)")
@@ -195,7 +200,8 @@ def bench_command(args: argparse.Namespace) -> int:
     def skipped(spec: str, reason: str) -> None:
         print(f"draftwise: skipping {spec}: {reason}", file=sys.stderr)
 
-    runners = build_runners(generator, methods, draft, skipped=skipped)  # bad peers fail first
+    runners = build_runners(generator, methods, draft, skipped=skipped,
+                            llama_server=args.llama_server)  # bad peers fail first
     config = BenchConfig(methods, generator.config(
         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
     ))
