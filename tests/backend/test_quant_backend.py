@@ -521,3 +521,24 @@ def test_a_batched_pass_gives_each_sequence_its_logits_alone(
                 backend.commit(path_nodes, next_root)
     with pytest.raises(ValueError, match="one tree per pass"):
         pool.forward([(0, trees[1]), (0, trees[1])])
+
+
+def test_a_steps_weights_and_the_machines_limits(
+    tiny_gguf: tuple[Path, torch.nn.Module], ops: object
+) -> None:
+    """What `bench --cost` puts each step next to: the bytes of every layer matrix and the head
+    as the GGUF holds them (one row of the embedding is read, not the matrix) and one
+    multiply-add per weight; the machine's limits are measured, so only their sign is known."""
+    from gguf import GGUFReader
+
+    path, twin = tiny_gguf
+    quant = QuantBackend(path, twin.config, ops=ops)
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    matrices = [t for name, t in tensors.items()
+                if name.startswith("blk.") and len(t.shape) == 2]
+    head = tensors.get("output.weight", tensors["token_embd.weight"])
+    read_bytes, macs = quant.step_weights()
+    assert read_bytes == sum(int(t.n_bytes) for t in [*matrices, head])
+    assert macs == sum(int(t.n_elements) for t in [*matrices, head])
+    limits = quant.machine_limits()
+    assert limits is not None and limits[0] > 0 and limits[1] > 0

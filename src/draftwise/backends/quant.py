@@ -498,12 +498,26 @@ class QuantBackend(DecoderBackend):
         data, qtype, in_features = self._raw(name)
         return dequantize(data, qtype, in_features).reshape(-1)
 
-    def weight_bytes(self) -> int:
-        """Bytes of weight matrices held (quantized blocks, or float32 where not)."""
+    def step_weights(self) -> tuple[int, int]:
+        """What one decoding step of one row reads and computes in its matrix products: the
+        bytes of every layer's matrices and the LM head (the embedding gives one row), and the
+        multiply-adds (one per weight)."""
         decoder = self.decoder
-        total = sum(layer[name].nbytes for layer in decoder.layers for name in LAYER_LINEARS)
-        head, embed = decoder.head, decoder.embed.linear
-        return int(total + head.nbytes + (embed.nbytes if embed is not head else 0))
+        linears = [decoder.head, *(layer[name] for layer in decoder.layers
+                                   for name in LAYER_LINEARS)]
+        parts = [p for linear in linears
+                 for p in (linear.parts if isinstance(linear, _Concat) else [linear])]
+        return (sum(p.nbytes for p in parts),
+                sum(p.out_features * p.in_features for p in parts))
+
+    def machine_limits(self) -> tuple[float, float] | None:
+        """This machine's read bandwidth (bytes/s, the threads streaming a buffer larger than
+        any cache) and 8-bit multiply-add rate (per second, the products' own dot product), as
+        the kernels measure them; None without the kernels."""
+        if self.ops is None:
+            return None
+        bandwidth = float(self.ops.read_bandwidth(1 << 29, 5))
+        return bandwidth, float(self.ops.int8_peak())
 
 
 def float32_summary(tensors: Sequence[str]) -> str:

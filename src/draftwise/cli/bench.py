@@ -356,20 +356,47 @@ def _structured(args: argparse.Namespace, generator: Any, methods: tuple[str, ..
 
 
 def _cost(args: argparse.Namespace, generator: Any, prompt: str, out: Path | None) -> int:
+    from draftwise.backends.quant import QuantBackend
     from draftwise.cost import measure_step_cost
 
     sizes = list(range(1, args.cost_max + 1))
-    curve = measure_step_cost(
-        generator.backend, generator.encode(prompt), sizes, repeats=args.cost_repeats
-    )
+    backend = generator.backend
+    curve = measure_step_cost(backend, generator.encode(prompt), sizes, repeats=args.cost_repeats)
+    limits = backend.machine_limits() if isinstance(backend, QuantBackend) else None
+    floors: dict[str, Any] = {}
     lines = ["| n | ms/step | c(n)/c(1) |", "|---:|---:|---:|"]
-    lines += [f"| {n} | {v['seconds'] * 1e3:.2f} | {v['relative']:.2f} |" for n, v in curve.items()]
-    table = "\n".join(lines) + "\n"
+    rows = [f"| {n} | {v['seconds'] * 1e3:.2f} | {v['relative']:.2f} |" for n, v in curve.items()]
+    if limits is not None:
+        # a step cannot beat reading every weight once, nor n rows' multiply-adds at the
+        # machine's rate; with both overlapped perfectly its floor is the larger of the two
+        read_bytes, macs = backend.step_weights()
+        bandwidth, peak = limits
+        floors = {"step_bytes": read_bytes, "step_multiply_adds": macs,
+                  "read_bandwidth": bandwidth, "int8_multiply_adds_per_s": peak}
+        lines = ["| n | ms/step | c(n)/c(1) | floor ms | floor / ms/step |",
+                 "|---:|---:|---:|---:|---:|"]
+        rows = []
+        for n, v in curve.items():
+            floor = max(read_bytes / bandwidth, n * macs / peak)
+            v["floor_seconds"] = floor
+            rows.append(f"| {n} | {v['seconds'] * 1e3:.2f} | {v['relative']:.2f} | "
+                        f"{floor * 1e3:.2f} | {floor / v['seconds']:.0%} |")
+    table = "\n".join(lines + rows) + "\n"
+    if limits is not None:
+        one = curve[1]["seconds"]
+        table += (
+            f"\none row reads {read_bytes / 1e6:.1f} MB of weights and does "
+            f"{macs / 1e9:.2f} G multiply-adds: c(1) {one * 1e3:.2f} ms = "
+            f"{read_bytes / one / 1e9:.1f} GB/s\n"
+            f"this machine, measured now with the kernels' threads: reads "
+            f"{bandwidth / 1e9:.1f} GB/s, 8-bit multiply-adds {peak / 1e9:.0f} G/s "
+            f"(an extra row at that rate: {macs / peak * 1e3:.2f} ms)\n"
+        )
     sys.stdout.write(table)
     if out is not None:
         (out / "cost.json").write_text(json.dumps(
             {"model": generator.model.name, "backend": args.backend, "exact": args.exact,
-             "curve": curve}, indent=2
+             "curve": curve, **floors}, indent=2
         ), encoding="utf-8")
         (out / "cost.md").write_text(table, encoding="utf-8")
     return 0

@@ -32,6 +32,7 @@
 #include <memory>
 
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "blocks.h"
@@ -44,6 +45,7 @@
 #include "matmul.h"
 #include "repack.h"
 #include "arena.h"
+#include "limits.h"
 
 // ---- The decoder layers in one call, row by row -----------------------------------------------
 //
@@ -101,6 +103,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul_q8", &qmatmul_q8, "x rounded to 8 bits per block @ dequantize(weight).T",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("type"), pybind11::arg("in"),
         pybind11::arg("amx_min_rows") = Tuning{}.amx_min_rows, kFree);
+  m.def("read_bandwidth", &read_bandwidth, "bytes per second the threads read from memory",
+        pybind11::arg("bytes"), pybind11::arg("repeats") = 3, kFree);
+  m.def("int8_peak", &int8_peak, "8-bit multiply-adds per second of the products' dot product",
+        pybind11::arg("iterations") = 100000000, kFree);
   m.def("amx_usable", [] { return kAmxBuild && amx_granted(); },
         "whether products of many rows can go through AMX tiles here (CPU, build, permission)");
 }
