@@ -6,7 +6,7 @@ nothing of draftwise, so any interpreter with the wheel can run it."""
 import json
 import sys
 
-import xllamacpp as xlc  # type: ignore[import-not-found]
+import xllamacpp as xlc
 
 
 def main() -> None:
