@@ -24,7 +24,7 @@ speculative decoding, so output stays identical to constrained plain decoding.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -69,11 +69,15 @@ class Engine:
     """Runs requests, one at a time, on a backend with a drafter."""
 
     def __init__(
-        self, backend: Backend, drafter: Drafter, sizer: TreeSizer | None = None
+        self, backend: Backend, drafter: Drafter, sizer: TreeSizer | None = None, *,
+        learned: Callable[[TreeSizer], None] | None = None,
     ) -> None:
+        """``learned``: called with the sizer at the end of every request (to keep what it
+        learned beyond this process: :class:`~draftwise.method.MethodBuilder`)."""
         self.backend = backend
         self.drafter = drafter
         self.sizer = sizer
+        self.learned = learned
 
     def run(
         self,
@@ -322,6 +326,9 @@ class Run:
     def _end(self) -> None:
         self.done = True
         self.stats.total_s = time.perf_counter() - self._start
+        engine = self.engine
+        if engine.learned is not None and engine.sizer is not None:
+            engine.learned(engine.sizer)
 
 
 @dataclass

@@ -15,7 +15,13 @@ build methods here, so a method means the same thing everywhere.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ from draftwise.drafters.base import (
     parse_method,
 )
 from draftwise.engine import Engine
+from draftwise.machine import machine_key
 from draftwise.sizing import CostCurve, SizingConfig, TreeSizer
 
 __all__ = ["Budget", "MethodBuilder", "MethodSpec", "NotServableError", "parse_budget"]
@@ -117,6 +124,9 @@ def _fold_files(drafter: str, draft: str | None, heads: str | None) -> str:
     return drafter
 
 
+REMEMBER_INTERVAL_S = 5.0  # the most often a method's learned sizer state is written
+
+
 class MethodBuilder:
     """Builds methods for one loaded model and backend.
 
@@ -129,15 +139,21 @@ class MethodBuilder:
         cost: the step-cost curve to size with, if known (tests, a builder's copy); else it is
             measured on ``backend`` once per machine and cached, the first time a method sizes
             its trees automatically.
+        remember: whether an automatically sized method starts from what the same method
+            learned before on this model, backend and machine, in any process (kept in
+            ``cache_dir/sizers``, one small file per method, written at the end of a request,
+            at most once per :data:`REMEMBER_INTERVAL_S` per method).
     """
 
     def __init__(self, model: Any, backend: KVBackend, *, budget: Budget | str = "auto",
-                 cache_dir: Path, cost: CostCurve | None = None) -> None:
+                 cache_dir: Path, cost: CostCurve | None = None, remember: bool = True) -> None:
         self.model = model
         self.backend = backend
         self.budget = parse_budget(budget)
         self.cache_dir = cache_dir
+        self.remember = remember
         self._cost = cost
+        self._written: dict[str, float] = {}  # method -> when its sizer was last written
 
     def cost_curve(self) -> CostCurve:
         """This machine's step-cost curve for the model and backend (measured once, then
@@ -160,8 +176,11 @@ class MethodBuilder:
         drafter = create_drafter(spec.drafter)
         if isinstance(drafter, TargetBound):
             drafter.attach(self.model, self.backend)
-        return Engine(backend if backend is not None else self.backend, drafter,
-                      self.sizer(spec))
+        sizer = self.sizer(spec)
+        learned = (partial(self._keep, spec) if sizer is not None and self.remember
+                   and sizer.config.budget is None else None)
+        return Engine(backend if backend is not None else self.backend, drafter, sizer,
+                      learned=learned)
 
     def sizer(self, spec: MethodSpec) -> TreeSizer | None:
         """The spec's tree sizer: None for plain decoding and ``@off``; a pinned node count;
@@ -171,7 +190,31 @@ class MethodBuilder:
             return None
         if isinstance(budget, int):
             return TreeSizer(SizingConfig(budget=budget))
-        return TreeSizer(SizingConfig(), self.cost_curve())
+        sizer = TreeSizer(SizingConfig(), self.cost_curve())
+        if self.remember:
+            with contextlib.suppress(OSError, ValueError):  # nothing kept, or not readable
+                sizer.restore(json.loads(self._learned_file(spec).read_text()))
+        return sizer
+
+    def _learned_file(self, spec: MethodSpec) -> Path:
+        caps = self.backend.capabilities
+        ident = (f"{self.model.source}|{self.model.dtype}|{type(self.backend).__name__}"
+                 f"{caps.cost_tag}|{machine_key()}|{spec.drafter}")
+        return self.cache_dir / "sizers" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+
+    def _keep(self, spec: MethodSpec, sizer: TreeSizer) -> None:
+        """Write what ``sizer`` learned for the next process (see ``remember``); a cache that
+        cannot be written only loses the carry-over."""
+        key, now = str(spec), time.monotonic()
+        if now - self._written.get(key, -REMEMBER_INTERVAL_S) < REMEMBER_INTERVAL_S:
+            return
+        self._written[key] = now
+        path = self._learned_file(spec)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(sizer.snapshot()))
+            temporary.replace(path)  # whole or not at all, whoever writes last
 
     def check_servable(self, method: MethodSpec | str) -> MethodSpec:
         """The spec, if the server can run it for a client: a training-free drafter, or draft

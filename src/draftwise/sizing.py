@@ -28,6 +28,13 @@ nothing, verify the ``explore_nodes`` likeliest nodes so that the acceptance rat
 A drafter that always proposes gets an occasional plain step, so the plain rate stays timed
 rather than inferred through ``c(n)`` (spaced by the same rule).
 
+What a sizer learned (acceptance by bucket, the throughputs of drafting and plain steps) is
+carried to the next request of the same engine, and across processes through
+:meth:`TreeSizer.snapshot` / :meth:`TreeSizer.restore` (:class:`~draftwise.method.MethodBuilder`
+keeps one file per method, model, backend and machine, like the cost curve), so a new process
+does not pay a warm-up. Restored counts are scaled down to at most :data:`CARRIED_OBSERVATIONS`
+per bucket, so what the new text shows still moves the rates within a few steps.
+
 The sizer never changes which tokens are accepted, only how many nodes are verified.
 """
 
@@ -41,10 +48,11 @@ from dataclasses import dataclass
 from draftwise.tree import DraftTree
 from draftwise.verify import Acceptance
 
-__all__ = ["CostCurve", "SizingConfig", "TreeSizer", "size_batch"]
+__all__ = ["CARRIED_OBSERVATIONS", "CostCurve", "SizingConfig", "TreeSizer", "size_batch"]
 
 _MAX_DEPTH_BUCKET = 15
 _MAX_RANK_BUCKET = 7
+CARRIED_OBSERVATIONS = 32.0  # per bucket, the most offered nodes a restored state counts
 
 
 class CostCurve:
@@ -307,6 +315,45 @@ class TreeSizer:
         plain = 1.0 / self.plain_rate()
         return max(cfg.explore_every, min(1024, math.ceil(extra / plain / cfg.probe_tax)))
 
+    # what a sizer learned, carried to another process ------------------------------------
+
+    _TIMINGS = ("_drafting", "_unit", "_one_row", "_overhead", "_draft_s")
+
+    def snapshot(self) -> dict[str, object]:
+        """What this sizer learned, as plain JSON-ready data (see :meth:`restore`)."""
+        buckets = sorted(set(self._offered) | set(self._accepted))
+        return {
+            "buckets": [[d, r, self._accepted.get((d, r), 0.0), self._offered.get((d, r), 0.0)]
+                        for d, r in buckets],
+            "timings": {name: getattr(self, name).state() for name in self._TIMINGS},
+        }
+
+    def restore(self, state: Mapping[str, object]) -> None:
+        """Start from ``state`` (a :meth:`snapshot`), each bucket's counts scaled down to at
+        most :data:`CARRIED_OBSERVATIONS` offered nodes. Malformed state raises ValueError and
+        leaves this sizer as it was."""
+        accepted: dict[tuple[int, int], float] = {}
+        offered: dict[tuple[int, int], float] = {}
+        try:
+            rows = state.get("buckets", [])
+            timings = state.get("timings", {})
+            if not isinstance(rows, list) or not isinstance(timings, dict):
+                raise TypeError("buckets must be a list and timings an object")
+            for d, r, a, o in rows:
+                bucket = (min(int(d), _MAX_DEPTH_BUCKET), min(int(r), _MAX_RANK_BUCKET))
+                a, o = float(a), float(o)
+                if not 0.0 <= a <= o or not math.isfinite(o):
+                    raise ValueError(f"bucket {bucket}: accepted {a} of {o} offered")
+                scale = min(1.0, CARRIED_OBSERVATIONS / o) if o > 0 else 1.0
+                accepted[bucket], offered[bucket] = a * scale, o * scale
+            restored = {name: Throughput.from_state(timings[name], self.config.memory)
+                        for name in self._TIMINGS if name in timings}
+        except (TypeError, KeyError) as error:
+            raise ValueError(f"not a sizer state: {error}") from error
+        self._accepted, self._offered = accepted, offered
+        for name, throughput in restored.items():
+            setattr(self, name, throughput)
+
     def expected_tokens(self, tree: DraftTree) -> float:
         """``1 + sum P(i)``: expected tokens committed by verifying ``tree``."""
         return 1.0 + sum(self.node_probabilities(tree))
@@ -387,3 +434,18 @@ class Throughput:
 
     def rate(self) -> float:
         return self.numerator / self.denominator if self.denominator > 0 else 0.0
+
+    def state(self) -> list[float]:
+        return [self.numerator, self.denominator, float(self.count)]
+
+    @classmethod
+    def from_state(cls, state: object, memory: float) -> Throughput:
+        if not isinstance(state, list | tuple) or len(state) != 3:
+            raise ValueError(f"a throughput is [numerator, denominator, count], got {state!r}")
+        values = [float(v) for v in state]
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"a throughput must be finite and >= 0, got {values}")
+        throughput = cls(memory)
+        throughput.numerator, throughput.denominator = values[0], values[1]
+        throughput.count = int(values[2])
+        return throughput

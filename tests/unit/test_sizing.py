@@ -1,9 +1,12 @@
 """Tree sizing: cost curve, cost-optimal node count, pinned budgets, learned rates."""
 
+import json
+from typing import Any
+
 import pytest
 
 from draftwise.method import MethodSpec, parse_budget
-from draftwise.sizing import CostCurve, SizingConfig, TreeSizer
+from draftwise.sizing import CARRIED_OBSERVATIONS, CostCurve, SizingConfig, TreeSizer
 from draftwise.tree import DraftTree
 from draftwise.verify import Acceptance
 
@@ -209,3 +212,41 @@ def test_batch_gate_asks_for_no_draft_a_wide_pass_would_prune() -> None:
     # pinned budgets and a closed-off gate keep their rules
     assert TreeSizer(SizingConfig(budget=2)).wants_draft(batch=8)
     assert TreeSizer(SizingConfig(gate=False, prior=0.3), cost).wants_draft(batch=8)
+
+
+def test_what_a_sizer_learned_survives_a_snapshot_scaled_to_a_few_observations() -> None:
+    sizer = TreeSizer(SizingConfig(), CostCurve({1: 1.0, 8: 2.0}))
+    tree = DraftTree((1, 2, 9), (-1, 0, -1))
+    for _ in range(200):  # depth 0 rank 0 always accepted, depth 1 never, rank 1 never
+        sizer.size(tree)
+        sizer.observe(tree, Acceptance((0,), (1, 5), bonus=False))
+        sizer.record(True, 2, 0.01, 4, 0.008, 0.001)
+    other = TreeSizer(SizingConfig(), CostCurve({1: 1.0, 8: 2.0}))
+    other.restore(json.loads(json.dumps(sizer.snapshot())))  # through JSON, as it is kept
+    # 200 offers scale down to CARRIED_OBSERVATIONS, the ratio kept: (32 + 0.3 * 4) / (32 + 4)
+    assert other.rate((0, 0)) == pytest.approx((CARRIED_OBSERVATIONS + 1.2)
+                                               / (CARRIED_OBSERVATIONS + 4.0))
+    assert other.rate((1, 0)) == pytest.approx(1.2 / (CARRIED_OBSERVATIONS + 4.0))
+    assert other.drafting_rate() == pytest.approx(sizer.drafting_rate())
+    assert other.plain_rate() == pytest.approx(sizer.plain_rate())
+    # new text moves the restored rates: 32 rejections halve the carried acceptance
+    for _ in range(32):
+        other.size(tree)
+        other.observe(tree, Acceptance((), (5,), bonus=False))
+    assert other.rate((0, 0)) == pytest.approx((CARRIED_OBSERVATIONS + 1.2)
+                                               / (2 * CARRIED_OBSERVATIONS + 4.0))
+
+
+@pytest.mark.parametrize("state", [
+    {"buckets": [[0, 0, 5.0, 2.0]]},  # more accepted than offered
+    {"buckets": [[0, 0, 1.0]]},
+    {"buckets": "0,0"},
+    {"timings": {"_drafting": [1.0, -2.0, 3]}},
+    {"timings": {"_unit": "fast"}},
+])
+def test_a_malformed_sizer_state_is_refused_and_changes_nothing(state: dict[str, Any]) -> None:
+    sizer = TreeSizer(SizingConfig(), CostCurve({1: 1.0}))
+    before = sizer.snapshot()
+    with pytest.raises(ValueError):
+        sizer.restore(state)
+    assert sizer.snapshot() == before
