@@ -52,7 +52,7 @@ def random_blocks(qtype: str, rows: int, in_features: int, seed: int) -> torch.T
     scales = rng.uniform(0.001, 0.05, (rows, in_features // weights, 2)).astype(np.float16)
     offset = {"Q6_K": 208}.get(qtype, 0)
     blocks[..., offset : offset + 2] = scales[..., :1].view(np.uint8)
-    if qtype in ("Q4_1", "Q4_K"):  # second float16: the min
+    if qtype in ("Q4_1", "Q4_K", "Q5_K"):  # second float16: the min
         blocks[..., 2:4] = (scales[..., 1:] * (-1 if qtype == "Q4_1" else 1)).view(np.uint8)
     return torch.from_numpy(blocks.reshape(rows, -1))
 
@@ -97,7 +97,7 @@ def test_kernels_decode_as_gguf_and_sum_within_float32_bounds(qtype: str, ops: o
         assert torch.equal(alone[0], y[-1].float()), (qtype, rows)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_packed_blocks_hold_the_same_weights(qtype: str, ops: object) -> None:
     """pack_rows regroups R rows' blocks (R = 8 or 16 by build); every row decodes, bit for
     bit, to what the original blocks decode to."""
@@ -105,9 +105,10 @@ def test_packed_blocks_hold_the_same_weights(qtype: str, ops: object) -> None:
     rows = 3 * ops.rows_per_pack()  # type: ignore[attr-defined]
     data = random_blocks(qtype, rows, in_features, seed=20 + code)
     packed = ops.pack_rows(data, code, in_features)  # type: ignore[attr-defined]
-    # the same bytes, regrouped (Q4_K: its twelve bytes of 6-bit scales become sixteen)
-    assert packed.numel() * (144 if qtype == "Q4_K" else 1) == data.numel() * (
-        148 if qtype == "Q4_K" else 1)
+    # the same bytes, regrouped (Q4_K, Q5_K: their twelve bytes of 6-bit scales become sixteen)
+    size = IMPLEMENTED[qtype][2]
+    grown = size + 4 if qtype in ("Q4_K", "Q5_K") else size
+    assert packed.numel() * size == data.numel() * grown
     ids = torch.arange(rows)
     assert torch.equal(
         ops.dequantize_rows(packed, ids, 100 + code, in_features),  # type: ignore[attr-defined]
@@ -118,7 +119,7 @@ def test_packed_blocks_hold_the_same_weights(qtype: str, ops: object) -> None:
 @pytest.mark.parametrize(("qtype", "packed"), [
     ("Q4_0", False), ("Q4_1", False), ("Q8_0", False),
     ("Q4_0", True), ("Q4_1", True), ("Q5_0", True), ("Q8_0", True), ("Q4_K", True),
-    ("Q6_K", True),
+    ("Q5_K", True), ("Q6_K", True),
 ])
 def test_int8_activation_products_within_the_rounding_of_the_activations(
     qtype: str, packed: bool, ops: object

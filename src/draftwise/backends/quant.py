@@ -2,7 +2,8 @@
 
 The fast backend computes on float32 copies of the weights; for a 4-bit GGUF that is 5-8x more
 bytes to read per step than the file holds, and a CPU decoding step is a read of every weight.
-This backend keeps each weight matrix as the GGUF stores it (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K:
+This backend keeps each weight matrix as the GGUF stores it (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K,
+Q6_K:
 ``[out, row_bytes]`` bytes) and runs the decoder with the C++ kernels of ``quant_kernels/``,
 which read each block once per call and use it for every row of the tree — so verifying n rows
 costs far less than n steps. The step contract (tree masks, positions, KV cache, commit by
@@ -68,7 +69,7 @@ __all__ = ["ISAS", "KernelTuning", "KernelsUnavailable", "QuantBackend", "QuantL
 
 # ggml type ids the kernels implement: name -> (id, weights per block, bytes per block)
 IMPLEMENTED = {"Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q8_0": (8, 32, 34),
-               "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210)}
+               "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210)}
 _TYPE_IDS = {"F32": 0, **{name: spec[0] for name, spec in IMPLEMENTED.items()}}
 _PACKED = 100  # type code of blocks regrouped R rows at a time (the kernels' kPacked)
 _SOURCES = Path(__file__).with_name("quant_kernels")  # quant_kernels.cpp and its parts
@@ -199,7 +200,8 @@ class KernelTuning:
 ACTIVATIONS = ("int8", "float32")
 KV_CACHES = ("float16", "float32")
 _INT8_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the kernels' 8-bit path on the GGUF layout
-_PACKABLE = (*_INT8_TYPES, "Q5_0", "Q4_K", "Q6_K")  # ... and on blocks packed R rows at a time
+# ... and on blocks packed R rows at a time
+_PACKABLE = (*_INT8_TYPES, "Q5_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 class QuantLinear:

@@ -4,7 +4,7 @@
 
 namespace {
 
-enum Type : int64_t { F32 = 0, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+enum Type : int64_t { F32 = 0, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
 inline float half_to_float(const uint8_t* p) {
   uint16_t h;
@@ -12,7 +12,7 @@ inline float half_to_float(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-int64_t block_weights(int64_t type) { return (type == Q4_K || type == Q6_K) ? 256 : 32; }
+int64_t block_weights(int64_t type) { return (type == Q4_K || type == Q5_K || type == Q6_K) ? 256 : 32; }
 
 int64_t block_bytes(int64_t type) {
   switch (type) {
@@ -22,6 +22,7 @@ int64_t block_bytes(int64_t type) {
     case Q5_0: return 22;
     case Q8_0: return 34;
     case Q4_K: return 144;
+    case Q5_K: return 176;
     case Q6_K: return 210;
   }
   return 0;
@@ -98,10 +99,12 @@ inline void scale_min_k4(int j, const uint8_t* s, uint8_t* sc, uint8_t* m) {
 
 // Decode one 256-weight block into out[0..255] (as ggml's dequantize_row_q4_K / q6_K).
 inline void decode256(int64_t type, const uint8_t* b, float* out) {
-  if (type == Q4_K) {
+  if (type == Q4_K || type == Q5_K) {  // Q5_K: Q4_K's nibbles plus a fifth bit from qh
     const float d = half_to_float(b), dmin = half_to_float(b + 2);
     const uint8_t* scales = b + 4;
-    const uint8_t* q = b + 16;
+    const bool five = type == Q5_K;
+    const uint8_t* qh = b + 16;  // (Q5_K)
+    const uint8_t* q = b + (five ? 48 : 16);
     const __m128i mask = _mm_set1_epi8(0x0F);
     for (int j = 0; j < 8; j += 2) {  // 64 weights: 32 low nibbles, then 32 high nibbles
       uint8_t sc, m;
@@ -111,8 +114,14 @@ inline void decode256(int64_t type, const uint8_t* b, float* out) {
       const __m256 d2 = _mm256_set1_ps(d * sc), m2 = _mm256_set1_ps(dmin * m);
       for (int half = 0; half < 2; ++half) {
         const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * half));
-        const __m128i lo = _mm_and_si128(raw, mask);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        __m128i lo = _mm_and_si128(raw, mask);
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        if (five) {  // bit j (low nibbles) and j + 1 (high) of qh[l], moved to bit 4
+          const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16 * half));
+          const __m128i one = _mm_set1_epi8(1);
+          lo = _mm_or_si128(lo, _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, j), one), 4));
+          hi = _mm_or_si128(hi, _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, j + 1), one), 4));
+        }
         float* o = out + 32 * j + 16 * half;
         _mm256_storeu_ps(o, _mm256_fmsub_ps(d1, bytes_to_floats(lo), m1));
         _mm256_storeu_ps(o + 8, _mm256_fmsub_ps(d1, bytes_to_floats(_mm_srli_si128(lo, 8)), m1));

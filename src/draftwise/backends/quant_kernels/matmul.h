@@ -14,7 +14,8 @@ inline void any_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq
   // prefetch on the first pass over the group's blocks only
   const int64_t ahead = r0 == 0 ? tuning.prefetch_bytes : 0;
   if (type == Q5_0) return packed_tile_q5<T>(group, xq, in, r0, y, ldy, o0, ahead);
-  if (type == Q4_K) return packed_tile_q4k<T>(group, xq, in, r0, y, ldy, o0, ahead);
+  if (type == Q4_K) return packed_tile_q4k<T, false>(group, xq, in, r0, y, ldy, o0, ahead);
+  if (type == Q5_K) return packed_tile_q4k<T, true>(group, xq, in, r0, y, ldy, o0, ahead);
   if (type == Q6_K) return packed_tile_q6k<T>(group, xq, in, r0, y, ldy, o0, ahead);
   packed_tile<T>(type, group, xq, in, r0, y, ldy, o0, ahead);
 }

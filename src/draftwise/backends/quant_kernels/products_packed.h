@@ -14,14 +14,15 @@ struct Tuning {
 };
 
 
-// bytes of one packed block (one 256-weight super-block for Q4_K, with its 6-bit scales and
-// mins unpacked to bytes: 148 bytes per row where the GGUF has 144)
+// bytes of one packed block (one 256-weight super-block for Q4_K/Q5_K, with its 6-bit scales
+// and mins unpacked to bytes: 148 bytes per row where the GGUF has 144; Q5_K 180 for 176)
 int64_t packed_stride(int64_t type) {
-  return type == Q4_K ? kRows * 148 : kRows * block_bytes(type);
+  if (type == Q4_K || type == Q5_K) return kRows * (block_bytes(type) + 4);
+  return kRows * block_bytes(type);
 }
 
 bool packable(int64_t type) {
-  return has_q8_path(type) || type == Q5_0 || type == Q4_K || type == Q6_K;
+  return has_q8_path(type) || type == Q5_0 || type == Q4_K || type == Q5_K || type == Q6_K;
 }
 
 // offsets inside a packed block: scales, mins (Q4_1), quants
@@ -109,10 +110,13 @@ void packed_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, in
 // nibbles: sub-block 2j, high: 2j + 1). Sub-block s of row r weighs w = d1 q - m1 with
 // d1 = d sc[s] and m1 = dmin m[s] in float32, as ggml decodes it, against the 32-value
 // activation block it covers: acc = fma(float(dot), d1 d_x, acc); acc -= m1 d_x sum(q_x).
-template <int T>
+// ``kFive`` (Q5_K): then uint8 H[8][4R] follow the quants, H[k][4r + i] = qh_r[4k + i], whose bit
+// s is the fifth bit (16) of weight 4k + i of sub-block s: q = nibble | bit << 4, 0..31.
+template <int T, bool kFive>
 void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, int64_t r0,
                      float* y, int64_t ldy, int64_t o0, int64_t ahead) {
-  const int64_t supers = in / 256, blocks = in / 32, stride = packed_stride(Q4_K);
+  constexpr int64_t kType = kFive ? Q5_K : Q4_K;
+  const int64_t supers = in / 256, blocks = in / 32, stride = packed_stride(kType);
   const int64_t lane_bytes = 4 * kRows;
   typename Vec::F acc[T];
   for (int t = 0; t < T; ++t) acc[t] = Vec::fzero();
@@ -131,6 +135,10 @@ void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
       for (int k = 0; k < 8; ++k) {
         const typename Vec::I p = Vec::load(pair + lane_bytes * k);
         w[k] = s % 2 ? Vec::high_nibbles(p) : Vec::low_nibbles(p);
+        if (kFive) {
+          const typename Vec::I h = Vec::load(q + 32 * lane_bytes + lane_bytes * k);
+          w[k] = Vec::or_(w[k], Vec::shl4(Vec::and_(Vec::shr(h, s), Vec::set1(0x01010101))));
+        }
       }
       const int64_t b = 8 * sb + s;  // the activation block
 #pragma GCC unroll 16  // acc[t] in registers, not on the stack

@@ -67,6 +67,32 @@ void dequantize_q4_k_generic(const uint8_t* b, float* y) {
   }
 }
 
+// half d, half dmin, uint8 scales[12] (as Q4_K), uint8 qh[32] (bit j of byte l: the fifth bit
+// of weight l of sub-block j), uint8 qs[128] (as Q4_K)
+void dequantize_q5_k_generic(const uint8_t* b, float* y) {
+  const float d = half_bits(b), dmin = half_bits(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* qh = b + 16;
+  const uint8_t* q = b + 48;
+  for (int j = 0; j < 8; ++j) {
+    int sc, m;
+    if (j < 4) {
+      sc = scales[j] & 63;
+      m = scales[j + 4] & 63;
+    } else {
+      sc = (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4);
+      m = (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
+    }
+    const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
+    const uint8_t* qs = q + 32 * (j / 2);
+    for (int l = 0; l < 32; ++l) {
+      const int low = j % 2 == 0 ? (qs[l] & 0x0F) : (qs[l] >> 4);
+      const int v = low | (((qh[l] >> j) & 1) << 4);
+      y[32 * j + l] = d1 * static_cast<float>(v) - m1;
+    }
+  }
+}
+
 // uint8 ql[128] (low 4 bits), uint8 qh[64] (high 2 bits), int8 scales[16], half d
 void dequantize_q6_k_generic(const uint8_t* b, float* y) {
   const uint8_t* ql = b;
@@ -102,6 +128,7 @@ void dequantize_row_generic(int64_t type, const uint8_t* row, int64_t in, float*
       case Q5_0: dequantize_q5_0_generic(b, y); break;
       case Q8_0: dequantize_q8_0_generic(b, y); break;
       case Q4_K: dequantize_q4_k_generic(b, y); break;
+      case Q5_K: dequantize_q5_k_generic(b, y); break;
       case Q6_K: dequantize_q6_k_generic(b, y); break;
       default: TORCH_CHECK(false, "no reference decoding for type ", type);
     }

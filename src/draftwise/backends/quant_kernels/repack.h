@@ -9,7 +9,7 @@ namespace {
 // one row of a packed matrix, decoded to float32 (as ggml dequantizes the original block)
 void decode_packed_row(int64_t type, const uint8_t* wp, int64_t o, int64_t in, float* out) {
   const int64_t r = o % kRows;
-  if (type == Q4_K) {
+  if (type == Q4_K || type == Q5_K) {  // Q5_K: plus the fifth bits after the quants
     const int64_t supers = in / 256, stride = packed_stride(type);
     const uint8_t* group = wp + (o / kRows) * supers * stride;
     for (int64_t sb = 0; sb < supers; ++sb) {
@@ -20,8 +20,11 @@ void decode_packed_row(int64_t type, const uint8_t* wp, int64_t o, int64_t in, f
         const float d1 = d * blk[4 * kRows + s * kRows + r];
         const float m1 = dmin * blk[12 * kRows + s * kRows + r];
         for (int l = 0; l < 32; ++l) {
-          const uint8_t byte = q[(s / 2) * 32 * kRows + (l / 4) * 4 * kRows + 4 * r + l % 4];
-          const float nib = static_cast<float>(s % 2 ? byte >> 4 : byte & 0xF);
+          const int64_t at = (l / 4) * 4 * kRows + 4 * r + l % 4;
+          const uint8_t byte = q[(s / 2) * 32 * kRows + at];
+          int v = s % 2 ? byte >> 4 : byte & 0xF;
+          if (type == Q5_K) v |= ((q[128 * kRows + at] >> s) & 1) << 4;
+          const float nib = static_cast<float>(v);
           out[256 * sb + 32 * s + l] = std::fma(d1, nib, -m1);  // as decode256: one rounding
         }
       }
@@ -95,9 +98,11 @@ void decode_packed_row(int64_t type, const uint8_t* wp, int64_t o, int64_t in, f
 }  // namespace
 
 
-torch::Tensor pack_q4k(torch::Tensor weight, int64_t in) {
+// Q4_K, and Q5_K with its qh[32] after the quants as H[8][4R] (H[c][4r + i] = qh_r[4c + i])
+torch::Tensor pack_q4k(torch::Tensor weight, int64_t in, int64_t type) {
   const int64_t out = weight.size(0), row_bytes = weight.size(1), supers = in / 256;
-  const int64_t stride = packed_stride(Q4_K);
+  const int64_t stride = packed_stride(type), bytes = block_bytes(type);
+  const int64_t quants = type == Q5_K ? 48 : 16;
   auto packed = torch::empty({out / kRows, supers * stride}, weight.options());
   const uint8_t* src = weight.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
@@ -105,7 +110,7 @@ torch::Tensor pack_q4k(torch::Tensor weight, int64_t in) {
     for (int64_t sb = 0; sb < supers; ++sb) {
       uint8_t* blk = dst + (g * supers + sb) * stride;
       for (int64_t r = 0; r < kRows; ++r) {
-        const uint8_t* orig = src + (kRows * g + r) * row_bytes + sb * 144;
+        const uint8_t* orig = src + (kRows * g + r) * row_bytes + sb * bytes;
         std::memcpy(blk + 2 * r, orig, 2);                  // d
         std::memcpy(blk + 2 * kRows + 2 * r, orig + 2, 2);  // dmin
         for (int s = 0; s < 8; ++s) {
@@ -114,10 +119,14 @@ torch::Tensor pack_q4k(torch::Tensor weight, int64_t in) {
           blk[4 * kRows + s * kRows + r] = sc;
           blk[12 * kRows + s * kRows + r] = m;
         }
-        const uint8_t* qs = orig + 16;
+        const uint8_t* qs = orig + quants;
         uint8_t* q = blk + 20 * kRows;
         for (int64_t c = 0; c < 32; ++c)  // 4-byte groups: pair c / 8, group c % 8
           std::memcpy(q + 4 * kRows * c + 4 * r, qs + 4 * c, 4);
+        if (type == Q5_K) {
+          for (int64_t c = 0; c < 8; ++c)
+            std::memcpy(q + 128 * kRows + 4 * kRows * c + 4 * r, orig + 16 + 4 * c, 4);
+        }
       }
     }
   }
@@ -174,13 +183,13 @@ torch::Tensor pack_q6k(torch::Tensor weight, int64_t in) {
   return packed;
 }
 
-// GGUF blocks [out, row_bytes] (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K, out % rows_per_pack() == 0) -> the packed
-// layout (the same bytes regrouped; Q4_K's 6-bit scales unpacked to bytes)
+// GGUF blocks [out, row_bytes] (Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K, out % rows_per_pack() == 0)
+// -> the packed layout (the same bytes regrouped; the K types' 6-bit scales unpacked to bytes)
 torch::Tensor pack_rows(torch::Tensor weight, int64_t type, int64_t in) {
   check(weight, type, in);
   TORCH_CHECK(packable(type) && weight.size(0) % kRows == 0,
-              "packing needs Q4_0/Q4_1/Q8_0/Q4_K and a multiple of ", kRows, " rows");
-  if (type == Q4_K) return pack_q4k(weight, in);
+              "packing needs a packable block type and a multiple of ", kRows, " rows");
+  if (type == Q4_K || type == Q5_K) return pack_q4k(weight, in, type);
   if (type == Q6_K) return pack_q6k(weight, in);
   if (type == Q5_0) return pack_q5(weight, in);
   const int64_t out = weight.size(0), row_bytes = weight.size(1), blocks = in / 32;
