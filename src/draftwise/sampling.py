@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["GREEDY", "SamplingConfig", "Sampling", "argmax_rows", "top2_margins"]
+__all__ = ["GREEDY", "SamplingConfig", "Sampling", "argmax_rows", "top2_margins", "top_k_rows"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,30 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
         return torch.from_numpy(np.ascontiguousarray(np.argmax(logits.detach().numpy(), axis=-1)))
     return torch.argmax(logits, dim=-1)
+
+
+def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)``, each ``[rows, k]``: every row's k largest entries, largest first,
+    as ``torch.topk`` gives them (ties may come in another order).
+
+    Drafters learn from the top few of every verified row each step, and torch's top-k scans a
+    large vocabulary slowly enough to show next to a small model's step. The k largest entries
+    lie in the k blocks with the largest maxima (any other block's maximum is below k entries),
+    so only those blocks are searched, after one pass of block maxima. The block is the largest
+    power of two up to 512 that divides the vocabulary (no padding copy); with none of at
+    least 64, or few blocks, it is torch's top-k."""
+    rows, vocab = logits.shape
+    k = min(k, vocab)
+    block = next((b for b in (512, 256, 128, 64) if vocab % b == 0), 0)
+    if block == 0 or vocab // block < 4 * k or not logits.is_contiguous():
+        top = torch.topk(logits, k, dim=-1)
+        return top.values, top.indices
+    blocks = logits.view(rows, -1, block)
+    chosen = torch.topk(blocks.amax(-1), k, dim=-1).indices  # [rows, k] blocks
+    candidates = blocks[torch.arange(rows).unsqueeze(1), chosen].reshape(rows, -1)
+    top = torch.topk(candidates, k, dim=-1)
+    which = chosen.gather(1, top.indices // block)
+    return top.values, which * block + top.indices % block
 
 
 def top2_margins(logits: torch.Tensor, top: Sequence[int],

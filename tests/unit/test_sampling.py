@@ -57,3 +57,17 @@ def test_invalid_values_name_the_field(field: str, value: float) -> None:
 def test_probs_refuses_greedy() -> None:
     with pytest.raises(ValueError, match="temperature"):
         Sampling(SamplingConfig()).probs(torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize(("rows", "vocab", "k"), [(1, 1000, 4), (3, 49152, 8), (5, 151936, 4),
+                                                  (2, 50000, 8), (4, 4096, 16), (2, 8192, 1)])
+def test_top_k_rows_is_torchs_top_k(rows: int, vocab: int, k: int) -> None:
+    """The two-stage search (block maxima, then the chosen blocks) finds what torch.topk finds:
+    values and, without ties (random float32 logits), indices."""
+    from draftwise.sampling import top_k_rows
+
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab + k))
+    logits[0, -1] = 100.0  # the largest entry in the last block
+    values, indices = top_k_rows(logits, k)
+    expected = torch.topk(logits, k, dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)

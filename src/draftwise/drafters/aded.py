@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from draftwise.drafters.base import StepResult, register
-from draftwise.sampling import GREEDY, SamplingConfig
+from draftwise.sampling import GREEDY, SamplingConfig, top_k_rows
 from draftwise.tree import DraftTree
 
 __all__ = ["AdedConfig", "AdedDrafter", "TrigramModel"]
@@ -115,6 +115,8 @@ class AdedDrafter:
         visits: dict[int, int] = {-1: 0}
         child_of: dict[tuple[int, int], int] = {}
         priors: list[float] = []
+        # the simulations revisit the same few contexts: ask the model once per context
+        known: dict[tuple[int, int], list[tuple[int, float]]] = {}
         # A simulation that reaches the depth limit or an unknown context expands nothing but
         # still counts its visits, steering later ones elsewhere; the attempts are bounded.
         for _ in range(4 * cfg.budget):
@@ -124,7 +126,10 @@ class AdedDrafter:
             path = [-1]
             expanded = False
             while level < depth_limit:
-                options = self.model.distribution(pair[0], pair[1], cfg.candidates)
+                options = known.get(pair)
+                if options is None:
+                    options = known[pair] = self.model.distribution(pair[0], pair[1],
+                                                                    cfg.candidates)
                 if not options:
                     break
                 scale = cfg.exploration * math.sqrt(visits[node] + 1)
@@ -156,9 +161,12 @@ class AdedDrafter:
 
     def observe(self, step: StepResult) -> None:
         tree, logits = step.tree, step.logits
-        k = min(self.config.top_k, logits.shape[-1])
-        top = torch.topk(torch.softmax(logits.double(), dim=-1), k, dim=-1)
-        values, indices = top.values.tolist(), top.indices.tolist()
+        # the top k of each row's softmax: the top k logits, normalized by the row's logsumexp
+        # (the whole softmax in float64 cost more than the step of a small model saves)
+        rows = logits.float()
+        top, indices_t = top_k_rows(rows, self.config.top_k)
+        values = torch.exp(top - torch.logsumexp(rows, dim=-1, keepdim=True)).tolist()
+        indices = indices_t.tolist()
         a, b = self._previous
         # each row's context pair: (token before the node, the node's token); row 0 = root
         pairs = [(a, b)] + [

@@ -19,10 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from draftwise.drafters.base import StepResult, register
-from draftwise.sampling import GREEDY, SamplingConfig
+from draftwise.sampling import GREEDY, SamplingConfig, top_k_rows
 from draftwise.tree import DraftTree
 
 __all__ = ["RecyclingConfig", "TokenRecyclingDrafter", "rank_template"]
@@ -110,5 +109,5 @@ class TokenRecyclingDrafter:
         logits = step.logits  # [N + 1, vocab]
         if self.table is None:
             self.table = np.full((logits.shape[-1], self.config.k), -1, dtype=np.int64)
-        top = torch.topk(logits, self.config.k, dim=-1).indices.numpy()  # [N + 1, k]
+        top = top_k_rows(logits, self.config.k)[1].numpy()  # [N + 1, k]
         self.table[np.array((self._root, *step.tree.tokens), dtype=np.int64)] = top
