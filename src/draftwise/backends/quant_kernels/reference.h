@@ -44,21 +44,24 @@ void dequantize_q8_0_generic(const uint8_t* b, float* y) {  // half d, int8 qs[3
   for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(static_cast<int8_t>(b[2 + j])) * d;
 }
 
+// the 6-bit scale and min of sub-block j of a Q4_K/Q5_K block's 12 scale bytes
+float scale_k4(int j, const uint8_t* scales) {
+  return static_cast<float>(j < 4 ? scales[j] & 63
+                                  : (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4));
+}
+
+float min_k4(int j, const uint8_t* scales) {
+  return static_cast<float>(j < 4 ? scales[j + 4] & 63
+                                  : (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4));
+}
+
 // half d, half dmin, uint8 scales[12] (6-bit scale and min per 32 weights), uint8 qs[128]
 void dequantize_q4_k_generic(const uint8_t* b, float* y) {
   const float d = half_bits(b), dmin = half_bits(b + 2);
   const uint8_t* scales = b + 4;
   const uint8_t* q = b + 16;
   for (int j = 0; j < 8; ++j) {  // sub-block j: 32 weights
-    int sc, m;
-    if (j < 4) {
-      sc = scales[j] & 63;
-      m = scales[j + 4] & 63;
-    } else {
-      sc = (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4);
-      m = (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
-    }
-    const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
+    const float d1 = d * scale_k4(j, scales), m1 = dmin * min_k4(j, scales);
     const uint8_t* qs = q + 32 * (j / 2);
     for (int l = 0; l < 32; ++l) {
       const int v = j % 2 == 0 ? (qs[l] & 0x0F) : (qs[l] >> 4);
@@ -75,15 +78,7 @@ void dequantize_q5_k_generic(const uint8_t* b, float* y) {
   const uint8_t* qh = b + 16;
   const uint8_t* q = b + 48;
   for (int j = 0; j < 8; ++j) {
-    int sc, m;
-    if (j < 4) {
-      sc = scales[j] & 63;
-      m = scales[j + 4] & 63;
-    } else {
-      sc = (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4);
-      m = (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
-    }
-    const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
+    const float d1 = d * scale_k4(j, scales), m1 = dmin * min_k4(j, scales);
     const uint8_t* qs = q + 32 * (j / 2);
     for (int l = 0; l < 32; ++l) {
       const int low = j % 2 == 0 ? (qs[l] & 0x0F) : (qs[l] >> 4);
