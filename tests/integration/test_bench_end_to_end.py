@@ -47,6 +47,29 @@ def test_bench_writes_parseable_outputs(tiny_model_dir: Path, tmp_path: Path,
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_code_edit_workload_with_predictions(tiny_model_dir: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--workload code-edit --prediction: each of our methods also runs given the original code
+    as its predicted output (METHOD+prediction, none+prediction for the prediction alone),
+    every output identical to plain decoding, the prediction's tokens counted."""
+    out = tmp_path / "out"
+    code = main(["bench", "--model", str(tiny_model_dir), "--workload", "code-edit",
+                 "--limit", "2", "--methods", "pld", "--prediction", "--max-new-tokens", "8",
+                 "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"none", "pld", "none+prediction", "pld+prediction"}
+    for data in summary["methods"].values():
+        assert data["overall"]["exact_match"] == 1.0
+        assert set(data["categories"]) == {"code_edit"}
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    predicted = [r for r in records if r["method"].endswith("+prediction")]
+    assert len(predicted) == 4 and all("accepted_prediction_tokens" in r for r in predicted)
+    assert all("accepted_prediction_tokens" not in r for r in records if r not in predicted)
+    assert main(["bench", "--model", str(tiny_model_dir), "--prediction"]) == 1  # no predictions
+    assert "carry no predicted output" in capsys.readouterr().err
+
+
 def test_bench_without_matplotlib_keeps_its_figures(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],

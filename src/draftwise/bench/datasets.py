@@ -29,9 +29,13 @@ class QuestionFileError(ValueError):
 
 @dataclass(frozen=True)
 class Question:
+    """A question; ``prediction``: text its first answer is expected to resemble (a code edit's
+    original code), handed to methods run with ``--prediction``."""
+
     question_id: str
     category: str
     turns: tuple[str, ...]
+    prediction: str | None = None
 
 
 def report_category(category: str) -> str:

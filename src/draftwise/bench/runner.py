@@ -33,7 +33,8 @@ from draftwise.engine import GenerationConfig
 from draftwise.models import LoadedModel
 from draftwise.progress import progress_bar
 
-__all__ = ["BenchConfig", "PEERS", "REFERENCE", "build_runners", "environment", "run_bench"]
+__all__ = ["BenchConfig", "PEERS", "REFERENCE", "WITH_PREDICTION", "build_runners", "environment",
+           "run_bench"]
 
 PEERS = {
     "hf-generate": "transformers generate(), plain decoding",
@@ -59,15 +60,19 @@ class BenchConfig:
     warmup_tokens: int = 8
 
 
-Runner = Callable[[list[int], GenerationConfig], dict[str, Any]]
+# (prompt ids, config, the question's predicted output for this turn or None) -> a record
+Runner = Callable[[list[int], GenerationConfig, str | None], dict[str, Any]]
+WITH_PREDICTION = "+prediction"  # a method name's suffix: the method, given the prediction
 
 
-def _ours(generator: Generator) -> Runner:
+def _ours(generator: Generator, with_prediction: bool = False) -> Runner:
     # drafters that keep their own statistics (composite: per part) expose them as report()
     report = getattr(generator.engine.drafter, "report", None)
 
-    def run(prompt_ids: list[int], config: GenerationConfig) -> dict[str, Any]:
-        done = generator.engine.generate(prompt_ids, config)
+    def run(prompt_ids: list[int], config: GenerationConfig,
+            prediction: str | None = None) -> dict[str, Any]:
+        predicted = generator.predict(prediction) if with_prediction else None
+        done = generator.engine.generate(prompt_ids, config, prediction=predicted)
         stats = done.stats
         return {
             **({"drafter_report": report()} if report is not None else {}),
@@ -81,13 +86,17 @@ def _ours(generator: Generator) -> Runner:
             "verify_s": stats.verify_s,
             "margins": stats.margins,
             "finish_reason": stats.finish_reason,
+            **({"accepted_prediction_tokens": stats.accepted_prediction_tokens,
+                "rejected_prediction_tokens": stats.rejected_prediction_tokens}
+               if predicted is not None else {}),
         }
 
     return run
 
 
 def _peer(model: Any, kwargs: dict[str, Any]) -> Runner:
-    def run(prompt_ids: list[int], config: GenerationConfig) -> dict[str, Any]:
+    def run(prompt_ids: list[int], config: GenerationConfig,
+            prediction: str | None = None) -> dict[str, Any]:
         s = config.sampling
         sampling: dict[str, Any] = {"do_sample": False}
         if not s.greedy:
@@ -117,7 +126,8 @@ def _peer(model: Any, kwargs: dict[str, Any]) -> Runner:
 
 
 def _llamacpp(peer: Peer, lookup: bool) -> Runner:
-    def run(prompt_ids: list[int], config: GenerationConfig) -> dict[str, Any]:
+    def run(prompt_ids: list[int], config: GenerationConfig,
+            prediction: str | None = None) -> dict[str, Any]:
         if not config.sampling.greedy:
             raise ValueError("the llama.cpp peers run greedy decoding only (temperature 0)")
         answer = peer.generate(prompt_ids, config.max_new_tokens, config.eos_token_ids,
@@ -147,6 +157,10 @@ def build_runners(
     runners: dict[str, Runner] = {}
     peers: dict[str, Peer | None] = {}  # by the variant each peer process runs
     for spec in specs:
+        if spec.endswith(WITH_PREDICTION):
+            base = spec[: -len(WITH_PREDICTION)]
+            runners[spec] = _ours(generator.with_method(base), with_prediction=True)
+            continue
         name, options = parse_method(spec)
         if name not in PEERS:
             runners[spec] = _ours(generator.with_method(spec))
@@ -225,7 +239,7 @@ def run_bench(
     )
     first = _prompt(generator, questions[0].turns[:1], [])
     for name in names:
-        runners[name](first, warm)
+        runners[name](first, warm, questions[0].prediction)
 
     records: list[dict[str, Any]] = []
     total = sum(len(q.turns) for q in questions) * len(names)
@@ -236,7 +250,9 @@ def run_bench(
         for turn in range(len(question.turns)):
             for name in order:
                 prompt_ids = _prompt(generator, question.turns[: turn + 1], answers[name])
-                result = runners[name](prompt_ids, gen)
+                # a predicted output is the first answer's (a later turn answers something else)
+                result = runners[name](prompt_ids, gen,
+                                       question.prediction if turn == 0 else None)
                 answer = tokenizer.decode(result["token_ids"], skip_special_tokens=True)
                 answers[name].append(answer)
                 record = {

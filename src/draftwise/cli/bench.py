@@ -43,6 +43,13 @@ def add_parser(commands: Any) -> None:
     add_backend_flags(bench)
     bench.add_argument("--questions", default=None, metavar="PATH",
                        help="Spec-Bench-format JSONL (default: the packaged question set)")
+    bench.add_argument("--workload", choices=("questions", "code-edit"), default="questions",
+                       help="questions: --questions (Spec-Bench format); code-edit: editing "
+                       "tasks on functions from the Python standard library's own source, each "
+                       "with its original code as a predicted output (default: questions)")
+    bench.add_argument("--prediction", action="store_true",
+                       help="also run each of our methods given each question's predicted "
+                       "output (code-edit: the original code), named METHOD+prediction")
     bench.add_argument("--limit", type=positive_int, default=None,
                        help="at most N questions per category")
     bench.add_argument("--categories", default="",
@@ -148,6 +155,7 @@ def bench_command(args: argparse.Namespace) -> int:
     from draftwise.bench.datasets import load_questions, select
     from draftwise.bench.runner import (
         PEERS,
+        WITH_PREDICTION,
         BenchConfig,
         build_runners,
         environment,
@@ -169,11 +177,28 @@ def bench_command(args: argparse.Namespace) -> int:
         load_schemas(args.structured, args.limit)  # a bad path fails before the model loads
         if any(m.split(":")[0].split("@")[0] in PEERS for m in methods):
             raise ValueError("--structured runs draftwise methods only (no transformers peers)")
+    if args.workload == "code-edit":
+        if args.questions:
+            raise ValueError("--workload code-edit makes its own questions: drop --questions")
+        from draftwise.bench.code_edit import code_edit_questions
+
+        pool = code_edit_questions()
+    else:
+        pool = load_questions(args.questions)
     questions = select(
-        load_questions(args.questions),
+        pool,
         categories=[c.strip() for c in args.categories.split(",") if c.strip()],
         limit=args.limit,
     )
+    if args.prediction:
+        if not any(q.prediction for q in questions):
+            raise ValueError("--prediction: these questions carry no predicted output "
+                             "(--workload code-edit does)")
+        if args.serve or args.spawn or args.structured:
+            raise ValueError("--prediction runs in process, on questions")
+        ours = ["none", *(m for m in methods
+                          if m != "none" and m.split(":")[0].split("@")[0] not in PEERS)]
+        methods = methods + tuple(m + WITH_PREDICTION for m in ours)
     out = Path(args.out) if args.out else None
     if args.soak is not None and not (args.serve or args.spawn):
         raise ValueError("--soak needs a server: --serve URL or --spawn")
@@ -214,7 +239,8 @@ def bench_command(args: argparse.Namespace) -> int:
                                          + generator.backend.capabilities.cost_tag)
     summary["settings"] = {
         "methods": list(methods), "max_new_tokens": args.max_new_tokens,
-        "questions": args.questions or "packaged", "limit": args.limit,
+        "questions": args.questions or "packaged", "workload": args.workload,
+        "prediction": args.prediction, "limit": args.limit,
         "categories": args.categories or "all", "sampling": vars(sampling), "seed": args.seed,
         "budget": args.budget, "backend": args.backend, "exact": args.exact,
     }
