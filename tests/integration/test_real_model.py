@@ -189,7 +189,7 @@ def test_quant_backend_on_the_default_gguf(generator: Generator) -> None:
     conversion to float32 rounding (summed over 30 layers: the tolerance of the fast backend's
     test above); with the default 8-bit activations and float16 cache, a tree's rows
     bit-identical to plain decoding and speculation identical to plain decoding; 5x fewer
-    weight bytes than float32."""
+    weight bytes read per step than float32."""
     from draftwise.backends.fast import FastBackend
     from draftwise.backends.quant import QuantBackend, kernels_unavailable, load_kernels
     from draftwise.drafters import create_drafter
@@ -206,7 +206,7 @@ def test_quant_backend_on_the_default_gguf(generator: Generator) -> None:
     assert quant32.capabilities.float32_tensors == ()
     fast = FastBackend(generator.model.model)
     dense = sum(p.numel() * 4 for p in generator.model.model.parameters())
-    assert quant32.weight_bytes() < dense / 5
+    assert quant32.step_weights()[0] < dense / 5
     ids = generator.encode(PROMPTS[0])
     tree = DraftTree.chain([ids[3], ids[4], ids[5]])
     for backend in (quant32, fast):
@@ -215,7 +215,7 @@ def test_quant_backend_on_the_default_gguf(generator: Generator) -> None:
                                rtol=1e-3, atol=1e-3)
 
     quant = QuantBackend(generator.model.source, config32, ops=ops)  # 8-bit activations
-    assert quant.weight_bytes() < dense / 5
+    assert quant.step_weights()[0] < dense / 5
     quant.prefill(ids)
     logits = quant.forward_tree(tree)
     quant.prefill(ids)
