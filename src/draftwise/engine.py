@@ -42,6 +42,8 @@ from draftwise.verify import Acceptance, verify
 __all__ = ["GenerationConfig", "Engine", "Run", "Step", "StepTimes", "UNSIZED_PREDICTION"]
 
 UNSIZED_PREDICTION = 8  # predicted tokens drafted per step when no sizer prunes the tree
+# the prior of a request's own record of its prediction: mean, weight (pseudo-observations)
+PREDICTION_PRIOR = (0.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class Run:
         self.top_logprobs: int | None = None
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self._context = list(prompt_ids)
+        self._prediction_record = [0.0, 0.0]  # predicted nodes accepted, offered
         self._sampling = Sampling(config.sampling)
         self._rng = torch.Generator().manual_seed(config.seed)
         self._eos = set(config.eos_token_ids)
@@ -246,8 +249,19 @@ class Run:
                     shared=batch is not None, times=StepTimes(start=t0, propose_s=propose_s),
                     predicted=chain)
         if size:
-            step.settle(sizer.size(tree) if sizer is not None else tree)
+            step.settle(sizer.size(tree, step.predicted_nodes, self.prediction_rate)
+                        if sizer is not None else tree)
         return step
+
+    @property
+    def prediction_rate(self) -> float:
+        """How often this request's predicted tokens were accepted when offered (on a weak
+        prior): the sizer sizes the predicted chain by it. A prediction's worth is this
+        request's own — an edit that keeps the code keeps being right, one that rewrites it
+        departs early — so it is not the method's learned rates."""
+        mean, weight = PREDICTION_PRIOR
+        accepted, offered = self._prediction_record
+        return (accepted + mean * weight) / (offered + weight)
 
     def finish(self, step: Step, logits: torch.Tensor, *, forward_s: float) -> list[int]:
         """Verify ``logits`` (``[N + 1, vocab]`` over ``step.full``, computed in
@@ -285,6 +299,9 @@ class Run:
             assert self.prediction is not None
             self.prediction.accepted += taken
             stats.accepted_prediction_tokens += taken
+            verified = step.predicted_nodes  # each offered when the one before was accepted
+            self._prediction_record[0] += min(taken, verified)
+            self._prediction_record[1] += min(taken + 1, verified)
         emitted = list(acceptance.tokens)
         hit = next((i for i, token in enumerate(emitted) if token in self._eos), None)
         if hit is not None:
@@ -382,6 +399,17 @@ class Step:
 
     def __post_init__(self) -> None:
         self.full = self.tree
+
+    @property
+    def predicted_nodes(self) -> int:
+        """How many of ``tree``'s first nodes are the predicted chain (it comes first; the
+        grammar, the cache rows or the sizer may have cut its end)."""
+        count, tree = 0, self.tree
+        for i, token in enumerate(self.predicted[: len(tree)]):
+            if tree.tokens[i] != token or tree.parents[i] != i - 1:
+                break
+            count += 1
+        return count
 
     def settle(self, tree: DraftTree) -> None:
         """Fix the (sized) tree: graft it below the forced tokens and mask it."""

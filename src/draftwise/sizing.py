@@ -13,7 +13,11 @@ so when the best choice is no draft at all, every ``explore_every``-th such step
 ``explore_nodes`` likeliest nodes anyway, keeping the rates current. This is
 DySpec's idea — grow the nodes most likely to be accepted — driven by measured statistics
 instead of draft-model probabilities, so it works for every drafter without its cooperation.
-Drafters list better candidates first; the rank is their order among siblings.
+Drafters list better candidates first; the rank is their order among siblings. A predicted
+output's chain (:mod:`draftwise.prediction`), the first nodes of a tree when there is one, is
+sized by the request's own acceptance of its prediction (given with the tree), not by the
+method's buckets: an edit's prediction is reliable or not for the whole request. Its nodes are
+counted apart, in buckets ``(depth, PREDICTED)``, so they do not move the drafter's rates.
 
 Drafting costs time too, and once a tree is proposed that time is spent. So before each step the
 sizer decides whether to draft at all (:meth:`TreeSizer.wants_draft`, auto sizing only): it keeps
@@ -52,6 +56,7 @@ __all__ = ["CARRIED_OBSERVATIONS", "CostCurve", "SizingConfig", "TreeSizer", "si
 
 _MAX_DEPTH_BUCKET = 15
 _MAX_RANK_BUCKET = 7
+PREDICTED = _MAX_RANK_BUCKET + 1  # the rank bucket of a predicted chain's nodes
 CARRIED_OBSERVATIONS = 32.0  # per bucket, the most offered nodes a restored state counts
 
 
@@ -122,15 +127,17 @@ class SizingConfig:
             raise ValueError("probe_tax must be in (0, 1) and memory in [0, 1)")
 
 
-def _buckets(tree: DraftTree) -> list[tuple[int, int]]:
-    """``(depth, rank among siblings)`` of each node, both capped."""
+def _buckets(tree: DraftTree, predicted: int = 0) -> list[tuple[int, int]]:
+    """``(depth, rank among siblings)`` of each node, both capped; the first ``predicted``
+    nodes (a predicted chain) are ``(depth, PREDICTED)``."""
     depths = tree.depths
     seen: dict[int, int] = {}
     result = []
     for i, parent in enumerate(tree.parents):
         rank = seen.get(parent, 0)
         seen[parent] = rank + 1
-        result.append((min(depths[i], _MAX_DEPTH_BUCKET), min(rank, _MAX_RANK_BUCKET)))
+        bucket_rank = PREDICTED if i < predicted else min(rank, _MAX_RANK_BUCKET)
+        result.append((min(depths[i], _MAX_DEPTH_BUCKET), bucket_rank))
     return result
 
 
@@ -162,23 +169,28 @@ class TreeSizer:
         return (accepted + prior * cfg.prior_weight) / (offered + cfg.prior_weight)
 
     def node_probabilities(
-        self, tree: DraftTree, buckets: list[tuple[int, int]] | None = None
+        self, tree: DraftTree, buckets: list[tuple[int, int]] | None = None,
+        predicted_rate: float = 0.0,
     ) -> list[float]:
-        """Estimated probability that each node is on the accepted path."""
+        """Estimated probability that each node is on the accepted path (a predicted chain's
+        node: ``predicted_rate`` given its parent was)."""
         probs: list[float] = []
         for parent, bucket in zip(tree.parents, buckets or _buckets(tree), strict=True):
             reach = 1.0 if parent < 0 else probs[parent]
-            probs.append(reach * self.rate(bucket))
+            rate = predicted_rate if bucket[1] == PREDICTED else self.rate(bucket)
+            probs.append(reach * rate)
         return probs
 
-    def size(self, tree: DraftTree) -> DraftTree:
-        """The subset of ``tree`` to verify this step."""
-        buckets = _buckets(tree)
+    def size(self, tree: DraftTree, predicted: int = 0, predicted_rate: float = 0.0,
+             ) -> DraftTree:
+        """The subset of ``tree`` to verify this step; its first ``predicted`` nodes are a
+        predicted chain, accepted at ``predicted_rate`` each (see the module docstring)."""
+        buckets = _buckets(tree, predicted)
         self._pending = buckets
         if len(tree) == 0:
             self._quiet += 1
             return tree
-        probs = self.node_probabilities(tree, buckets)
+        probs = self.node_probabilities(tree, buckets, predicted_rate)
         # Children never score above their parent, and ties keep index order, so every prefix
         # of this order is closed under parents.
         order = sorted(range(len(tree)), key=lambda i: (-probs[i], i))
@@ -207,9 +219,10 @@ class TreeSizer:
         self._pending = [buckets[i] for i in keep]  # buckets as proposed, not as pruned
         return tree.subset(keep)
 
-    def ranked(self, tree: DraftTree) -> tuple[list[int], list[float]]:
+    def ranked(self, tree: DraftTree, predicted: int = 0, predicted_rate: float = 0.0,
+               ) -> tuple[list[int], list[float]]:
         """The nodes, most valuable first, and each node's acceptance probability."""
-        probs = self.node_probabilities(tree)
+        probs = self.node_probabilities(tree, _buckets(tree, predicted), predicted_rate)
         return sorted(range(len(tree)), key=lambda i: (-probs[i], i)), probs
 
     def observe(self, tree: DraftTree, acceptance: Acceptance) -> None:
@@ -340,7 +353,7 @@ class TreeSizer:
             if not isinstance(rows, list) or not isinstance(timings, dict):
                 raise TypeError("buckets must be a list and timings an object")
             for d, r, a, o in rows:
-                bucket = (min(int(d), _MAX_DEPTH_BUCKET), min(int(r), _MAX_RANK_BUCKET))
+                bucket = (min(int(d), _MAX_DEPTH_BUCKET), min(int(r), PREDICTED))
                 a, o = float(a), float(o)
                 if not 0.0 <= a <= o or not math.isfinite(o):
                     raise ValueError(f"bucket {bucket}: accepted {a} of {o} offered")
@@ -360,7 +373,7 @@ class TreeSizer:
 
 
 def size_batch(steps: Sequence[tuple[TreeSizer | None, DraftTree]], cost: CostCurve,
-               ) -> list[DraftTree]:
+               predicted: Sequence[tuple[int, float]] | None = None) -> list[DraftTree]:
     """Size the trees of several requests verified in one forward pass (a server's step).
 
     The single-request rule, over the union: with B requests (B root rows), keep the node set
@@ -370,18 +383,20 @@ def size_batch(steps: Sequence[tuple[TreeSizer | None, DraftTree]], cost: CostCu
     keeps its own rule; no sizer (budget off) keeps the whole tree; an auto sizer that is due to
     explore (see :meth:`TreeSizer.wants_draft`) keeps its ``explore_nodes`` likeliest nodes:
     one request per pass, each at most once per as many quiet steps as keep all requests'
-    exploring together under ``probe_tax`` of the pass time."""
+    exploring together under ``probe_tax`` of the pass time. ``predicted[i]``: request i's
+    predicted chain (its first nodes) and that request's rate for it."""
     out: list[DraftTree | None] = [None] * len(steps)
     pooled: list[tuple[float, int, int]] = []  # (probability, request, rank in its order)
     orders: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
     for i, (sizer, tree) in enumerate(steps):
+        chain, chain_rate = predicted[i] if predicted is not None else (0, 0.0)
         if sizer is None:
             out[i] = tree
         elif sizer.config.budget is not None or len(tree) == 0:
-            out[i] = sizer.size(tree)
+            out[i] = sizer.size(tree, chain, chain_rate)
         else:
-            order, probs = sizer.ranked(tree)
-            orders[i] = (order, _buckets(tree))
+            order, probs = sizer.ranked(tree, chain, chain_rate)
+            orders[i] = (order, _buckets(tree, chain))
             pooled.extend((probs[node], i, rank) for rank, node in enumerate(order))
     pooled.sort(key=lambda item: (-item[0], item[1], item[2]))
     # rows fixed before pooling: every root, and the trees sized by their own rule

@@ -79,3 +79,26 @@ def test_the_cursor_rejoins_after_an_insertion_and_skips_after_a_deletion() -> N
     assert p.propose(out, 2) == [123, 124]
     with pytest.raises(ValueError, match="anchor"):
         Prediction([1, 2], anchors=(0,))
+
+
+@pytest.mark.parametrize("kind", ["right", "wrong", "inserted"])
+def test_a_sized_method_sizes_the_prediction_by_this_requests_record(
+    reference_model: ReferenceModel, answer: list[int], kind: str
+) -> None:
+    """With an automatic sizer, a right prediction is soon verified many tokens deep (its
+    request's record says it is reliable; the method's buckets know nothing of it) and a wrong
+    one is soon cut short; the output is plain greedy's either way."""
+    from draftwise.sizing import CostCurve, SizingConfig, TreeSizer
+
+    curve = CostCurve({1: 1.0, 2: 1.05, 4: 1.15, 8: 1.4, 16: 2.0, 64: 5.0})
+    prediction = Prediction(predictions(answer)[kind])
+    run = Engine(ReferenceBackend(reference_model), create_drafter("pld"),
+                 TreeSizer(SizingConfig(), curve)).generate(
+        PROMPT, GenerationConfig(max_new_tokens=NEW), prediction=prediction)
+    assert run.tokens == answer
+    if kind == "right":
+        assert run.stats.mat > 8 and prediction.accepted >= NEW - run.stats.steps
+    elif kind == "wrong":
+        assert run.stats.mean_tree_size < 4  # not verifying a prediction that keeps failing
+    else:
+        assert prediction.accepted >= NEW // 2

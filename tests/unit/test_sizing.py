@@ -250,3 +250,22 @@ def test_a_malformed_sizer_state_is_refused_and_changes_nothing(state: dict[str,
     with pytest.raises(ValueError):
         sizer.restore(state)
     assert sizer.snapshot() == before
+
+
+def test_a_predicted_chain_is_sized_by_the_requests_own_rate() -> None:
+    """The first ``predicted`` nodes (a predicted output's chain) take the request's rate for
+    its prediction, not the method's buckets, and their outcomes go to buckets of their own."""
+    from draftwise.sizing import PREDICTED
+
+    curve = CostCurve({1: 1.0, 2: 1.05, 4: 1.15, 8: 1.4, 16: 2.0})
+    tree = DraftTree((7, 8, 9, 10, 11, 5), (-1, 0, 1, 2, 3, -1))  # chain 7..11, a guess 5
+    sizer = TreeSizer(SizingConfig(), curve)
+    assert sizer.size(tree, predicted=5, predicted_rate=0.95).tokens[:5] == (7, 8, 9, 10, 11)
+    assert len(sizer.size(tree, predicted=5, predicted_rate=0.05)) < 2  # unreliable: cut
+    unmarked = sizer.size(tree)  # the same nodes in the drafter's buckets, at the prior
+    assert len(unmarked) < 5
+    kept = sizer.size(tree, predicted=5, predicted_rate=0.95)
+    sizer.observe(kept, Acceptance((0, 1, 2, 3, 4), (7, 8, 9, 10, 11, 1), bonus=False))
+    assert sizer.rate((0, 0)) == pytest.approx(SizingConfig().prior)  # the drafter's: untouched
+    buckets = sizer.snapshot()["buckets"]
+    assert isinstance(buckets, list) and {row[1] for row in buckets} <= {PREDICTED, 1}

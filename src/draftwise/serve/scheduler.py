@@ -350,10 +350,13 @@ class Scheduler:
             return
         sizers = [(job.run.engine.sizer if job.run else None) for job, _ in planned]
         if self.cost is not None:
-            trees = size_batch([(s, step.tree) for s, (_, step) in zip(sizers, planned,
-                                                                       strict=True)], self.cost)
+            trees = size_batch(
+                [(s, step.tree) for s, (_, step) in zip(sizers, planned, strict=True)],
+                self.cost, predicted=[(step.predicted_nodes, step.run.prediction_rate)
+                                      for _, step in planned])
         else:
-            trees = [s.size(step.tree) if s is not None else step.tree
+            trees = [s.size(step.tree, step.predicted_nodes, step.run.prediction_rate)
+                     if s is not None else step.tree
                      for s, (_, step) in zip(sizers, planned, strict=True)]
         for (_, step), tree in zip(planned, trees, strict=True):
             step.settle(tree)
