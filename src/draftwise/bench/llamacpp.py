@@ -24,7 +24,6 @@ import atexit
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,9 +37,10 @@ from typing import IO, Any, Protocol
 
 import torch
 
+from draftwise.bench.load import await_health, free_port
 from draftwise.models import default_cache_dir
 
-__all__ = ["Peer", "PeerUnavailable", "ServerPeer", "completion_request",
+__all__ = ["Peer", "PeerUnavailable", "ServerPeer", "completion_request", "last_line",
            "find_llama_server", "parse_completion", "server_command", "start_peer"]
 
 VARIANTS = ("plain", "spec", "draft")
@@ -123,13 +123,6 @@ def parse_completion(answer: dict[str, Any], eos: tuple[int, ...], seconds: floa
             "decode_tok_s": float(timings.get("predicted_per_second", 0.0))}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _post(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
     data = json.dumps(body).encode()
     request = urllib.request.Request(url, data=data,
@@ -188,32 +181,28 @@ def start_server(binary: Path, gguf: Path, *, variant: str = "plain", draft: Pat
                  threads: int | None = None, context: int = 4096) -> ServerPeer:
     """Start ``llama-server`` for one peer and wait until it answers ``/health``."""
     threads = threads or torch.get_num_threads()
-    port = _free_port()
+    port = free_port()
     command = server_command(binary, gguf, port=port, threads=threads, context=context,
                              variant=variant, draft=draft)
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nothing can fill and block
     process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     label = f"llama.cpp native llama-server {_version(binary)} ({variant})"
-    peer = ServerPeer(process, url, label, log)
+    peer = ServerPeer(process, f"http://127.0.0.1:{port}", label, log)
     atexit.register(peer.close)  # a server outliving the bench would hold its memory and port
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            lines = [line for line in log.read().splitlines() if line.strip()]
-            peer.close()
-            raise PeerUnavailable(f"llama-server did not start: "
-                                  f"{lines[-1] if lines else f'exit code {process.returncode}'}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                if response.status == 200:
-                    return peer
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    peer.close()
-    raise PeerUnavailable(f"llama-server did not answer /health within {START_TIMEOUT_S:.0f} s")
+    why = await_health(process, port, START_TIMEOUT_S)
+    if why is not None:
+        exited = process.poll() is not None
+        reason = last_line(log, process) if exited else f"it {why}"
+        peer.close()
+        raise PeerUnavailable(f"llama-server did not start: {reason}")
+    return peer
+
+
+def last_line(log: IO[str], process: subprocess.Popen[Any]) -> str:
+    """The last non-empty line a process that ended wrote to ``log``, else its exit code."""
+    log.seek(0)
+    lines = [line for line in log.read().splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit code {process.returncode}"
 
 
 def start_xllamacpp(gguf: Path, *, threads: int | None = None, context: int = 4096,
@@ -232,12 +221,10 @@ def start_xllamacpp(gguf: Path, *, threads: int | None = None, context: int = 40
     ready = process.stdout.readline()  # {"url": ..., "version": ...} once loaded
     if not ready:
         process.wait()
-        log.seek(0)
-        lines = [line for line in log.read().splitlines() if line.strip()]
+        reason = last_line(log, process)
         log.close()
         raise PeerUnavailable("xllamacpp did not start (pip install xllamacpp, or name a "
-                              "Python that has it in $DRAFTWISE_XLLAMACPP_PYTHON): "
-                              + (lines[-1] if lines else f"exit code {process.returncode}"))
+                              "Python that has it in $DRAFTWISE_XLLAMACPP_PYTHON): " + reason)
     info = json.loads(ready)
     peer = ServerPeer(process, info["url"].rstrip("/"),
                       f"llama.cpp via xllamacpp {info.get('version', '?')} (prebuilt wheel)", log)

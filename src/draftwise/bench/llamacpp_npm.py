@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import torch
 
-from draftwise.bench.llamacpp import PeerUnavailable
+from draftwise.bench.llamacpp import PeerUnavailable, last_line
 from draftwise.models import default_cache_dir
 
 __all__ = ["NpmPeer", "peer_folder", "start_npm_peer"]
@@ -103,9 +103,5 @@ def start_npm_peer(gguf: str | Path, *, context: int = 4096, threads: int | None
     _, stdout = _pipes(process)
     if not stdout.readline():  # the script's {"ready": true} line
         process.wait()
-        errors.seek(0)
-        error = errors.read()
-        lines = error.strip().splitlines()
-        last = lines[-1] if lines else f"exit code {process.returncode}"
-        raise PeerUnavailable(f"llama.cpp did not start: {last}")
+        raise PeerUnavailable(f"llama.cpp did not start: {last_line(errors, process)}")
     return NpmPeer(process)

@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LoadResult", "chart", "client_orders", "markdown", "run_load", "spawn_server",
-           "stop_server"]
+__all__ = ["LoadResult", "await_health", "chart", "client_orders", "free_port", "markdown",
+           "run_load", "spawn_server", "stop_server"]
 
 
 @dataclass
@@ -273,28 +273,45 @@ def chart(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def spawn_server(args: Sequence[str], timeout_s: float = 600.0
-                 ) -> tuple[str, subprocess.Popen[bytes]]:
-    """Start ``draftwise serve`` with ``args`` on a free port; return its URL once healthy."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "draftwise.cli", "serve", "--port", str(port), *args]
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def await_health(process: subprocess.Popen[Any], port: int, timeout_s: float) -> str | None:
+    """Wait until the server ``process`` started answers ``GET /health`` with 200 on ``port``:
+    None then, else why not (``"exited with status N"``, ``"did not answer /health within
+    T s"``)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode}")
+            return f"exited with status {process.returncode}"
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             connection.request("GET", "/health")
             if connection.getresponse().status == 200:
-                return url, process
+                return None
         except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"the server did not answer /health within {timeout_s:.0f} s")
+            pass
+        time.sleep(0.5)
+    return f"did not answer /health within {timeout_s:.0f} s"
+
+
+def spawn_server(args: Sequence[str], timeout_s: float = 600.0
+                 ) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start ``draftwise serve`` with ``args`` on a free port; return its URL once healthy."""
+    port = free_port()
+    command = [sys.executable, "-m", "draftwise.cli", "serve", "--port", str(port), *args]
+    process = subprocess.Popen(command)
+    why = await_health(process, port, timeout_s)
+    if why is not None:
+        if process.poll() is None:
+            process.kill()
+        raise RuntimeError(f"the server {why}")
+    return f"http://127.0.0.1:{port}", process
 
 
 def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:

@@ -168,14 +168,18 @@ def bench_command(args: argparse.Namespace) -> int:
 
     sampling = config_from_args(args, SamplingConfig)
     parse_budget(args.budget)
-    methods = tuple(m if m.split(":")[0].split("@")[0] in PEERS
+
+    def is_peer(spec: str) -> bool:  # a peer's name, before any options or budget
+        return spec.split(":")[0].split("@")[0] in PEERS
+
+    methods = tuple(m if is_peer(m)
                     else str(MethodSpec.parse(m, draft=args.draft, heads=args.heads))
                     for m in split_methods(args.methods))
     if args.structured:
         from draftwise.bench.structured import load_schemas
 
         load_schemas(args.structured, args.limit)  # a bad path fails before the model loads
-        if any(m.split(":")[0].split("@")[0] in PEERS for m in methods):
+        if any(is_peer(m) for m in methods):
             raise ValueError("--structured runs draftwise methods only (no transformers peers)")
     if args.workload == "code-edit":
         if args.questions:
@@ -196,8 +200,7 @@ def bench_command(args: argparse.Namespace) -> int:
                              "(--workload code-edit does)")
         if args.serve or args.spawn or args.structured:
             raise ValueError("--prediction runs in process, on questions")
-        ours = ["none", *(m for m in methods
-                          if m != "none" and m.split(":")[0].split("@")[0] not in PEERS)]
+        ours = ["none", *(m for m in methods if m != "none" and not is_peer(m))]
         methods = methods + tuple(m + WITH_PREDICTION for m in ours)
     out = Path(args.out) if args.out else None
     if args.soak is not None and not (args.serve or args.spawn):
