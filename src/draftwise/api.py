@@ -24,7 +24,7 @@ from draftwise.constraints import (
     constraint_spec,
 )
 from draftwise.engine import GenerationConfig, Run
-from draftwise.method import MethodBuilder
+from draftwise.method import SUFFIX_TOKENS, MethodBuilder
 from draftwise.metrics import GenerationStats
 from draftwise.models import LoadedModel, default_cache_dir, load_model
 from draftwise.prediction import Prediction
@@ -77,6 +77,8 @@ class Generator:
         exact: fast backend only: verify with plain decoding's one-row kernel, so output is
             bit-identical to plain decoding on this backend (slower verification).
         compile_timeout_s: the most seconds compiling one grammar or schema may take.
+        suffix_tokens: tokens of earlier outputs this generator's requests keep for the
+            ``suffix`` drafter (oldest evicted first; 0: none).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class Generator:
         backend: str = "auto",
         exact: bool = False,
         compile_timeout_s: float = 10.0,
+        suffix_tokens: int = SUFFIX_TOKENS,
     ) -> None:
         self.model = load_model(model) if isinstance(model, str) else model
         self.compile_timeout_s = compile_timeout_s
@@ -96,7 +99,7 @@ class Generator:
         self.backend: KVBackend = make_backend(self.model, backend, self.cache_dir, exact=exact)
         self.backend_name = type(self.backend).__name__
         self.methods = MethodBuilder(self.model, self.backend, budget=budget,
-                                     cache_dir=self.cache_dir)
+                                     cache_dir=self.cache_dir, suffix_tokens=suffix_tokens)
         self._compiler: Compiler | None = None
         self._set_method(method)
 
@@ -189,6 +192,7 @@ class Generator:
                 yield piece
             if stopped:
                 run.stats.finish_reason = "stop"
+                run.close()
                 return
         piece = text.final(run.tokens)
         stream.text = text.text

@@ -32,6 +32,7 @@ import torch
 from draftwise.backends.base import Backend
 from draftwise.constraints.base import Constraint, apply_mask
 from draftwise.drafters.base import Drafter, StepResult
+from draftwise.drafters.suffix import SharesSuffixCache, SuffixCache
 from draftwise.metrics import GenerationStats
 from draftwise.prediction import Prediction
 from draftwise.sampling import Sampling, SamplingConfig
@@ -72,14 +73,18 @@ class Engine:
 
     def __init__(
         self, backend: Backend, drafter: Drafter, sizer: TreeSizer | None = None, *,
-        learned: Callable[[TreeSizer], None] | None = None,
+        learned: Callable[[TreeSizer], None] | None = None, suffix: SuffixCache | None = None,
     ) -> None:
         """``learned``: called with the sizer at the end of every request (to keep what it
-        learned beyond this process: :class:`~draftwise.method.MethodBuilder`)."""
+        learned beyond this process: :class:`~draftwise.method.MethodBuilder`); ``suffix``:
+        earlier requests' outputs, for a drafter that drafts from them
+        (:class:`~draftwise.drafters.suffix.SharesSuffixCache`; each request names its
+        tenant)."""
         self.backend = backend
         self.drafter = drafter
         self.sizer = sizer
         self.learned = learned
+        self.suffix = suffix
 
     def run(
         self,
@@ -87,13 +92,15 @@ class Engine:
         config: GenerationConfig,
         constraint: Constraint | None = None,
         prediction: Prediction | None = None,
+        tenant: str = "",
     ) -> Run:
         """A request; iterate it to decode (each item: the tokens one step committed).
 
         ``constraint``: a fresh grammar state the output must follow (see module docstring);
         ``prediction``: a predicted output to draft from besides the drafter (its own state for
-        this request: :mod:`draftwise.prediction`)."""
-        return Run(self, list(prompt_ids), config, constraint, prediction)
+        this request: :mod:`draftwise.prediction`); ``tenant``: whose earlier outputs the
+        drafter may draft from, and whose later requests may draft from this one's."""
+        return Run(self, list(prompt_ids), config, constraint, prediction, tenant)
 
     def generate(
         self,
@@ -124,8 +131,10 @@ class Run:
         config: GenerationConfig,
         constraint: Constraint | None = None,
         prediction: Prediction | None = None,
+        tenant: str = "",
     ) -> None:
         self.engine = engine
+        self.tenant = tenant
         self.prompt_ids = prompt_ids
         self.config = config
         self.constraint = constraint
@@ -174,7 +183,10 @@ class Run:
         self._start = time.perf_counter()
         self.stats.cached_tokens = backend.prefill(self._context, reuse=self.reuse)
         self.started = True
-        self.engine.drafter.begin(self._context, cfg.sampling)
+        drafter = self.engine.drafter
+        if isinstance(drafter, SharesSuffixCache):
+            drafter.share(self.engine.suffix, self.tenant)
+        drafter.begin(self._context, cfg.sampling)
         self.stats.prefill_s = time.perf_counter() - self._start
 
     def plan(self, size: bool = True, batch: int | None = None) -> Step | None:
@@ -340,10 +352,18 @@ class Run:
                 top.indices[i].tolist(), top.values[i].tolist(), strict=True))
             self.logprobs.append((float(lp[i, token]), alternatives))
 
+    def close(self) -> None:
+        """End the run where its caller stops early (a stop string, a client gone): what
+        the run learned is kept as at a natural end. Does nothing after the end."""
+        if self.started and not self.done:
+            self._end()
+
     def _end(self) -> None:
         self.done = True
         self.stats.total_s = time.perf_counter() - self._start
         engine = self.engine
+        if isinstance(engine.drafter, SharesSuffixCache):
+            engine.drafter.end(self.tokens)
         if engine.learned is not None and engine.sizer is not None:
             engine.learned(engine.sizer)
 

@@ -35,11 +35,13 @@ from draftwise.drafters.base import (
     keeps_second_model,
     parse_method,
 )
+from draftwise.drafters.suffix import SuffixCache
 from draftwise.engine import Engine
 from draftwise.machine import machine_key
 from draftwise.sizing import CostCurve, SizingConfig, TreeSizer
 
-__all__ = ["Budget", "MethodBuilder", "MethodSpec", "NotServableError", "parse_budget"]
+__all__ = ["SUFFIX_TOKENS", "Budget", "MethodBuilder", "MethodSpec", "NotServableError",
+           "parse_budget"]
 
 Budget = int | str  # a node count, "auto" or "off"
 
@@ -125,6 +127,9 @@ def _fold_files(drafter: str, draft: str | None, heads: str | None) -> str:
 
 
 REMEMBER_INTERVAL_S = 5.0  # the most often a method's learned sizer state is written
+# tokens of earlier outputs the suffix drafter keeps per loaded model (all tenants together):
+# a few hundred requests' worth, tens of MB at most
+SUFFIX_TOKENS = 1 << 18
 
 
 class MethodBuilder:
@@ -143,10 +148,13 @@ class MethodBuilder:
             learned before on this model, backend and machine, in any process (kept in
             ``cache_dir/sizers``, one small file per method, written at the end of a request,
             at most once per :data:`REMEMBER_INTERVAL_S` per method).
+        suffix_tokens: size of the cross-request suffix cache (earlier requests' outputs, per
+            tenant, oldest evicted first) the ``suffix`` drafter drafts from; 0 turns it off.
     """
 
     def __init__(self, model: Any, backend: KVBackend, *, budget: Budget | str = "auto",
-                 cache_dir: Path, cost: CostCurve | None = None, remember: bool = True) -> None:
+                 cache_dir: Path, cost: CostCurve | None = None, remember: bool = True,
+                 suffix_tokens: int = SUFFIX_TOKENS) -> None:
         self.model = model
         self.backend = backend
         self.budget = parse_budget(budget)
@@ -154,6 +162,7 @@ class MethodBuilder:
         self.remember = remember
         self._cost = cost
         self._written: dict[str, float] = {}  # method -> when its sizer was last written
+        self.suffix = SuffixCache(suffix_tokens) if suffix_tokens > 0 else None
 
     def cost_curve(self) -> CostCurve:
         """This machine's step-cost curve for the model and backend (measured once, then
@@ -180,7 +189,7 @@ class MethodBuilder:
         learned = (partial(self._keep, spec) if sizer is not None and self.remember
                    and sizer.config.budget is None else None)
         return Engine(backend if backend is not None else self.backend, drafter, sizer,
-                      learned=learned)
+                      learned=learned, suffix=self.suffix)
 
     def sizer(self, spec: MethodSpec) -> TreeSizer | None:
         """The spec's tree sizer: None for plain decoding and ``@off``; a pinned node count;

@@ -11,6 +11,7 @@ from draftwise.backends.hf import HFBackend
 from draftwise.backends.reference import ReferenceBackend, ReferenceModel
 from draftwise.drafters import available_methods, create_drafter
 from draftwise.drafters.retrieval import Datastore
+from draftwise.drafters.suffix import SuffixCache
 from draftwise.engine import Engine, GenerationConfig
 from draftwise.sampling import SamplingConfig
 from draftwise.sizing import CostCurve, SizingConfig, TreeSizer
@@ -62,7 +63,10 @@ def method_specs(datastore: str) -> dict[str, list[str]]:
                       "lookahead:ngram=5,budget=8"],
         "retrieval": [f"retrieval:datastore={datastore}",
                       f"retrieval:datastore={datastore},min_ngram=1,budget=4"],
+        "suffix": ["suffix", "suffix:budget=1", "suffix:min_match=3,depth=4,occurrences=2",
+                   "suffix:depth_per_match=4,budget=32,scan=4"],
         "composite": ["composite", "composite:parts=pld+aded+lookahead,budget=12",
+                      "composite:parts=suffix+recycling",
                       f"composite:parts=recycling+retrieval:datastore={datastore};budget=4"],
     }
 
@@ -83,10 +87,12 @@ def test_every_drafter_equals_plain_greedy(
     answers: dict[int, list[int]],
 ) -> None:
     for spec in method_specs(datastore)[method]:
-        # one engine per spec across all prompts: drafters that keep state across requests
-        # (recycling, aded) are exercised with it
-        engine = Engine(ReferenceBackend(reference_model), create_drafter(spec))
-        for index, prompt in enumerate(PROMPTS):
+        # one engine per spec across all prompts, twice: drafters that keep state across
+        # requests (recycling, aded, the suffix cache: small, so it also evicts) are
+        # exercised with it
+        engine = Engine(ReferenceBackend(reference_model), create_drafter(spec),
+                        suffix=SuffixCache(2 * NEW))
+        for index, prompt in [*enumerate(PROMPTS)] * 2:
             run = engine.generate(prompt, GenerationConfig(max_new_tokens=NEW))
             assert run.tokens == answers[index], (spec, index)
             assert run.stats.new_tokens == NEW

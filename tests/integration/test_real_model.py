@@ -83,6 +83,25 @@ def test_stop_string_truncates_text(generator: Generator) -> None:
     assert cut.stats.finish_reason == "stop"
 
 
+def test_a_long_lived_generator_drafts_from_its_earlier_answers(generator: Generator) -> None:
+    """The suffix drafter of a Generator's later request drafts an earlier request's answer
+    (its output is kept even where a stop string ended it early); the text is plain's."""
+    suffix = generator.with_method("suffix@8")
+    prompt = "Describe a lighthouse keeper's morning in three sentences."
+    first = suffix.generate(prompt, max_new_tokens=48)
+    again = suffix.generate(prompt, max_new_tokens=48)
+    plain = generator.with_method("none").generate(prompt, max_new_tokens=48)
+    assert first.text == again.text == plain.text
+    assert again.stats.steps < first.stats.steps / 2
+    stop = " ".join(plain.text.split()[8:10])
+    cut = suffix.generate(prompt, max_new_tokens=48, stop=[stop])
+    assert cut.stats.finish_reason == "stop"
+    cache = generator.methods.suffix
+    assert cache is not None
+    newest = cache._tenants[""].docs  # the stopped request's output is the newest held
+    assert list(newest[max(newest)]) == cut.token_ids
+
+
 def test_text_pieces_from_windows_add_up_to_the_tokenizers_decode(generator: Generator) -> None:
     tokenizer = generator.model.tokenizer
     text = "Grüße aus Zürich! 你好，世界。 🤖🚀\n\ndef f(x):\n    return x ** 2  # ok\n" * 3

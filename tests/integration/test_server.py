@@ -127,6 +127,29 @@ def test_cached_prefixes_never_cross_cache_salts(server: tuple[str, Any]) -> Non
     assert cached("mallory") == 0
 
 
+def test_the_suffix_cache_drafts_from_a_tenants_earlier_answers_and_never_anothers(
+        server: tuple[str, Any]) -> None:
+    """A request repeating an earlier one drafts the earlier answer from the suffix cache
+    (fewer steps, same text) — for the same tenant (here: cache salt) only."""
+    url, generator = server
+    wait_idle(url)
+    prompt = "Write a haiku about the sea, then explain it in one sentence."
+
+    def ask(salt: str) -> tuple[str, int]:
+        reply = chat(url, prompt, max_tokens=64, extra_body={
+            "cache_salt": salt, "draftwise": {"method": "suffix@8", "cache_prompt": False}})
+        return reply.choices[0].message.content, reply.usage.model_extra["draftwise"]["steps"]
+
+    text, steps = ask("suffix-alice")
+    again, fewer = ask("suffix-alice")
+    other, same = ask("suffix-mallory")
+    assert again == text == other
+    assert fewer < steps / 2  # the whole earlier answer was there to draft
+    assert same == steps  # nothing of alice's reached mallory's drafts
+    cache = generator.methods.suffix
+    assert cache is not None and cache.tokens <= cache.max_tokens
+
+
 def test_streaming_chat_and_completions(server: tuple[str, Any]) -> None:
     url, _ = server
     whole = chat(url, PROMPTS[1]).choices[0].message.content

@@ -79,7 +79,7 @@ class _Stub:
 
     def __init__(self, source: str) -> None:
         self.model = SimpleNamespace(source=source)
-        self.engine = SimpleNamespace(drafter=None)
+        self.engine = SimpleNamespace(drafter=None, suffix=None)
 
     def with_method(self, spec: str) -> _Stub:
         return self

@@ -29,6 +29,7 @@ from draftwise.bench.datasets import Question, report_category
 from draftwise.bench.llamacpp import Peer, PeerUnavailable, start_peer
 from draftwise.bench.report import BASELINE
 from draftwise.drafters.base import UnknownMethodError, parse_method
+from draftwise.drafters.suffix import SuffixCache
 from draftwise.engine import GenerationConfig
 from draftwise.models import LoadedModel
 from draftwise.progress import progress_bar
@@ -65,13 +66,27 @@ Runner = Callable[[list[int], GenerationConfig, str | None], dict[str, Any]]
 WITH_PREDICTION = "+prediction"  # a method name's suffix: the method, given the prediction
 
 
-def _ours(generator: Generator, with_prediction: bool = False) -> Runner:
-    # drafters that keep their own statistics (composite: per part) expose them as report()
-    report = getattr(generator.engine.drafter, "report", None)
+class Ours:
+    """Runs one of our methods (a :data:`Runner`)."""
 
-    def run(prompt_ids: list[int], config: GenerationConfig,
-            prediction: str | None = None) -> dict[str, Any]:
-        predicted = generator.predict(prediction) if with_prediction else None
+    def __init__(self, generator: Generator, with_prediction: bool = False) -> None:
+        self.generator = generator
+        self.with_prediction = with_prediction
+        # drafters that keep their own statistics (composite: per part) expose them as report()
+        self.report = getattr(generator.engine.drafter, "report", None)
+        self.forget()
+
+    def forget(self) -> None:
+        """Draft from no earlier answer: a suffix cache of this method's own (the generator's
+        is every method's, and another method's answer to a question is this one's)."""
+        engine = self.generator.engine
+        if engine.suffix is not None:
+            engine.suffix = SuffixCache(engine.suffix.max_tokens)
+
+    def __call__(self, prompt_ids: list[int], config: GenerationConfig,
+                 prediction: str | None = None) -> dict[str, Any]:
+        generator, report = self.generator, self.report
+        predicted = generator.predict(prediction) if self.with_prediction else None
         done = generator.engine.generate(prompt_ids, config, prediction=predicted)
         stats = done.stats
         return {
@@ -90,8 +105,6 @@ def _ours(generator: Generator, with_prediction: bool = False) -> Runner:
                 "rejected_prediction_tokens": stats.rejected_prediction_tokens}
                if predicted is not None else {}),
         }
-
-    return run
 
 
 def _peer(model: Any, kwargs: dict[str, Any]) -> Runner:
@@ -159,11 +172,11 @@ def build_runners(
     for spec in specs:
         if spec.endswith(WITH_PREDICTION):
             base = spec[: -len(WITH_PREDICTION)]
-            runners[spec] = _ours(generator.with_method(base), with_prediction=True)
+            runners[spec] = Ours(generator.with_method(base), with_prediction=True)
             continue
         name, options = parse_method(spec)
         if name not in PEERS:
-            runners[spec] = _ours(generator.with_method(spec))
+            runners[spec] = Ours(generator.with_method(spec))
             continue
         if name.startswith("llamacpp"):
             if options:
@@ -240,6 +253,9 @@ def run_bench(
     first = _prompt(generator, questions[0].turns[:1], [])
     for name in names:
         runners[name](first, warm, questions[0].prediction)
+    for runner in runners.values():  # the warm-up answered the first question: forget it
+        if isinstance(runner, Ours):
+            runner.forget()
 
     records: list[dict[str, Any]] = []
     total = sum(len(q.turns) for q in questions) * len(names)

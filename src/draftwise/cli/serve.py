@@ -40,6 +40,11 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--port", type=int, default=8000, help="default: 8000")
     serve.add_argument("--max-batch", type=positive_int, default=8,
                        help="requests decoded together (KV cache regions; default: 8)")
+    serve.add_argument("--suffix-cache", type=int, default=None, metavar="TOKENS",
+                       help="tokens of earlier answers the suffix drafter keeps, over all "
+                            "tenants, each API key and cache salt drafting only from its "
+                            "own; the oldest answer is evicted first; 0: none (default: "
+                            "262144: a few MB of text, at most ~40 MB)")
     serve.add_argument("--max-queue", type=int, default=64,
                        help="requests waiting for a slot before 429 (default: 64)")
     guard = serve.add_argument_group("what clients may send")
@@ -66,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from draftwise.backends.registry import make_backend
-    from draftwise.method import MethodBuilder, MethodSpec, parse_budget
+    from draftwise.method import SUFFIX_TOKENS, MethodBuilder, MethodSpec, parse_budget
     from draftwise.models import default_cache_dir, load_model
     from draftwise.serve.app import create_app
     from draftwise.serve.policy import ClientPolicy
@@ -76,7 +81,9 @@ def _serve(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, cache_dir=args.cache_dir)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     backend = make_backend(loaded, args.backend, cache)
-    methods = MethodBuilder(loaded, backend, budget=budget, cache_dir=cache)
+    methods = MethodBuilder(loaded, backend, budget=budget, cache_dir=cache,
+                            suffix_tokens=SUFFIX_TOKENS if args.suffix_cache is None
+                            else max(args.suffix_cache, 0))
     keys = [*args.api_key, *os.environ.get(API_KEY_ENV, "").split(",")]
     policy = ClientPolicy.of(args.allow_methods.split(","), args.max_method_option)
     app = create_app(methods, args.method, max_batch=args.max_batch,

@@ -216,3 +216,4 @@ def _load_builtin() -> None:
     import draftwise.drafters.recycling  # noqa: F401
     import draftwise.drafters.retrieval  # noqa: F401
     import draftwise.drafters.self_spec  # noqa: F401
+    import draftwise.drafters.suffix  # noqa: F401

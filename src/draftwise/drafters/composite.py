@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from draftwise.drafters.base import Drafter, StepResult, create_drafter, register
+from draftwise.drafters.suffix import SharesSuffixCache, SuffixCache
 from draftwise.sampling import GREEDY, SamplingConfig
 from draftwise.tree import DraftTree, TreeBuilder
 
@@ -86,6 +87,16 @@ class CompositeDrafter:
         merged = builder.build()
         self._paths = {tuple(merged.path_tokens(i)): owners[i] for i in range(len(merged))}
         return merged
+
+    def share(self, cache: SuffixCache | None, tenant: str) -> None:
+        for _, part in self.parts:
+            if isinstance(part, SharesSuffixCache):
+                part.share(cache, tenant)
+
+    def end(self, output: Sequence[int]) -> None:
+        for _, part in self.parts:
+            if isinstance(part, SharesSuffixCache):
+                part.end(output)
 
     def report(self) -> dict[str, dict[str, float]]:
         """Per-part counts of verified and accepted nodes (cumulative)."""

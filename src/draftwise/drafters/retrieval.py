@@ -158,20 +158,12 @@ class RetrievalDrafter:
                 if len(cut):
                     continuation = continuation[: cut[0]]
                 if len(continuation):
-                    _count_path(trie, continuation.tolist())
+                    trie.count_path(continuation.tolist())
             return trie.draft([], cfg.budget, depth, max_prefix=0, min_prefix=0)
         return DraftTree.empty()
 
     def observe(self, step: StepResult) -> None:
         pass
-
-
-def _count_path(trie: CountingTrie, path: list[int]) -> None:
-    """Count one occurrence of each prefix of ``path`` below the trie's root."""
-    node = trie.root
-    for token in path:
-        node = node.children.setdefault(token, type(trie.root)())
-        node.count += 1
 
 
 def read_corpus(path: str | Path) -> list[str]:

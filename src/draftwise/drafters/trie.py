@@ -43,6 +43,14 @@ class CountingTrie:
                     node = node.children.setdefault(t, _Node())
                 node.count += 1
 
+    def count_path(self, path: Sequence[int]) -> None:
+        """Count one occurrence of each prefix of ``path`` below the root (a continuation
+        found elsewhere, not a window of this trie's own tokens)."""
+        node = self.root
+        for token in path:
+            node = node.children.setdefault(int(token), _Node())
+            node.count += 1
+
     def _find(self, context: Sequence[int], max_prefix: int, min_prefix: int) -> _Node | None:
         for n in range(min(max_prefix, len(context)), min_prefix - 1, -1):
             node: _Node | None = self.root

@@ -25,6 +25,7 @@ request's failure (a grammar error at a step, a bug) fails that request only.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -275,7 +276,8 @@ class Scheduler:
             return
         try:
             engine = self._engine(job.slot, job.method)
-            job.run = engine.run(job.prompt_ids, job.config, job.constraint, job.prediction)
+            job.run = engine.run(job.prompt_ids, job.config, job.constraint, job.prediction,
+                                 job.tenant)
             own = self._common_held(job.slot, job)
             self._held.pop(job.slot, None)
             job.run.reuse = self._shared_prefix(job, own) if job.cache_prompt else 0
@@ -428,6 +430,9 @@ class Scheduler:
             self._active.remove(job)
         if job.slot >= 0:
             run = job.run
+            if run is not None:
+                with contextlib.suppress(Exception):  # what it learned is only kept, not needed
+                    run.close()
             if run is not None and run.started:  # the slot's cache holds its first committed
                 held = self.pool.sequences[job.slot].length - 1  # tokens (the root is not cached)
                 self._held[job.slot] = (job.tenant, (run.prompt_ids + run.tokens)[:held])
