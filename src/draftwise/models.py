@@ -91,6 +91,15 @@ class LoadedModel:
     def model(self, model: Any) -> None:
         self._model = model
 
+    def weights_folder(self) -> Path:
+        """A transformers model folder holding this model's weights (for another engine:
+        vLLM), a GGUF's float32 copy made in the cache first where it is not there yet."""
+        if self._folder is None:
+            raise ModelError(f"{self.source} was loaded from memory, not from a folder")
+        if not _has_weights(self._folder):
+            _convert_weights(self._folder, self._progress)
+        return self._folder
+
     @property
     def dtype(self) -> torch.dtype:
         return self._model.dtype if self._model is not None else self._dtype

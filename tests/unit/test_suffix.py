@@ -91,7 +91,7 @@ def test_the_cache_is_bounded_and_evicts_the_oldest_output_first() -> None:
             assert len(index._heads) <= 2 * index.tokens + 1024
     # what is held is exactly the newest outputs that fit
     newest, total = [], 0
-    for tenant, output in reversed(kept):
+    for _, output in reversed(kept):
         if total + len(output) > 500:
             break
         newest.append(output)

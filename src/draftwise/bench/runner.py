@@ -35,7 +35,7 @@ from draftwise.models import LoadedModel
 from draftwise.progress import progress_bar
 
 __all__ = ["BenchConfig", "PEERS", "REFERENCE", "WITH_PREDICTION", "build_runners", "environment",
-           "run_bench"]
+           "prompt_ids", "run_bench"]
 
 PEERS = {
     "hf-generate": "transformers generate(), plain decoding",
@@ -217,7 +217,12 @@ def build_runners(
 
 
 def _prompt(generator: Generator, turns: Sequence[str], answers: Sequence[str]) -> list[int]:
-    tokenizer = generator.model.tokenizer
+    return prompt_ids(generator.model.tokenizer, turns, answers)
+
+
+def prompt_ids(tokenizer: Any, turns: Sequence[str], answers: Sequence[str]) -> list[int]:
+    """A turn's prompt: the user's turns so far and the method's own earlier answers, through
+    the chat template (plainly joined where the model has none)."""
     if not getattr(tokenizer, "chat_template", None):
         parts = [p for pair in zip(turns, [*answers, ""], strict=False) for p in pair if p]
         ids: list[int] = tokenizer("\n".join(parts)).input_ids

@@ -43,10 +43,22 @@ def add_parser(commands: Any) -> None:
     add_backend_flags(bench)
     bench.add_argument("--questions", default=None, metavar="PATH",
                        help="Spec-Bench-format JSONL (default: the packaged question set)")
-    bench.add_argument("--workload", choices=("questions", "code-edit"), default="questions",
+    bench.add_argument("--workload", choices=("questions", "code-edit", "agent"),
+                       default="questions",
                        help="questions: --questions (Spec-Bench format); code-edit: editing "
                        "tasks on functions from the Python standard library's own source, each "
-                       "with its original code as a predicted output (default: questions)")
+                       "with its original code as a predicted output; agent: a coding agent's "
+                       "two-turn loop of write_file tool calls over the same functions "
+                       "(default: questions)")
+    bench.add_argument("--engine", choices=("draftwise", "vllm"), default="draftwise",
+                       help="vllm: the questions through vLLM's offline LLM (greedy, one "
+                       "request at a time, each method its own engine): none, vLLM's own "
+                       "ngram and suffix, and draftwise methods as its custom_class proposer "
+                       "(draftwise/suffix for ours); needs pip install -e \".[vllm]\" "
+                       "(default: draftwise)")
+    bench.add_argument("--spec-tokens", type=positive_int, default=8, metavar="K",
+                       help="--engine vllm: num_speculative_tokens, the longest draft vLLM "
+                       "verifies (default: 8)")
     bench.add_argument("--prediction", action="store_true",
                        help="also run each of our methods given each question's predicted "
                        "output (code-edit: the original code), named METHOD+prediction")
@@ -152,7 +164,6 @@ def split_methods(text: str) -> tuple[str, ...]:
 def bench_command(args: argparse.Namespace) -> int:
     from draftwise.api import Generator
     from draftwise.bench import report
-    from draftwise.bench.datasets import load_questions, select
     from draftwise.bench.runner import (
         PEERS,
         WITH_PREDICTION,
@@ -172,6 +183,11 @@ def bench_command(args: argparse.Namespace) -> int:
     def is_peer(spec: str) -> bool:  # a peer's name, before any options or budget
         return spec.split(":")[0].split("@")[0] in PEERS
 
+    if args.engine == "vllm":
+        if args.serve or args.spawn or args.structured or args.cost or args.prediction:
+            raise ValueError("--engine vllm runs questions in process: no --serve, --spawn, "
+                             "--structured, --cost or --prediction")
+        return _vllm(args, split_methods(args.methods), sampling)
     methods = tuple(m if is_peer(m)
                     else str(MethodSpec.parse(m, draft=args.draft, heads=args.heads))
                     for m in split_methods(args.methods))
@@ -181,19 +197,7 @@ def bench_command(args: argparse.Namespace) -> int:
         load_schemas(args.structured, args.limit)  # a bad path fails before the model loads
         if any(is_peer(m) for m in methods):
             raise ValueError("--structured runs draftwise methods only (no transformers peers)")
-    if args.workload == "code-edit":
-        if args.questions:
-            raise ValueError("--workload code-edit makes its own questions: drop --questions")
-        from draftwise.bench.code_edit import code_edit_questions
-
-        pool = code_edit_questions()
-    else:
-        pool = load_questions(args.questions)
-    questions = select(
-        pool,
-        categories=[c.strip() for c in args.categories.split(",") if c.strip()],
-        limit=args.limit,
-    )
+    questions = _questions(args)
     if args.prediction:
         if not any(q.prediction for q in questions):
             raise ValueError("--prediction: these questions carry no predicted output "
@@ -258,6 +262,75 @@ def bench_command(args: argparse.Namespace) -> int:
             report.chart(summary, out / "chart.png")
             written.append("chart.png")
         print(f"\nwrote {', '.join(f'{out}/{name}' for name in written)}", file=sys.stderr)
+    return 0
+
+
+def _questions(args: argparse.Namespace) -> list[Any]:
+    from draftwise.bench.datasets import load_questions, select
+
+    if args.workload != "questions":
+        if args.questions:
+            raise ValueError(f"--workload {args.workload} makes its own questions: drop "
+                             "--questions")
+        from draftwise.bench.code_edit import agent_questions, code_edit_questions
+
+        pool = code_edit_questions() if args.workload == "code-edit" else agent_questions()
+    else:
+        pool = load_questions(args.questions)
+    return select(pool, categories=[c.strip() for c in args.categories.split(",") if c.strip()],
+                  limit=args.limit)
+
+
+def _vllm(args: argparse.Namespace, methods: tuple[str, ...], sampling: Any) -> int:
+    from draftwise.bench import report
+    from draftwise.bench.runner import environment, prompt_ids
+    from draftwise.bench.vllm_engine import run_vllm_bench, speculative_config
+    from draftwise.models import load_model
+
+    if not sampling.greedy:
+        raise ValueError("--engine vllm compares greedy outputs: drop the sampling flags")
+    for method in methods:
+        speculative_config(method, args.spec_tokens)  # a bad spec fails before anything loads
+    questions = _questions(args)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model, cache_dir=args.cache_dir)
+    tokenizer = model.tokenizer
+
+    def skipped(spec: str, reason: str) -> None:
+        print(f"draftwise: skipping {spec}: {reason}", file=sys.stderr)
+
+    with _partial_records(out) as keep:
+        records, counters = run_vllm_bench(
+            model, questions, methods,
+            prompt=lambda turns, answers: prompt_ids(tokenizer, turns, answers),
+            max_new_tokens=args.max_new_tokens, num_speculative_tokens=args.spec_tokens,
+            seed=args.seed, skipped=skipped, on_record=keep)
+    report.mark_exactness(records)
+    summary = report.summarize(records)
+    summary["environment"] = environment(model, None)
+    import vllm
+
+    summary["environment"]["engine"] = f"vLLM {vllm.__version__}"
+    summary["vllm"] = counters
+    summary["settings"] = {
+        "engine": "vllm", "methods": list(methods), "max_new_tokens": args.max_new_tokens,
+        "num_speculative_tokens": args.spec_tokens, "workload": args.workload,
+        "questions": args.questions or "packaged", "limit": args.limit, "seed": args.seed,
+    }
+    table = report.markdown(summary)
+    lines = [f"| {name} | {c['mean_acceptance_length']:.2f} | {c['drafts']:.0f} |"
+             for name, c in counters.items() if c["mean_acceptance_length"] is not None]
+    if lines:
+        table += ("\nvLLM's own spec-decode counters (mean acceptance length = 1 + accepted "
+                  "per drafting step):\n\n| method | mean acceptance length | drafting steps "
+                  "|\n|---|---:|---:|\n" + "\n".join(lines) + "\n")
+    sys.stdout.write(table)
+    if out is not None:
+        (out / "records.partial.jsonl").rename(out / "records.jsonl")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        (out / "table.md").write_text(table, encoding="utf-8")
     return 0
 
 
