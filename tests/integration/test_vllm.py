@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
         if method != "none":
             spec = {"method": "custom_class", "num_speculative_tokens": 6,
                     "model": "draftwise.integrations.vllm.Method"}
-        llm = LLM(model=folder, max_model_len=1024, seed=0, enforce_eager=True,
+        llm = LLM(model=folder, max_model_len=1024, seed=0, enforce_eager=True, dtype="float32",
                   speculative_config=spec, disable_log_stats=False,
                   distributed_executor_backend="mp")
         greedy = SamplingParams(temperature=0.0, max_tokens=40)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from draftwise.bench.datasets import Question
 
@@ -81,14 +81,18 @@ def _source(path: str) -> tuple[str, str, str] | None:
     return source, function.__name__, parameters[0] if parameters else "x"
 
 
+def _functions() -> Iterator[tuple[int, str, str, str, str]]:
+    """``(index, path, source, name, first parameter)`` of each function with source here."""
+    for i, path in enumerate(FUNCTIONS):
+        found = _source(path)
+        if found is not None:
+            yield (i, path, *found)
+
+
 def code_edit_questions() -> list[Question]:
     """One question per function, the task kinds rotating (see the module docstring)."""
     questions = []
-    for i, path in enumerate(FUNCTIONS):
-        found = _source(path)
-        if found is None:
-            continue
-        source, name, first = found
+    for i, path, source, name, first in _functions():
         kind, task = TASKS[i % len(TASKS)]
         prompt = f"{task(name, first)}\n\n{_FENCE}python\n{source}{_FENCE}"
         questions.append(Question(f"edit-{kind}-{path}", CATEGORY, (prompt,),
@@ -113,11 +117,7 @@ def _edit(task: Callable[[str, str], str], name: str, first: str) -> str:
 def agent_questions() -> list[Question]:
     """Two turns per function: an edit as a tool call, then the next edit of the result."""
     questions = []
-    for i, path in enumerate(FUNCTIONS):
-        found = _source(path)
-        if found is None:
-            continue
-        source, name, first = found
+    for i, path, source, name, first in _functions():
         file = path.rpartition(".")[0].replace(".", "/") + ".py"
         (kind, task), (after, then) = TASKS[i % len(TASKS)], TASKS[(i + 1) % len(TASKS)]
         opening = _AGENT.format(path=file, task=_edit(task, name, first), fence=_FENCE,

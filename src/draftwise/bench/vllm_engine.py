@@ -7,7 +7,10 @@ any draftwise method as a ``custom_class`` proposer (:mod:`draftwise.integration
 written ``draftwise/SPEC`` where the name is also vLLM's (``draftwise/suffix``) and plainly
 otherwise (``pld``, ``composite:parts=pld+suffix``).
 
-Each method gets its own ``LLM`` (vLLM's engine is built for one speculative config), loaded,
+vLLM runs in float32 (under its CPU default, bfloat16, its own speculation is not identical to
+its plain decoding: a near-tie flipped in ``tests/integration/test_vllm.py``'s first try), with
+its default compilation. Each method gets its own ``LLM`` (vLLM's engine is built for one
+speculative config), loaded,
 warmed up on the first question, then run over every turn of every question one request at a
 time, so its time is one request's latency as in our own bench; the methods run one after
 another, not interleaved. A record's ``steps`` are its new tokens minus the draft tokens vLLM
@@ -104,9 +107,9 @@ def _engine(folder: str, method: str, k: int, max_model_len: int, seed: int) -> 
     llm = None
     try:
         try:
-            llm = LLM(model=folder, max_model_len=max_model_len, seed=seed,
+            llm = LLM(model=folder, max_model_len=max_model_len, seed=seed, dtype="float32",
                       speculative_config=speculative_config(method, k),
-                      disable_log_stats=False, enforce_eager=True)
+                      disable_log_stats=False)
         except (ImportError, ValueError) as error:  # e.g. suffix without arctic-inference
             raise VllmUnavailable(f"vLLM cannot run {method}: {error}") from error
         yield llm
