@@ -78,12 +78,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     MethodSpec.parse(args.method)
     budget = parse_budget(args.budget)
+    if args.suffix_cache is not None and args.suffix_cache < 0:
+        raise ValueError(f"--suffix-cache must be >= 0 tokens, got {args.suffix_cache}")
     loaded = load_model(args.model, cache_dir=args.cache_dir)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     backend = make_backend(loaded, args.backend, cache)
     methods = MethodBuilder(loaded, backend, budget=budget, cache_dir=cache,
                             suffix_tokens=SUFFIX_TOKENS if args.suffix_cache is None
-                            else max(args.suffix_cache, 0))
+                            else args.suffix_cache)
     keys = [*args.api_key, *os.environ.get(API_KEY_ENV, "").split(",")]
     policy = ClientPolicy.of(args.allow_methods.split(","), args.max_method_option)
     app = create_app(methods, args.method, max_batch=args.max_batch,
