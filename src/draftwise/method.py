@@ -35,7 +35,7 @@ from draftwise.drafters.base import (
     keeps_second_model,
     parse_method,
 )
-from draftwise.drafters.suffix import SuffixCache
+from draftwise.drafters.suffix import SUFFIX_TOKENS, SuffixCache
 from draftwise.engine import Engine
 from draftwise.machine import machine_key
 from draftwise.sizing import CostCurve, SizingConfig, TreeSizer
@@ -127,9 +127,6 @@ def _fold_files(drafter: str, draft: str | None, heads: str | None) -> str:
 
 
 REMEMBER_INTERVAL_S = 5.0  # the most often a method's learned sizer state is written
-# tokens of earlier outputs the suffix drafter keeps per loaded model (all tenants together):
-# a few hundred requests' worth, tens of MB at most
-SUFFIX_TOKENS = 1 << 18
 
 
 class MethodBuilder:

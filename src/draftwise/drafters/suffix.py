@@ -29,10 +29,14 @@ from draftwise.drafters.trie import CountingTrie
 from draftwise.sampling import GREEDY, SamplingConfig
 from draftwise.tree import DraftTree
 
-__all__ = ["SharesSuffixCache", "SuffixCache", "SuffixConfig", "SuffixDrafter", "SuffixIndex"]
+__all__ = ["SUFFIX_TOKENS", "SharesSuffixCache", "SuffixCache", "SuffixConfig", "SuffixDrafter",
+           "SuffixIndex"]
 
 _SHIFT = 32  # a place is (document << _SHIFT) | the position its continuation starts at
 KEY = 2  # tokens every position is indexed by: the shortest match
+# the default cache size, in tokens of earlier outputs over all tenants: a few hundred
+# requests' worth, tens of MB at most (docs/usage.md gives the measured bytes)
+SUFFIX_TOKENS = 1 << 18
 
 
 class SuffixIndex:

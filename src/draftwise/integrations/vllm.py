@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from draftwise.drafters.base import Drafter, create_drafter, drafter_config, parse_method
-from draftwise.drafters.suffix import SharesSuffixCache, SuffixCache
+from draftwise.drafters.suffix import SUFFIX_TOKENS, SharesSuffixCache, SuffixCache
 from draftwise.tree import DraftTree
 
 __all__ = ["GONE_AFTER", "TOKEN_ONLY", "ChainProposer", "Method", "PromptLookup", "Suffix",
@@ -46,7 +46,6 @@ __all__ = ["GONE_AFTER", "TOKEN_ONLY", "ChainProposer", "Method", "PromptLookup"
 
 METHOD_ENV = "DRAFTWISE_VLLM_METHOD"
 GONE_AFTER = 4  # steps a request may go unseen before it counts as over
-SUFFIX_TOKENS = 1 << 18
 # methods that draft from tokens alone (the others learn from logits vLLM does not hand over)
 TOKEN_ONLY = frozenset({"none", "pld", "suffix", "retrieval", "composite"})
 
@@ -173,15 +172,14 @@ class ChainProposer:
 
 
 class Method(ChainProposer):
-    """The method spec in ``$DRAFTWISE_VLLM_METHOD`` (default: this class's ``METHOD``) as a
-    vLLM ``custom_class`` proposer."""
+    """A draftwise method as a vLLM ``custom_class`` proposer: the class's ``METHOD``, or for
+    this class the spec in ``$DRAFTWISE_VLLM_METHOD`` (default ``suffix``)."""
 
-    METHOD = "suffix"
+    METHOD: str | None = None
 
     def __init__(self, vllm_config: Any) -> None:
-        spec = vllm_config.speculative_config
-        method = os.environ.get(METHOD_ENV, "").strip() or self.METHOD
-        super().__init__(method, int(spec.num_speculative_tokens))
+        method = self.METHOD or os.environ.get(METHOD_ENV, "").strip() or "suffix"
+        super().__init__(method, int(vllm_config.speculative_config.num_speculative_tokens))
 
 
 class PromptLookup(Method):
@@ -189,17 +187,9 @@ class PromptLookup(Method):
 
     METHOD = "pld"
 
-    def __init__(self, vllm_config: Any) -> None:
-        spec = vllm_config.speculative_config
-        ChainProposer.__init__(self, self.METHOD, int(spec.num_speculative_tokens))
-
 
 class Suffix(Method):
     """``suffix``: each request's own tokens and the outputs of this instance's earlier
     requests."""
 
     METHOD = "suffix"
-
-    def __init__(self, vllm_config: Any) -> None:
-        spec = vllm_config.speculative_config
-        ChainProposer.__init__(self, self.METHOD, int(spec.num_speculative_tokens))
