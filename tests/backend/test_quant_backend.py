@@ -126,16 +126,22 @@ def test_int8_activation_products_within_the_rounding_of_the_activations(
 ) -> None:
     """8-bit activations: each 32-block of x is rounded to a multiple of its scale
     d = max|x_block| / 127, so |x_i - x8_i| <= d / 2 and the product is off by at most
-    sum over blocks of d/2 * sum|w_i| (plus float32 summation, as above)."""
+    sum over blocks of d/2 * sum|w_i| (plus float32 summation, as above). Packed: 2 groups of
+    R output rows (the K types' two-group tiles) and 3 (one group's tiles for the third)."""
+    for groups in (2, 3) if packed else (0,):
+        _check_int8_products(qtype, packed, groups, ops)
+
+
+def _check_int8_products(qtype: str, packed: bool, groups: int, ops: object) -> None:
     code, in_features = IMPLEMENTED[qtype][0], 512
-    out = 2 * ops.rows_per_pack() if packed else 29  # type: ignore[attr-defined]
+    out = groups * ops.rows_per_pack() if packed else 29  # type: ignore[attr-defined]
     data = random_blocks(qtype, out, in_features, seed=10 + code)
     weights = dequantize(data, qtype, in_features).double()  # [out, in]
     if packed:
         data = ops.pack_rows(data, code, in_features)  # type: ignore[attr-defined]
         code += 100
     generator = torch.Generator().manual_seed(code)
-    for rows in (1, 3, 4, 5, 16):
+    for rows in (1, 2, 3, 4, 5, 8, 16):
         x = torch.randn(rows, in_features, generator=generator)
         y = ops.qmatmul_q8(x, data, code, in_features).double()  # type: ignore[attr-defined]
         exact = x.double() @ weights.T

@@ -20,6 +20,17 @@ inline void any_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq
   packed_tile<T>(type, group, xq, in, r0, y, ldy, o0, ahead);
 }
 
+template <int T>
+inline void pair_tile(int64_t type, const uint8_t* group, int64_t group_bytes,
+                      const QuantizedRows& xq, int64_t in, int64_t r0, float* y, int64_t ldy,
+                      int64_t o0, const Tuning& tuning) {
+  const int64_t ahead = r0 == 0 ? tuning.prefetch_bytes : 0;
+  if (type == Q5_K)
+    return packed_tile2_q4k<T, true>(group, group_bytes, xq, in, r0, y, ldy, o0, ahead);
+  if (type == Q6_K) return packed_tile2_q6k<T>(group, group_bytes, xq, in, r0, y, ldy, o0, ahead);
+  packed_tile2_q4k<T, false>(group, group_bytes, xq, in, r0, y, ldy, o0, ahead);
+}
+
 void matmul_packed(int64_t type, const uint8_t* wp, int64_t out, const QuantizedRows& xq,
                    int64_t n, int64_t in, float* yp, int64_t ldy, const Tuning& tuning) {
   const int64_t group_bytes = (in / block_weights(type)) * packed_stride(type);
@@ -48,6 +59,26 @@ void matmul_packed(int64_t type, const uint8_t* wp, int64_t out, const Quantized
 #if defined(__AMX_TILE__)
       _tile_release();
 #endif
+    }
+    return;
+  }
+  // Q6_K's weights cost more to decode than a broadcast: past 4 rows one group's 8-row tile,
+  // which decodes each block once, wins over two passes of the pair's 4-row tile
+  const bool pairs = kRows == 16 && (out / kRows) % 2 == 0 &&
+                     (type == Q4_K || type == Q5_K || (type == Q6_K && n <= 4));
+  if (pairs) {  // two groups per broadcast activation (packed_tile2_q4k), up to 4 rows a tile
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < out / kRows; g += 2) {
+      const uint8_t* group = wp + g * group_bytes;
+      const int64_t o0 = kRows * g;
+      int64_t r0 = 0;
+      for (; r0 + 4 <= n; r0 += 4) pair_tile<4>(type, group, group_bytes, xq, in, r0, yp, ldy, o0, tuning);
+      switch (n - r0) {
+        case 3: pair_tile<3>(type, group, group_bytes, xq, in, r0, yp, ldy, o0, tuning); break;
+        case 2: pair_tile<2>(type, group, group_bytes, xq, in, r0, yp, ldy, o0, tuning); break;
+        case 1: pair_tile<1>(type, group, group_bytes, xq, in, r0, yp, ldy, o0, tuning); break;
+        default: break;
+      }
     }
     return;
   }

@@ -1,5 +1,6 @@
 // 8-bit-activation products on blocks packed R output rows at a time (repack.h), one tile of
-// activation rows per call: Q4_0/Q4_1/Q8_0, Q5_0, Q4_K, Q6_K.
+// activation rows per call: Q4_0/Q4_1/Q8_0, Q5_0, Q4_K/Q5_K, Q6_K, and the K types over two
+// groups of R output rows at once.
 #pragma once
 
 namespace {
@@ -69,6 +70,14 @@ inline void prefetch_block(const uint8_t* blk, int64_t stride, int64_t ahead) {
     _mm_prefetch(reinterpret_cast<const char*>(blk + ahead + at), _MM_HINT_T0);
 }
 
+// part ``part`` of ``parts`` of prefetch_block's lines: spread over a block's work, so the loads
+// that work needs do not queue behind a burst of misses
+inline void prefetch_part(const uint8_t* blk, int64_t stride, int64_t ahead, int part, int parts) {
+  const int64_t lines = (stride + 63) / 64;
+  for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
+    _mm_prefetch(reinterpret_cast<const char*>(blk + ahead + 64 * line), _MM_HINT_T0);
+}
+
 template <int T>
 void packed_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, int64_t in,
                  int64_t r0, float* y, int64_t ldy, int64_t o0, int64_t ahead) {
@@ -122,12 +131,12 @@ void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
   for (int t = 0; t < T; ++t) acc[t] = Vec::fzero();
   for (int64_t sb = 0; sb < supers; ++sb) {
     const uint8_t* blk = group + sb * stride;
-    if (ahead) prefetch_block(blk, stride, ahead);
     const typename Vec::F d = Vec::halves(blk), dmin = Vec::halves(blk + 2 * kRows);
     const uint8_t* sc = blk + 4 * kRows;
     const uint8_t* mn = blk + 12 * kRows;
     const uint8_t* q = blk + 20 * kRows;
     for (int s = 0; s < 8; ++s) {
+      if (ahead) prefetch_part(blk, stride, ahead, s, 8);
       const typename Vec::F d1 = Vec::mul(d, Vec::u8s(sc + s * kRows));
       const typename Vec::F m1 = Vec::mul(dmin, Vec::u8s(mn + s * kRows));
       typename Vec::I w[8];
@@ -155,6 +164,72 @@ void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
   for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
 }
 
+// packed_tile_q4k over two neighbouring groups (2R output rows) at once: each activation row's
+// four bytes are broadcast once for both groups' products. A broadcast costs as much as a
+// product on these CPUs, so one group per broadcast left the products at half their rate. Every
+// lane computes exactly what packed_tile_q4k computes, in the same order: the same bits.
+template <int T, bool kFive>
+void packed_tile2_q4k(const uint8_t* group, int64_t group_bytes, const QuantizedRows& xq,
+                      int64_t in, int64_t r0, float* y, int64_t ldy, int64_t o0, int64_t ahead) {
+  constexpr int64_t kType = kFive ? Q5_K : Q4_K;
+  const int64_t supers = in / 256, blocks = in / 32, stride = packed_stride(kType);
+  const int64_t lane_bytes = 4 * kRows;
+  typename Vec::F acc[2][T];
+  for (int h = 0; h < 2; ++h)
+    for (int t = 0; t < T; ++t) acc[h][t] = Vec::fzero();
+  for (int64_t sb = 0; sb < supers; ++sb) {
+    const uint8_t* blk[2] = {group + sb * stride, group + group_bytes + sb * stride};
+    for (int s = 0; s < 8; ++s) {
+      if (ahead) {
+        prefetch_part(blk[0], stride, ahead, s, 8);
+        prefetch_part(blk[1], stride, ahead, s, 8);
+      }
+      typename Vec::F d1[2], m1[2];
+      for (int h = 0; h < 2; ++h) {
+        d1[h] = Vec::mul(Vec::halves(blk[h]), Vec::u8s(blk[h] + 4 * kRows + s * kRows));
+        m1[h] = Vec::mul(Vec::halves(blk[h] + 2 * kRows), Vec::u8s(blk[h] + 12 * kRows + s * kRows));
+      }
+      const int64_t b = 8 * sb + s;  // the activation block
+      typename Vec::I dot[2][T];
+      for (int h = 0; h < 2; ++h)
+        for (int t = 0; t < T; ++t) dot[h][t] = Vec::zero();
+      for (int k = 0; k < 8; ++k) {
+        typename Vec::I w[2];
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t* q = blk[h] + 20 * kRows;
+          const typename Vec::I p = Vec::load(q + (s / 2) * 8 * lane_bytes + lane_bytes * k);
+          w[h] = s % 2 ? Vec::high_nibbles(p) : Vec::low_nibbles(p);
+          if (kFive) {
+            const typename Vec::I hb = Vec::load(q + 32 * lane_bytes + lane_bytes * k);
+            w[h] = Vec::or_(w[h], Vec::shl4(Vec::and_(Vec::shr(hb, s), Vec::set1(0x01010101))));
+          }
+        }
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t) {
+          const typename Vec::I x = Vec::bcast4(
+              reinterpret_cast<const uint8_t*>(xq.q.data() + (r0 + t) * in + 32 * b) + 4 * k);
+          dot[0][t] = Vec::dot_u4(dot[0][t], w[0], x);
+          dot[1][t] = Vec::dot_u4(dot[1][t], w[1], x);
+        }
+      }
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) {
+        const int64_t r = r0 + t;
+        const typename Vec::F dx = Vec::fset1(xq.scale[r * blocks + b]);
+        const typename Vec::F sx = Vec::fset1(xq.sum[r * blocks + b]);
+        for (int h = 0; h < 2; ++h) {
+          acc[h][t] = Vec::fma(Vec::to_float(dot[h][t]), Vec::mul(d1[h], dx), acc[h][t]);
+          acc[h][t] = Vec::fnma(m1[h], sx, acc[h][t]);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    Vec::store(y + (r0 + t) * ldy + o0, acc[0][t]);
+    Vec::store(y + (r0 + t) * ldy + o0 + kRows, acc[1][t]);
+  }
+}
+
 // Q6_K, packed per super-block: half d[R], int8 sc[16][R], then per 128-weight half n the
 // bytes ql[n*64 + 4k..], ql[n*64 + 32 + 4k..] and qh[n*32 + 4k..] of every row as
 // A[8][4R], B[8][4R], H[8][4R] (k = 0..7). 32-weight block c of half n is
@@ -171,7 +246,7 @@ void packed_tile_q6k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
   const typename Vec::I two = Vec::set1(0x03030303);
   for (int64_t sb = 0; sb < supers; ++sb) {
     const uint8_t* blk = group + sb * stride;
-    if (ahead) prefetch_block(blk, stride, ahead);
+    
     const typename Vec::F d = Vec::halves(blk);
     const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 2 * kRows);
     for (int n = 0; n < 2; ++n) {
@@ -179,6 +254,7 @@ void packed_tile_q6k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
       const uint8_t* B = A + 8 * lane_bytes;
       const uint8_t* H = B + 8 * lane_bytes;
       for (int c = 0; c < 4; ++c) {
+        if (ahead) prefetch_part(blk, stride, ahead, 4 * n + c, 8);
         typename Vec::I w[8];
         for (int k = 0; k < 8; ++k) {
           const typename Vec::I low = Vec::load((c % 2 ? B : A) + lane_bytes * k);
@@ -208,6 +284,75 @@ void packed_tile_q6k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
     }
   }
   for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
+}
+
+// packed_tile_q6k over two neighbouring groups at once (see packed_tile2_q4k): the same bits.
+// The two high bits of block c sit at bits 2c, 2c + 1 of each H byte; one 16-bit shift puts them
+// at bits 4, 5 (bits shifted in from the neighbouring byte fall outside the 0x30 mask).
+template <int T>
+void packed_tile2_q6k(const uint8_t* group, int64_t group_bytes, const QuantizedRows& xq,
+                      int64_t in, int64_t r0, float* y, int64_t ldy, int64_t o0, int64_t ahead) {
+  const int64_t supers = in / 256, blocks = in / 32, stride = packed_stride(Q6_K);
+  const int64_t lane_bytes = 4 * kRows;
+  typename Vec::F acc[2][T];
+  for (int h = 0; h < 2; ++h)
+    for (int t = 0; t < T; ++t) acc[h][t] = Vec::fzero();
+  const typename Vec::I high_mask = Vec::set1(0x30303030);
+  for (int64_t sb = 0; sb < supers; ++sb) {
+    const uint8_t* blk[2] = {group + sb * stride, group + group_bytes + sb * stride};
+    for (int n = 0; n < 2; ++n) {
+      for (int c = 0; c < 4; ++c) {
+        if (ahead) {
+          prefetch_part(blk[0], stride, ahead, 4 * n + c, 8);
+          prefetch_part(blk[1], stride, ahead, 4 * n + c, 8);
+        }
+        const int64_t b = 8 * sb + 4 * n + c;  // the activation block
+        for (int half = 0; half < 2; ++half) {  // weights 16 half .. 16 half + 15: one scale
+          typename Vec::F scale[2];
+          for (int h = 0; h < 2; ++h)
+            scale[h] = Vec::mul(Vec::halves(blk[h]),
+                                Vec::s8s(reinterpret_cast<const int8_t*>(blk[h] + 2 * kRows) +
+                                         (8 * n + 2 * c + half) * kRows));
+          typename Vec::I dot[2][T];
+#pragma GCC unroll 16
+          for (int t = 0; t < T; ++t) {
+            const int32_t* halves = xq.half_sums.data() + 2 * ((r0 + t) * blocks + b);
+            dot[0][t] = Vec::set1(-32 * halves[half]);
+            dot[1][t] = dot[0][t];
+          }
+          for (int k = 4 * half; k < 4 * half + 4; ++k) {
+            typename Vec::I w[2];
+            for (int h = 0; h < 2; ++h) {
+              const uint8_t* A = blk[h] + 18 * kRows + n * 96 * kRows;
+              const typename Vec::I low = Vec::load(A + (c % 2) * 8 * lane_bytes + lane_bytes * k);
+              const typename Vec::I nib = c < 2 ? Vec::low_nibbles(low) : Vec::high_nibbles(low);
+              const typename Vec::I hb = Vec::load(A + 16 * lane_bytes + lane_bytes * k);
+              const typename Vec::I moved =
+                  c == 0 ? Vec::shl4(hb) : c == 1 ? Vec::shl2(hb) : c == 2 ? hb : Vec::shr(hb, 2);
+              w[h] = Vec::or_(nib, Vec::and_(moved, high_mask));
+            }
+#pragma GCC unroll 16
+            for (int t = 0; t < T; ++t) {
+              const typename Vec::I x = Vec::bcast4(
+                  reinterpret_cast<const uint8_t*>(xq.q.data() + (r0 + t) * in + 32 * b) + 4 * k);
+              dot[0][t] = Vec::dot_u4(dot[0][t], w[0], x);
+              dot[1][t] = Vec::dot_u4(dot[1][t], w[1], x);
+            }
+          }
+#pragma GCC unroll 16
+          for (int t = 0; t < T; ++t) {
+            const typename Vec::F dx = Vec::fset1(xq.scale[(r0 + t) * blocks + b]);
+            for (int h = 0; h < 2; ++h)
+              acc[h][t] = Vec::fma(Vec::to_float(dot[h][t]), Vec::mul(scale[h], dx), acc[h][t]);
+          }
+        }
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    Vec::store(y + (r0 + t) * ldy + o0, acc[0][t]);
+    Vec::store(y + (r0 + t) * ldy + o0 + kRows, acc[1][t]);
+  }
 }
 
 // Q5_0, packed: half d[R], uint32 qh[R], uint8 q[4][4R] laid out as Q4_0's. Group g (weights

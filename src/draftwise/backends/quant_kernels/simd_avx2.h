@@ -8,6 +8,11 @@ struct Vec {
   using F = __m256;
   static I load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
   static I set1(int32_t v) { return _mm256_set1_epi32(v); }
+  static I bcast4(const uint8_t* p) {  // the 4 bytes at p in every lane
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    return _mm256_set1_epi32(four);
+  }
   static I low_nibbles(I p) { return _mm256_and_si256(p, _mm256_set1_epi8(0x0F)); }
   static I high_nibbles(I p) {
     return _mm256_and_si256(_mm256_srli_epi16(p, 4), _mm256_set1_epi8(0x0F));
@@ -49,6 +54,7 @@ struct Vec {
   static I and_(I a, I b) { return _mm256_and_si256(a, b); }
   static I shr(I a, int bits) { return _mm256_srl_epi16(a, _mm_cvtsi32_si128(bits)); }
   static I shl4(I a) { return _mm256_slli_epi16(a, 4); }
+  static I shl2(I a) { return _mm256_slli_epi16(a, 2); }
   static I shr32(I a, int bits) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(bits)); }
   static I mullo(I a, I b) { return _mm256_mullo_epi32(a, b); }
   static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }

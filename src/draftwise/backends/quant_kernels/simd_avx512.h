@@ -8,6 +8,11 @@ struct Vec {
   using F = __m512;
   static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
   static I set1(int32_t v) { return _mm512_set1_epi32(v); }
+  static I bcast4(const uint8_t* p) {  // the 4 bytes at p in every lane
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    return _mm512_set1_epi32(four);
+  }
   static I low_nibbles(I p) { return _mm512_and_si512(p, _mm512_set1_epi8(0x0F)); }
   static I high_nibbles(I p) {
     return _mm512_and_si512(_mm512_srli_epi16(p, 4), _mm512_set1_epi8(0x0F));
@@ -47,6 +52,7 @@ struct Vec {
   static I and_(I a, I b) { return _mm512_and_si512(a, b); }
   static I shr(I a, int bits) { return _mm512_srl_epi16(a, _mm_cvtsi32_si128(bits)); }
   static I shl4(I a) { return _mm512_slli_epi16(a, 4); }
+  static I shl2(I a) { return _mm512_slli_epi16(a, 2); }
   static I shr32(I a, int bits) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(bits)); }
   static I mullo(I a, I b) { return _mm512_mullo_epi32(a, b); }
   static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
