@@ -141,7 +141,7 @@ def _check_int8_products(qtype: str, packed: bool, groups: int, ops: object) -> 
         data = ops.pack_rows(data, code, in_features)  # type: ignore[attr-defined]
         code += 100
     generator = torch.Generator().manual_seed(code)
-    for rows in (1, 2, 3, 4, 5, 8, 16):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 16):
         x = torch.randn(rows, in_features, generator=generator)
         y = ops.qmatmul_q8(x, data, code, in_features).double()  # type: ignore[attr-defined]
         exact = x.double() @ weights.T

@@ -62,18 +62,25 @@ void matmul_packed(int64_t type, const uint8_t* wp, int64_t out, const Quantized
     }
     return;
   }
-  // Q6_K's weights cost more to decode than a broadcast: past 4 rows one group's 8-row tile,
-  // which decodes each block once, wins over two passes of the pair's 4-row tile
+  // Two groups per broadcast activation (packed_tile2_*): rows in tiles of 4, the last tile up
+  // to 6 (Q6_K: 5) rows in one pass, since a second pass over a few rows costs nearly a full
+  // row's products at low throughput. Q6_K's weights cost more to decode than a broadcast: past
+  // 5 rows one group's 8-row tile, which decodes each block once, wins (measured).
+  const int64_t one_pass = type == Q6_K ? 5 : 6;
   const bool pairs = kRows == 16 && (out / kRows) % 2 == 0 &&
-                     (type == Q4_K || type == Q5_K || (type == Q6_K && n <= 4));
-  if (pairs) {  // two groups per broadcast activation (packed_tile2_q4k), up to 4 rows a tile
+                     (type == Q4_K || type == Q5_K || (type == Q6_K && n <= one_pass));
+  if (pairs) {
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < out / kRows; g += 2) {
       const uint8_t* group = wp + g * group_bytes;
       const int64_t o0 = kRows * g;
       int64_t r0 = 0;
-      for (; r0 + 4 <= n; r0 += 4) pair_tile<4>(type, group, group_bytes, xq, in, r0, yp, ldy, o0, tuning);
+      for (; n - r0 > one_pass; r0 += 4)
+        pair_tile<4>(type, group, group_bytes, xq, in, r0, yp, ldy, o0, tuning);
       switch (n - r0) {
+        case 6: pair_tile<6>(type, group, group_bytes, xq, in, r0, yp, ldy, o0, tuning); break;
+        case 5: pair_tile<5>(type, group, group_bytes, xq, in, r0, yp, ldy, o0, tuning); break;
+        case 4: pair_tile<4>(type, group, group_bytes, xq, in, r0, yp, ldy, o0, tuning); break;
         case 3: pair_tile<3>(type, group, group_bytes, xq, in, r0, yp, ldy, o0, tuning); break;
         case 2: pair_tile<2>(type, group, group_bytes, xq, in, r0, yp, ldy, o0, tuning); break;
         case 1: pair_tile<1>(type, group, group_bytes, xq, in, r0, yp, ldy, o0, tuning); break;
