@@ -164,6 +164,22 @@ void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
   for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
 }
 
+// Four-weight group k of activation block b, rows r0..r0+T: each row's four bytes broadcast
+// once into both groups' integer dot products.
+template <int T>
+__attribute__((always_inline)) inline void pair_dots(const typename Vec::I w[2],
+                                                     const QuantizedRows& xq, int64_t in,
+                                                     int64_t r0, int64_t b, int k,
+                                                     typename Vec::I dot[2][T]) {
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t) {
+    const typename Vec::I x = Vec::bcast4(
+        reinterpret_cast<const uint8_t*>(xq.q.data() + (r0 + t) * in + 32 * b) + 4 * k);
+    dot[0][t] = Vec::dot_u4(dot[0][t], w[0], x);
+    dot[1][t] = Vec::dot_u4(dot[1][t], w[1], x);
+  }
+}
+
 // packed_tile_q4k over two neighbouring groups (2R output rows) at once: each activation row's
 // four bytes are broadcast once for both groups' products. A broadcast costs as much as a
 // product on these CPUs, so one group per broadcast left the products at half their rate. Every
@@ -204,13 +220,7 @@ void packed_tile2_q4k(const uint8_t* group, int64_t group_bytes, const Quantized
             w[h] = Vec::or_(w[h], Vec::shl4(Vec::and_(Vec::shr(hb, s), Vec::set1(0x01010101))));
           }
         }
-#pragma GCC unroll 16
-        for (int t = 0; t < T; ++t) {
-          const typename Vec::I x = Vec::bcast4(
-              reinterpret_cast<const uint8_t*>(xq.q.data() + (r0 + t) * in + 32 * b) + 4 * k);
-          dot[0][t] = Vec::dot_u4(dot[0][t], w[0], x);
-          dot[1][t] = Vec::dot_u4(dot[1][t], w[1], x);
-        }
+        pair_dots<T>(w, xq, in, r0, b, k, dot);
       }
 #pragma GCC unroll 16
       for (int t = 0; t < T; ++t) {
@@ -331,13 +341,7 @@ void packed_tile2_q6k(const uint8_t* group, int64_t group_bytes, const Quantized
                   c == 0 ? Vec::shl4(hb) : c == 1 ? Vec::shl2(hb) : c == 2 ? hb : Vec::shr(hb, 2);
               w[h] = Vec::or_(nib, Vec::and_(moved, high_mask));
             }
-#pragma GCC unroll 16
-            for (int t = 0; t < T; ++t) {
-              const typename Vec::I x = Vec::bcast4(
-                  reinterpret_cast<const uint8_t*>(xq.q.data() + (r0 + t) * in + 32 * b) + 4 * k);
-              dot[0][t] = Vec::dot_u4(dot[0][t], w[0], x);
-              dot[1][t] = Vec::dot_u4(dot[1][t], w[1], x);
-            }
+            pair_dots<T>(w, xq, in, r0, b, k, dot);
           }
 #pragma GCC unroll 16
           for (int t = 0; t < T; ++t) {
