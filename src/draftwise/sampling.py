@@ -12,13 +12,14 @@ in transformers' ``generate(do_sample=False)``. Ties resolve to the lowest token
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["GREEDY", "SamplingConfig", "Sampling", "argmax_rows", "top2_margins", "top_k_rows"]
+__all__ = ["GREEDY", "SamplingConfig", "Sampling", "argmax_rows", "top2_margins", "top_k_rows",
+           "use_compiled_top_k"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,18 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return torch.argmax(logits, dim=-1)
 
 
+TopK = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+_compiled_top_k: TopK | None = None
+
+
+def use_compiled_top_k(op: TopK) -> None:
+    """Let :func:`top_k_rows` use ``op`` (the quant kernels' one-pass top-k, registered when
+    they load): the same values and indices as the search below, in one pass over each row
+    (equal values: the lower index first)."""
+    global _compiled_top_k
+    _compiled_top_k = op
+
+
 def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, indices)``, each ``[rows, k]``: every row's k largest entries, largest first,
     as ``torch.topk`` gives them (ties may come in another order).
@@ -146,9 +159,12 @@ def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     lie in the k blocks with the largest maxima (any other block's maximum is below k entries),
     so only those blocks are searched, after one pass of block maxima. The block is the largest
     power of two up to 512 that divides the vocabulary (no padding copy); with none of at
-    least 64, or few blocks, it is torch's top-k."""
+    least 64, or few blocks, it is torch's top-k. Where the quant kernels are loaded, their
+    one-pass top-k runs instead (:func:`use_compiled_top_k`)."""
     rows, vocab = logits.shape
     k = min(k, vocab)
+    if _compiled_top_k is not None and logits.dtype == torch.float32 and k >= 1:
+        return _compiled_top_k(logits, k)
     block = next((b for b in (512, 256, 128, 64) if vocab % b == 0), 0)
     if block == 0 or vocab // block < 4 * k or not logits.is_contiguous():
         top = torch.topk(logits, k, dim=-1)

@@ -155,6 +155,29 @@ def _check_int8_products(qtype: str, packed: bool, groups: int, ops: object) -> 
             assert torch.equal(alone[0], y[r].float()), (qtype, rows, r)
 
 
+def test_the_compiled_top_k_is_torchs_top_k(ops: object) -> None:
+    """Values exactly torch.topk's, largest first; equal values in index order; -inf entries
+    (a grammar's mask) taken when fewer than k are finite; any width, not only multiples of 8."""
+    generator = torch.Generator().manual_seed(5)
+    for rows, n, k in ((1, 49152, 8), (3, 1001, 1), (5, 37, 16), (2, 8, 8), (4, 151936, 32)):
+        x = torch.randn(rows, n, generator=generator)
+        x[0, : n // 2] = x[0, n // 2 :][: n // 2]  # every value of row 0's first half repeated
+        if rows > 1:
+            x[1] = float("-inf")
+            x[1, n // 3] = 0.5
+        values, indices = ops.top_k_rows(x, k)  # type: ignore[attr-defined]
+        expected = torch.topk(x, k, dim=-1).values
+        assert torch.equal(values, expected), (rows, n, k)
+        assert torch.equal(x.gather(1, indices), values), (rows, n, k)
+        for r in range(rows):  # among equal values the lower index first
+            for a in range(k - 1):
+                if values[r, a] == values[r, a + 1]:
+                    assert indices[r, a] < indices[r, a + 1], (rows, n, k, r, a)
+        assert all(len(set(row.tolist())) == k for row in indices)
+    with pytest.raises(RuntimeError, match="k must be"):
+        ops.top_k_rows(torch.zeros(1, 4), 5)  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 def test_amx_tiles_give_the_vnni_path_bits(qtype: str, ops: object) -> None:
     """Where the CPU has AMX, products of many rows go through the tile unit: the same exact

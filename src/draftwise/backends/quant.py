@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from draftwise.backends.base import Capabilities
 from draftwise.backends.decoder import LAYER_LINEARS, Decoder, DecoderBackend
 from draftwise.backends.fast import check_config
+from draftwise.sampling import use_compiled_top_k
 
 __all__ = ["ISAS", "KernelTuning", "KernelsUnavailable", "QuantBackend", "QuantLinear",
            "float32_summary",
@@ -172,6 +173,7 @@ def load_kernels(cache_dir: Path, progress: bool = True, isa: str | None = None)
     if fresh and progress:
         print("draftwise: quantized kernels built", file=sys.stderr, flush=True)
     _loaded[isa] = module
+    use_compiled_top_k(module.top_k_rows)
     return module
 
 

@@ -73,6 +73,7 @@
 #include "decoder_ops.h"
 #include "attention.h"
 #include "decoder.h"
+#include "topk.h"
 
 
 // The passes and products run without the GIL: they touch no Python object, and a server's
@@ -107,6 +108,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("bytes"), pybind11::arg("repeats") = 3, kFree);
   m.def("int8_peak", &int8_peak, "8-bit multiply-adds per second of the products' dot product",
         pybind11::arg("iterations") = 100000000, kFree);
+  m.def("top_k_rows", &top_k_rows, "every row's k largest values and their indices",
+        pybind11::arg("x"), pybind11::arg("k"), kFree);
   m.def("amx_usable", [] { return kAmxBuild && amx_granted(); },
         "whether products of many rows can go through AMX tiles here (CPU, build, permission)");
 }
