@@ -65,17 +65,17 @@ __attribute__((always_inline)) inline typename Vec::I block_dot(const typename V
 // rather than the one the current block waits on. Within a thread's run of groups the packed
 // blocks are contiguous, so the lines ahead are the next ones it reads (past a matrix's end
 // they are only wasted: a prefetch never faults). No arithmetic changes.
-inline void prefetch_block(const uint8_t* blk, int64_t stride, int64_t ahead) {
-  for (int64_t at = 0; at < stride; at += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(blk + ahead + at), _MM_HINT_T0);
-}
-
-// part ``part`` of ``parts`` of prefetch_block's lines: spread over a block's work, so the loads
-// that work needs do not queue behind a burst of misses
+//
+// prefetch_part asks for part ``part`` of ``parts`` of those lines: spread over a block's work,
+// so the loads that work needs do not queue behind a burst of misses.
 inline void prefetch_part(const uint8_t* blk, int64_t stride, int64_t ahead, int part, int parts) {
   const int64_t lines = (stride + 63) / 64;
   for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
     _mm_prefetch(reinterpret_cast<const char*>(blk + ahead + 64 * line), _MM_HINT_T0);
+}
+
+inline void prefetch_block(const uint8_t* blk, int64_t stride, int64_t ahead) {
+  prefetch_part(blk, stride, ahead, 0, 1);
 }
 
 template <int T>

@@ -30,11 +30,7 @@ struct Vec {
   static I dot_s8(I sum, I w, I x) {  // |w| * (x * sign(w)) = w * x
     return dot_u4(sum, _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
   }
-  static I dot_u4_at(I sum, I w, const uint8_t* p) {
-    int32_t four;
-    std::memcpy(&four, p, 4);
-    return dot_u4(sum, w, set1(four));
-  }
+  static I dot_u4_at(I sum, I w, const uint8_t* p) { return dot_u4(sum, w, bcast4(p)); }
   static I zero() { return _mm256_setzero_si256(); }
   static I add(I a, I b) { return _mm256_add_epi32(a, b); }
   static F halves(const uint8_t* p) {
