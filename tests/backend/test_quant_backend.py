@@ -43,12 +43,16 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> object:
     return load_kernels(default_cache_dir(), progress=False)
 
 
-def random_blocks(qtype: str, rows: int, in_features: int, seed: int) -> torch.Tensor:
+def random_blocks(qtype: str, rows: int, in_features: int, seed: int,
+                  largest: bool = False) -> torch.Tensor:
     """Random GGUF blocks of ``qtype``: random quants and scale bits, float16 scales of a
-    sensible size (random bytes there could be inf or NaN)."""
+    sensible size (random bytes there could be inf or NaN). ``largest``: every quant and scale
+    bit set instead (the largest unsigned quants; Q8_0's and Q6_K's scales then read -1)."""
     _, weights, size = IMPLEMENTED[qtype]
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, (rows, in_features // weights, size), dtype=np.uint8)
+    if largest:
+        blocks[...] = 0xFF
     scales = rng.uniform(0.001, 0.05, (rows, in_features // weights, 2)).astype(np.float16)
     offset = {"Q6_K": 208}.get(qtype, 0)
     blocks[..., offset : offset + 2] = scales[..., :1].view(np.uint8)
@@ -132,17 +136,34 @@ def test_int8_activation_products_within_the_rounding_of_the_activations(
         _check_int8_products(qtype, packed, groups, ops)
 
 
-def _check_int8_products(qtype: str, packed: bool, groups: int, ops: object) -> None:
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_int8_products_of_the_largest_quants_do_not_saturate(qtype: str, ops: object) -> None:
+    """Without VNNI a product is int16 sums of byte products, and several groups' int16 sums
+    add before widening: every quant at its largest against activations rounded to +-127 (rows
+    of one sign, and of alternating signs) is where such a sum would saturate."""
+    code, in_features = IMPLEMENTED[qtype][0], 512
+    data = random_blocks(qtype, 2 * ops.rows_per_pack(), in_features, seed=30 + code,  # type: ignore[attr-defined]
+                         largest=True)
+    signs = torch.ones(in_features)
+    signs[1::2] = -1
+    x = torch.stack([torch.ones(in_features), -torch.ones(in_features), signs, -signs])
+    _check_int8_products(qtype, True, 2, ops, data, x)
+
+
+def _check_int8_products(qtype: str, packed: bool, groups: int, ops: object,
+                         data: torch.Tensor | None = None,
+                         inputs: torch.Tensor | None = None) -> None:
     code, in_features = IMPLEMENTED[qtype][0], 512
     out = groups * ops.rows_per_pack() if packed else 29  # type: ignore[attr-defined]
-    data = random_blocks(qtype, out, in_features, seed=10 + code)
+    if data is None:
+        data = random_blocks(qtype, out, in_features, seed=10 + code)
     weights = dequantize(data, qtype, in_features).double()  # [out, in]
     if packed:
         data = ops.pack_rows(data, code, in_features)  # type: ignore[attr-defined]
         code += 100
     generator = torch.Generator().manual_seed(code)
-    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 16):
-        x = torch.randn(rows, in_features, generator=generator)
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 16) if inputs is None else (len(inputs),):
+        x = torch.randn(rows, in_features, generator=generator) if inputs is None else inputs
         y = ops.qmatmul_q8(x, data, code, in_features).double()  # type: ignore[attr-defined]
         exact = x.double() @ weights.T
         d = x.double().view(rows, -1, 32).abs().amax(-1) / 127  # [rows, blocks]

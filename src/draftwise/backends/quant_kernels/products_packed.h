@@ -51,12 +51,51 @@ __attribute__((always_inline)) inline void group_dots(const typename Vec::I w[8]
   }
 }
 
-template <bool kSigned>
+// Groups g0..g0+n-1 of unsigned ``kBits``-bit weights on the maddubs path (Vec::kWidenLate):
+// each product is int16 sums of two byte products, and runs of up to kRun groups' int16 sums add
+// before one widening to int32 (|q_x| <= 127: kRun * 2 * (2^kBits - 1) * 127 < 2^15, so none
+// saturates). Half the widenings and adds of a product per group: the same exact integer. The
+// run is one chain: an int16 add waits on a product, never a product on an add.
+template <int kBits, int g0, int n>
+__attribute__((always_inline)) inline typename Vec::I run_dot(const typename Vec::I w[8],
+                                                              const int8_t* xb) {
+  constexpr int kRun = 32767 / (2 * ((1 << kBits) - 1) * 127);  // 8, 4, 2 groups for 4, 5, 6 bits
+  static_assert(kRun >= 2, "int16 sums of fewer than two groups gain nothing");
+  const uint8_t* x = reinterpret_cast<const uint8_t*>(xb);
+  typename Vec::I total = Vec::zero(), run = Vec::zero();
+#pragma GCC unroll 8
+  for (int i = 0; i < n; ++i) {
+    const typename Vec::I p = Vec::products16(w[g0 + i], Vec::bcast4(x + 4 * (g0 + i)));
+    run = i % kRun == 0 ? p : Vec::add16(run, p);
+    if (i % kRun == kRun - 1 || i == n - 1)
+      total = i < kRun ? Vec::widen(run) : Vec::add(total, Vec::widen(run));
+  }
+  return total;
+}
+
+// One block's exact integer dot product (unsigned weights of at most ``kBits`` bits, or int8).
+template <bool kSigned, int kBits = 4>
 __attribute__((always_inline)) inline typename Vec::I block_dot(const typename Vec::I w[8],
                                                                 const int8_t* xb) {
+  if constexpr (Vec::kWidenLate && !kSigned) return run_dot<kBits, 0, 8>(w, xb);
   typename Vec::I part[4];
   group_dots<kSigned, false>(w, xb, part);
   return Vec::add(Vec::add(part[0], part[1]), Vec::add(part[2], part[3]));
+}
+
+// The block's two 16-weight halves' exact integer dot products (Q6_K: 6-bit weights).
+template <int kBits>
+__attribute__((always_inline)) inline void half_dots(const typename Vec::I w[8], const int8_t* xb,
+                                                     typename Vec::I half[2]) {
+  if constexpr (Vec::kWidenLate) {
+    half[0] = run_dot<kBits, 0, 4>(w, xb);
+    half[1] = run_dot<kBits, 4, 4>(w, xb);
+  } else {
+    typename Vec::I part[4];
+    group_dots<false, true>(w, xb, part);
+    half[0] = Vec::add(part[0], part[1]);
+    half[1] = Vec::add(part[2], part[3]);
+  }
 }
 
 // Weights stream from memory once per step (a model is larger than the cache a core may use),
@@ -154,7 +193,7 @@ void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
       for (int t = 0; t < T; ++t) {
         const int64_t r = r0 + t;
         const int8_t* xb = xq.q.data() + r * in + 32 * b;
-        const typename Vec::I dot = block_dot<false>(w, xb);
+        const typename Vec::I dot = block_dot<false, kFive ? 5 : 4>(w, xb);
         acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(d1, Vec::fset1(xq.scale[r * blocks + b])),
                           acc[t]);
         acc[t] = Vec::fnma(m1, Vec::fset1(xq.sum[r * blocks + b]), acc[t]);
@@ -279,13 +318,11 @@ void packed_tile_q6k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
         for (int t = 0; t < T; ++t) {
           const int64_t r = r0 + t;
           const int8_t* xb = xq.q.data() + r * in + 32 * b;
-          typename Vec::I part[4];
-          group_dots<false, true>(w, xb, part);
+          typename Vec::I half[2];
+          half_dots<6>(w, xb, half);
           const int32_t* halves = xq.half_sums.data() + 2 * (r * blocks + b);
-          const typename Vec::I dot_a =
-              Vec::sub(Vec::add(part[0], part[1]), Vec::set1(32 * halves[0]));
-          const typename Vec::I dot_b =
-              Vec::sub(Vec::add(part[2], part[3]), Vec::set1(32 * halves[1]));
+          const typename Vec::I dot_a = Vec::sub(half[0], Vec::set1(32 * halves[0]));
+          const typename Vec::I dot_b = Vec::sub(half[1], Vec::set1(32 * halves[1]));
           const typename Vec::F dx = Vec::fset1(xq.scale[r * blocks + b]);
           acc[t] = Vec::fma(Vec::to_float(dot_a), Vec::mul(d_a, dx), acc[t]);
           acc[t] = Vec::fma(Vec::to_float(dot_b), Vec::mul(d_b, dx), acc[t]);
@@ -392,7 +429,7 @@ void packed_tile_q5(const uint8_t* group, const QuantizedRows& xq, int64_t in, i
       const int8_t* xb = xq.q.data() + r * in + 32 * b;
       const int32_t* halves = xq.half_sums.data() + 2 * (r * blocks + b);
       const typename Vec::I dot =
-          Vec::sub(block_dot<false>(w, xb), Vec::set1(16 * (halves[0] + halves[1])));
+          Vec::sub(block_dot<false, 5>(w, xb), Vec::set1(16 * (halves[0] + halves[1])));
       acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(dw, Vec::fset1(xq.scale[r * blocks + b])),
                         acc[t]);
     }

@@ -17,6 +17,16 @@ struct Vec {
   static I high_nibbles(I p) {
     return _mm256_and_si256(_mm256_srli_epi16(p, 4), _mm256_set1_epi8(0x0F));
   }
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+  static constexpr bool kWidenLate = false;
+#else
+  // Without VNNI a product is maddubs (int16 sums of two byte products) widened to int32 by madd
+  // with ones: several groups' int16 sums may add before one widening (run_dot says when).
+  static constexpr bool kWidenLate = true;
+#endif
+  static I products16(I w, I x) { return _mm256_maddubs_epi16(w, x); }
+  static I add16(I a, I b) { return _mm256_add_epi16(a, b); }
+  static I widen(I p16) { return _mm256_madd_epi16(p16, _mm256_set1_epi16(1)); }
   static I dot_u4(I sum, I w, I x) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
     return _mm256_dpbusd_epi32(sum, w, x);

@@ -17,6 +17,12 @@ struct Vec {
   static I high_nibbles(I p) {
     return _mm512_and_si512(_mm512_srli_epi16(p, 4), _mm512_set1_epi8(0x0F));
   }
+  // dpbusd sums into int32 itself: the int16 steps of the maddubs path (simd_avx2.h) are never
+  // taken here, and exist so that code naming them compiles on every build
+  static constexpr bool kWidenLate = false;
+  static I products16(I w, I x) { return _mm512_maddubs_epi16(w, x); }
+  static I add16(I a, I b) { return _mm512_add_epi16(a, b); }
+  static I widen(I p16) { return _mm512_madd_epi16(p16, _mm512_set1_epi16(1)); }
   static I dot_u4(I sum, I w, I x) { return _mm512_dpbusd_epi32(sum, w, x); }
   // dot_u4 with x = the 4 bytes at p broadcast by the instruction itself ({1to16}): GCC does
   // not fold _mm512_set1_epi32 into vpdpbusd, and the separate broadcasts were a third of the
