@@ -47,6 +47,15 @@ def test_one_round_is_the_levels_in_turn(monkeypatch: pytest.MonkeyPatch) -> Non
         load.run_load("http://x", ["a"], ["none"], [1], 16, progress=False, rounds=0)
 
 
+def test_every_request_prefills_its_whole_prompt_on_either_server() -> None:
+    """llama-server reads a top-level ``cache_prompt``, draftwise serve its own field: without
+    the first, llama-server reused a cached prefix and its first token looked faster."""
+    body = load.request_body("m", "hello", "pld", 16)
+    assert body["cache_prompt"] is False
+    assert body["draftwise"] == {"method": "pld", "cache_prompt": False}
+    assert body["temperature"] == 0 and body["stream"] is True
+
+
 def test_the_url_a_server_prints_names_the_same_server() -> None:
     assert load.server_root("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000"
     assert load.server_root("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000"

@@ -86,14 +86,21 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def request_body(model: str, prompt: str, method: str, max_tokens: int) -> dict[str, object]:
+    """One greedy streaming chat request that prefills its whole prompt on either server:
+    ``cache_prompt: false`` at the top level is llama-server's field, inside ``draftwise``
+    ours (each ignores the other's)."""
+    return {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, "cache_prompt": False,
+            "draftwise": {"method": method, "cache_prompt": False}}
+
+
 def request(url: str, model: str, prompt: str, method: str, max_tokens: int,
             timeout: float = 600.0) -> RequestRecord:
     """One streaming greedy chat request; times the first token and the end."""
     parts = urllib.parse.urlsplit(url)
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True},
-            "draftwise": {"method": method, "cache_prompt": False}}
+    body = request_body(model, prompt, method, max_tokens)
     start = time.perf_counter()
     ttft, text, tokens = 0.0, "", 0
     connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
