@@ -14,7 +14,11 @@ inline void any_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq
   // prefetch on the first pass over the group's blocks only
   const int64_t ahead = r0 == 0 ? tuning.prefetch_bytes : 0;
   if (type == Q5_0) return packed_tile_q5<T>(group, xq, in, r0, y, ldy, o0, ahead);
-  if (type == Q4_K) return packed_tile_q4k<T, false>(group, xq, in, r0, y, ldy, o0, ahead);
+  if (type == Q4_K) {
+    if constexpr (Vec::kWidenLate && T >= 4)
+      return packed_tile_q4k_rows<T>(group, xq, in, r0, y, ldy, o0, ahead);
+    return packed_tile_q4k<T, false>(group, xq, in, r0, y, ldy, o0, ahead);
+  }
   if (type == Q5_K) return packed_tile_q4k<T, true>(group, xq, in, r0, y, ldy, o0, ahead);
   if (type == Q6_K) return packed_tile_q6k<T>(group, xq, in, r0, y, ldy, o0, ahead);
   packed_tile<T>(type, group, xq, in, r0, y, ldy, o0, ahead);
@@ -94,7 +98,9 @@ void matmul_packed(int64_t type, const uint8_t* wp, int64_t out, const Quantized
     const uint8_t* group = wp + g * group_bytes;
     const int64_t o0 = kRows * g;
     int64_t r0 = 0;
-    if (kRows == 16) {  // 32 vector registers: weights stay put for 8 activation rows
+    // 32 vector registers: weights stay put for 8 activation rows; AVX2 without VNNI: Q4_K's
+    // rows tile (packed_tile_q4k_rows) keeps runs, not weights, in its 16
+    if (kRows == 16 || (Vec::kWidenLate && type == Q4_K)) {
       for (; r0 + 8 <= n; r0 += 8) any_tile<8>(type, group, xq, in, r0, yp, ldy, o0, tuning);
     }
     for (; r0 + 4 <= n; r0 += 4) any_tile<4>(type, group, xq, in, r0, yp, ldy, o0, tuning);

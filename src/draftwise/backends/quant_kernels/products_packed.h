@@ -203,6 +203,53 @@ void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
   for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
 }
 
+// Q4_K on the maddubs path (Vec::kWidenLate) for 8 rows: group by group, each group's weights
+// decoded once for all T rows and its products added into the rows' int16 runs (a block's 8
+// groups are one run for 4-bit weights). AVX2's 16 registers then hold the T runs, the group's
+// weights and a broadcast, where packed_tile_q4k's 8 decoded groups and T accumulators would
+// spill at T = 8. Each lane sums what packed_tile_q4k sums, in the same order: the same bits.
+template <int T>
+void packed_tile_q4k_rows(const uint8_t* group, const QuantizedRows& xq, int64_t in, int64_t r0,
+                          float* y, int64_t ldy, int64_t o0, int64_t ahead) {
+  static_assert(Vec::kWidenLate, "VNNI builds sum in int32 directly: packed_tile_q4k");
+  const int64_t supers = in / 256, blocks = in / 32, stride = packed_stride(Q4_K);
+  const int64_t lane_bytes = 4 * kRows;
+  typename Vec::F acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = Vec::fzero();
+  for (int64_t sb = 0; sb < supers; ++sb) {
+    const uint8_t* blk = group + sb * stride;
+    const typename Vec::F d = Vec::halves(blk), dmin = Vec::halves(blk + 2 * kRows);
+    const uint8_t* q = blk + 20 * kRows;
+    for (int s = 0; s < 8; ++s) {
+      if (ahead) prefetch_part(blk, stride, ahead, s, 8);
+      const int64_t b = 8 * sb + s;  // the activation block
+      typename Vec::I run[T];
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        const typename Vec::I p = Vec::load(q + (s / 2) * 8 * lane_bytes + lane_bytes * k);
+        const typename Vec::I w = s % 2 ? Vec::high_nibbles(p) : Vec::low_nibbles(p);
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t) {
+          const uint8_t* x = reinterpret_cast<const uint8_t*>(xq.q.data() + (r0 + t) * in + 32 * b);
+          const typename Vec::I product = Vec::products16(w, Vec::bcast4(x + 4 * k));
+          run[t] = k == 0 ? product : Vec::add16(run[t], product);
+        }
+      }
+      const typename Vec::F d1 = Vec::mul(d, Vec::u8s(blk + 4 * kRows + s * kRows));
+      const typename Vec::F m1 = Vec::mul(dmin, Vec::u8s(blk + 12 * kRows + s * kRows));
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) {
+        const int64_t r = r0 + t;
+        const typename Vec::I dot = Vec::widen(run[t]);
+        acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(d1, Vec::fset1(xq.scale[r * blocks + b])),
+                          acc[t]);
+        acc[t] = Vec::fnma(m1, Vec::fset1(xq.sum[r * blocks + b]), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
+}
+
 // Four-weight group k of activation block b, rows r0..r0+T: each row's four bytes broadcast
 // once into both groups' integer dot products.
 template <int T>
