@@ -211,7 +211,7 @@ void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
 template <int T>
 void packed_tile_q4k_rows(const uint8_t* group, const QuantizedRows& xq, int64_t in, int64_t r0,
                           float* y, int64_t ldy, int64_t o0, int64_t ahead) {
-  static_assert(Vec::kWidenLate, "VNNI builds sum in int32 directly: packed_tile_q4k");
+  static_assert(Vec::kWidenLate || T < 0, "VNNI builds sum in int32 directly: packed_tile_q4k");
   const int64_t supers = in / 256, blocks = in / 32, stride = packed_stride(Q4_K);
   const int64_t lane_bytes = 4 * kRows;
   typename Vec::F acc[T];
