@@ -153,6 +153,19 @@ void packed_tile(int64_t type, const uint8_t* group, const QuantizedRows& xq, in
   for (int t = 0; t < T; ++t) Vec::store(y + (r0 + t) * ldy + o0, acc[t]);
 }
 
+// One Q4_K/Q5_K sub-block of one activation row into its accumulator: acc + float(dot) d1 d_x,
+// less m1 d_x sum(q_x), in this order (the bits depend on it; packed_tile2_q4k does the same
+// with each row's broadcasts shared by its two groups).
+__attribute__((always_inline)) inline typename Vec::F q4k_step(typename Vec::F acc,
+                                                               typename Vec::I dot,
+                                                               typename Vec::F d1,
+                                                               typename Vec::F m1,
+                                                               const QuantizedRows& xq,
+                                                               int64_t at) {
+  acc = Vec::fma(Vec::to_float(dot), Vec::mul(d1, Vec::fset1(xq.scale[at])), acc);
+  return Vec::fnma(m1, Vec::fset1(xq.sum[at]), acc);
+}
+
 // Q4_K, packed per super-block: half d[R], dmin[R], uint8 sc[8][R], m[8][R], then for each
 // pair j of 32-weight sub-blocks uint8 q[8][4R] with q[k][4r + i] = qs_r[32j + 4k + i] (low
 // nibbles: sub-block 2j, high: 2j + 1). Sub-block s of row r weighs w = d1 q - m1 with
@@ -193,10 +206,8 @@ void packed_tile_q4k(const uint8_t* group, const QuantizedRows& xq, int64_t in, 
       for (int t = 0; t < T; ++t) {
         const int64_t r = r0 + t;
         const int8_t* xb = xq.q.data() + r * in + 32 * b;
-        const typename Vec::I dot = block_dot<false, kFive ? 5 : 4>(w, xb);
-        acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(d1, Vec::fset1(xq.scale[r * blocks + b])),
-                          acc[t]);
-        acc[t] = Vec::fnma(m1, Vec::fset1(xq.sum[r * blocks + b]), acc[t]);
+        acc[t] = q4k_step(acc[t], block_dot<false, kFive ? 5 : 4>(w, xb), d1, m1, xq,
+                          r * blocks + b);
       }
     }
   }
@@ -239,11 +250,7 @@ void packed_tile_q4k_rows(const uint8_t* group, const QuantizedRows& xq, int64_t
       const typename Vec::F m1 = Vec::mul(dmin, Vec::u8s(blk + 12 * kRows + s * kRows));
 #pragma GCC unroll 16
       for (int t = 0; t < T; ++t) {
-        const int64_t r = r0 + t;
-        const typename Vec::I dot = Vec::widen(run[t]);
-        acc[t] = Vec::fma(Vec::to_float(dot), Vec::mul(d1, Vec::fset1(xq.scale[r * blocks + b])),
-                          acc[t]);
-        acc[t] = Vec::fnma(m1, Vec::fset1(xq.sum[r * blocks + b]), acc[t]);
+        acc[t] = q4k_step(acc[t], Vec::widen(run[t]), d1, m1, xq, (r0 + t) * blocks + b);
       }
     }
   }
