@@ -28,9 +28,38 @@ def tiny_hf_model(
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
         initializer_range=0.5, eos_token_id=None, bos_token_id=None, pad_token_id=None,
     )
+    if family == "gemma3_text":
+        return tiny_gemma3_model(attn, vocab, seed, layers, hidden, heads, kv_heads)
     config = LlamaConfig(**kwargs) if family == "llama" else Qwen2Config(**kwargs)
     config._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    return model.to(torch.float64).eval()
+
+
+def tiny_gemma3_model(attn: str = "sdpa", vocab: int = 64, seed: int = 0, layers: int = 3,
+                      hidden: int = 32, heads: int = 2, kv_heads: int = 1):
+    """A tiny random Gemma 3 text model in float64: sliding layers with a window of 4 around a
+    full one, their own rotary base, and random norm weights (Gemma's start at zero, which
+    would hide a norm applied as ``w`` instead of ``1 + w``)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    kinds = ["sliding_attention", "full_attention"] * layers
+    config = Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
+        max_position_embeddings=256, initializer_range=0.5, sliding_window=4,
+        layer_types=kinds[:layers], query_pre_attn_scalar=24,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+        eos_token_id=None, bos_token_id=None, pad_token_id=None,
+    )
+    config._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.copy_(torch.randn_like(parameter) * 0.5)
     return model.to(torch.float64).eval()
 
 

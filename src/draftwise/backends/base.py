@@ -21,7 +21,20 @@ import torch
 
 from draftwise.tree import DraftTree
 
-__all__ = ["Backend", "Capabilities", "KVBackend", "PromptTooLongError"]
+__all__ = ["Backend", "Capabilities", "KVBackend", "PromptTooLongError", "sliding_window_mask"]
+
+
+def sliding_window_mask(mask: torch.Tensor | None, positions: torch.Tensor, past: int,
+                        reach: int) -> torch.Tensor:
+    """What a sliding-window layer's rows see: ``[T, past + T]`` bool, the keys ``mask``
+    allows (None: causal) that lie less than ``reach`` positions before the row's own
+    (transformers' ``kv_idx > q_idx - sliding_window``). The cache's committed slots
+    ``0 .. past - 1`` hold positions ``0 .. past - 1``; the rows are at ``positions``."""
+    t = len(positions)
+    if mask is None:
+        mask = torch.ones(t, past + t, dtype=torch.bool).tril(diagonal=past)
+    keys = torch.cat([torch.arange(past), positions])
+    return mask & (keys[None, :] > positions[:, None] - reach)
 
 
 class PromptTooLongError(ValueError):

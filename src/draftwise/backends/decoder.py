@@ -1,10 +1,17 @@
-"""A Llama/Qwen2 decoder and one sequence's KV cache over it, shared by the fast and quant
-backends by composition.
+"""A Llama/Qwen2/Gemma-3 decoder and one sequence's KV cache over it, shared by the fast and
+quant backends by composition.
 
 :class:`Decoder` holds what a decoder *is*: its shapes, its rotary table and its weights
 (embedding rows, and per layer the norms and the ``qkv``, ``out``, ``gate_up`` and ``down``
 linears, each called as ``linear(x, exact)``), and runs the forward pass in torch over a cache it
 is handed. It holds no sequence state, so many sequences (a server's pool) share one.
+
+Gemma 3 (``gemma3_text``) is the same decoder with more: the embedding scaled by
+``sqrt(hidden)``, every norm computed and scaled in float32 (its scales are ``1 + weight``: the
+builders pass them so, as a GGUF stores them), per-head norms of queries and keys before the
+rotary, norms of the attention's and the MLP's outputs before each residual add, a tanh-GELU
+gate, attention scaled by ``query_pre_attn_scalar ** -0.5``, and *sliding* layers whose rows see
+only the keys of the last ``sliding_window`` positions, with their own rotary base.
 
 :class:`DecoderBackend` is one sequence on a decoder: its KV cache ``[layers, kv_heads, window,
 head_dim]`` and the :class:`~draftwise.backends.base.KVBackend` bookkeeping. The fast backend
@@ -21,46 +28,83 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from draftwise.backends.base import Capabilities, KVBackend
+from draftwise.backends.base import Capabilities, KVBackend, sliding_window_mask
 
 __all__ = ["Decoder", "DecoderBackend", "LAYER_LINEARS"]
 
 LAYER_LINEARS = ("qkv", "out", "gate_up", "down")  # a layer's matrix products, in order
+GEMMA3 = "gemma3_text"
+# Gemma 3's extra per-layer norm scales: queries' and keys' (per head), the attention's and the
+# MLP's outputs
+GEMMA_NORMS = ("q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
+
+
+def rope_theta(config: Any, layer_type: str = "full_attention") -> float:
+    """The rotary base of ``layer_type``'s layers: ``rope_parameters`` per layer type (Gemma 3)
+    or one for all."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope.get(layer_type), dict):
+        rope = rope[layer_type]
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 class Decoder:
-    """A Llama/Qwen2 decoder's shapes, rotary table and weights, and its torch forward.
+    """A Llama/Qwen2/Gemma-3 decoder's shapes, rotary tables and weights, and its torch forward.
 
     Parameters:
         config: the transformers config (shapes, rotary, norms).
         dtype: the dtype of the activations and of the cache.
-        embed: ``embed[ids] -> [*ids.shape, hidden]``.
-        layers: per layer ``attn_norm``, ``mlp_norm`` (tensors) and the :data:`LAYER_LINEARS`.
+        embed: ``embed[ids] -> [*ids.shape, hidden]`` (unscaled: :meth:`embedding` scales).
+        layers: per layer ``attn_norm``, ``mlp_norm`` (tensors) and the :data:`LAYER_LINEARS`;
+            Gemma 3 also the :data:`GEMMA_NORMS`.
         norm: the final norm's weight; head: the LM head (a linear).
         max_length: the context window (default: the config's).
     """
 
     def __init__(self, config: Any, dtype: torch.dtype, embed: Any, layers: list[dict[str, Any]],
                  norm: torch.Tensor, head: Any, max_length: int | None = None) -> None:
-        rope = getattr(config, "rope_parameters", None) or {}
         self.window = int(max_length or config.max_position_embeddings)
         self.vocab_size = int(config.vocab_size)
         self.family = str(config.model_type)
+        self.gemma = self.family == GEMMA3
         self.dtype = dtype
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self.eps = float(config.rms_norm_eps)
-        theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
         self.embed, self.layers, self.norm, self.head = embed, layers, norm, head
+        # per layer: None, or how many positions back its rows see (a sliding layer)
+        kinds = list(getattr(config, "layer_types", None) or []) if self.gemma else []
+        self.reach: list[int | None] = [
+            int(config.sliding_window) if kind == "sliding_attention" else None
+            for kind in kinds] or [None] * len(layers)
+        if len(self.reach) != len(layers):
+            raise ValueError(f"{len(layers)} layers but {len(self.reach)} layer types")
+        self.scaling: float | None = None  # attention's: None is 1/sqrt(head_dim)
+        self.embed_scale: torch.Tensor | None = None
+        if self.gemma:
+            self.scaling = float(config.query_pre_attn_scalar) ** -0.5
+            # as transformers keeps it: a float32 scalar, cast to the embedding's dtype
+            self.embed_scale = torch.tensor(float(config.hidden_size) ** 0.5).to(dtype)
+        self.cos, self.sin = self._rotary(rope_theta(config))
+        self.local_cos, self.local_sin = self.cos, self.sin  # sliding layers'
+        if any(self.reach):
+            self.local_cos, self.local_sin = self._rotary(rope_theta(config, "sliding_attention"))
 
-        # rotary table, computed as transformers does (float32 angles, then the model dtype)
+    def _rotary(self, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary table ``[window, head_dim]`` (cos, sin), computed as transformers does
+        (float32 angles, then the model dtype)."""
         inv = 1.0 / theta ** (
             torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
         )
         angles = torch.outer(torch.arange(self.window, dtype=torch.float32), inv)
         angles = torch.cat([angles, angles], dim=-1)  # [window, head_dim]
-        self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input rows ``[*ids.shape, hidden]`` as the first layer reads them."""
+        x: torch.Tensor = self.embed[ids]
+        return x if self.embed_scale is None else x * self.embed_scale
 
     def cache_shape(self) -> tuple[int, int, int, int]:
         """``(layers, kv_heads, window, head_dim)``: one sequence's keys (or values)."""
@@ -72,12 +116,16 @@ class Decoder:
             raise ValueError(f"layers to skip must be in 0..{len(self.layers) - 1}")
         other = copy.copy(self)
         other.layers = [layer for i, layer in enumerate(self.layers) if i not in skip]
+        other.reach = [reach for i, reach in enumerate(self.reach) if i not in skip]
         return other
 
     def rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # in float32 whatever the model dtype, as transformers' Llama/Qwen2 RMSNorm does
+        # in float32 whatever the model dtype, as transformers' RMSNorms do: Llama/Qwen2 scale
+        # after the cast back, Gemma 3 before it
         x32 = x.float()
         variance = x32.pow(2).mean(-1, keepdim=True)
+        if self.gemma:
+            return (x32 * torch.rsqrt(variance + self.eps) * weight.float()).to(x.dtype)
         return weight * (x32 * torch.rsqrt(variance + self.eps)).to(x.dtype)
 
     @staticmethod
@@ -100,7 +148,8 @@ class Decoder:
             k = keys.index_select(1, visible)[None]  # [1, kv, S, d]
             v = values.index_select(1, visible)[None]
             rows.append(F.scaled_dot_product_attention(
-                q[None, :, r : r + 1], k, v, enable_gqa=self.kv_heads != self.heads
+                q[None, :, r : r + 1], k, v, enable_gqa=self.kv_heads != self.heads,
+                scale=self.scaling,
             )[0])
         return torch.cat(rows, dim=1)  # [h, T, d]
 
@@ -116,32 +165,45 @@ class Decoder:
         t = len(ids)
         end = start + t
         h, kv, d = self.heads, self.kv_heads, self.head_dim
-        cos, sin = self.cos[positions][None], self.sin[positions][None]  # [1, T, head_dim]
-        attn_mask = None if mask is None else mask[None, None]  # [1, 1, T, end]
-        if mask is None and t > 1:
-            attn_mask = torch.ones(t, end, dtype=torch.bool).tril(diagonal=start)[None, None]
-        x = self.embed[ids]  # [T, hidden]
+        tables = {False: (self.cos[positions][None], self.sin[positions][None]),  # [1, T, d]
+                  True: (self.local_cos[positions][None], self.local_sin[positions][None])}
+        windows = {reach: sliding_window_mask(mask, positions, start, reach)
+                   for reach in set(self.reach) if reach is not None}
+        x = self.embedding(ids)  # [T, hidden]
         for index, layer in enumerate(self.layers):
+            reach = self.reach[index]
+            cos, sin = tables[reach is not None]
+            visible = mask if reach is None else windows[reach]  # [T, end] or None: causal
+            attn_mask = None if visible is None else visible[None, None]  # [1, 1, T, end]
+            if visible is None and t > 1:
+                attn_mask = torch.ones(t, end, dtype=torch.bool).tril(diagonal=start)[None, None]
             qkv = layer["qkv"](self.rms(x, layer["attn_norm"]), exact)  # [T, (h + 2kv) d]
             q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
-            q = self._rotate(q.view(t, h, d).transpose(0, 1), cos, sin)  # [h, T, d]
-            k = self._rotate(k.view(t, kv, d).transpose(0, 1), cos, sin)  # [kv, T, d]
+            q, k = q.view(t, h, d), k.view(t, kv, d)
+            if self.gemma:
+                q, k = self.rms(q, layer["q_norm"]), self.rms(k, layer["k_norm"])
+            q = self._rotate(q.transpose(0, 1), cos, sin)  # [h, T, d]
+            k = self._rotate(k.transpose(0, 1), cos, sin)  # [kv, T, d]
             keys[index, :, start:end] = k
             values[index, :, start:end] = v.view(t, kv, d).transpose(0, 1)
             if exact:
-                out = self._attend_rows(keys[index], values[index], q, end, mask)
+                out = self._attend_rows(keys[index], values[index], q, end, visible)
             else:
                 out = F.scaled_dot_product_attention(
                     q[None], keys[index, :, :end][None], values[index, :, :end][None],
-                    attn_mask=attn_mask, enable_gqa=kv != h,
+                    attn_mask=attn_mask, enable_gqa=kv != h, scale=self.scaling,
                 )[0]  # [h, T, d]
-            x = x + layer["out"](out.transpose(0, 1).reshape(t, h * d), exact)
+            out = layer["out"](out.transpose(0, 1).reshape(t, h * d), exact)
+            x = x + (self.rms(out, layer["post_attn_norm"]) if self.gemma else out)
             gate, up = layer["gate_up"](self.rms(x, layer["mlp_norm"]), exact).chunk(2, dim=-1)
-            x = x + layer["down"](F.silu(gate) * up, exact)
+            if self.gemma:
+                mlp = layer["down"](F.gelu(gate, approximate="tanh") * up, exact)
+                x = x + self.rms(mlp, layer["post_mlp_norm"])
+            else:
+                x = x + layer["down"](F.silu(gate) * up, exact)
         if last_only:
             x = x[-1:]
         return self.rms(x, self.norm)
-
 
 class DecoderBackend(KVBackend):
     """One sequence on a :class:`Decoder`: its KV cache and the tree-step bookkeeping.
@@ -203,8 +265,7 @@ class DecoderBackend(KVBackend):
 
     def embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Input-embedding rows ``[*ids.shape, hidden]``, as the model reads them."""
-        rows: torch.Tensor = self.decoder.embed[ids]
-        return rows
+        return self.decoder.embedding(ids)
 
     # KVBackend -----------------------------------------------------------------------------
 

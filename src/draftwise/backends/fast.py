@@ -1,4 +1,5 @@
-"""Fast CPU backend for Llama-style decoders (Llama, SmolLM2, Qwen2): a compact forward pass.
+"""Fast CPU backend for Llama-style decoders (Llama, SmolLM2, Qwen2, Gemma 3): a compact forward
+pass.
 
 The model is re-expressed as a :class:`~draftwise.backends.decoder.Decoder` over a few tensors
 taken from the loaded transformers model (same weights, nothing copied from modeling files):
@@ -26,14 +27,15 @@ from typing import Any
 
 import torch
 
-from draftwise.backends.decoder import LAYER_LINEARS, Decoder, DecoderBackend
+from draftwise.backends.decoder import GEMMA3, LAYER_LINEARS, Decoder, DecoderBackend
 from draftwise.backends.kernels import BUCKETS, KERNELS, KernelChoice, Linear, available
 from draftwise.progress import progress_bar
 from draftwise.tree import DraftTree
 
 __all__ = ["FastBackend", "UnsupportedModelError", "supports"]
 
-_SUPPORTED = {"llama": False, "qwen2": True}  # model_type -> q/k/v projections have a bias
+# model_type -> q/k/v projections have a bias
+_SUPPORTED = {"llama": False, "qwen2": True, GEMMA3: False}
 
 
 class UnsupportedModelError(ValueError):
@@ -58,10 +60,23 @@ def check_config(config: Any) -> None:
             "use --backend hf"
         )
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise UnsupportedModelError(
-            f"rope_type {rope.get('rope_type')!r} is not implemented: use --backend hf"
-        )
+    # one set of rotary parameters, or one per layer type (Gemma 3)
+    for params in [p for p in rope.values() if isinstance(p, dict)] or [rope]:
+        if params.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(
+                f"rope_type {params.get('rope_type')!r} is not implemented: use --backend hf"
+            )
+    if family == GEMMA3:
+        unsupported = [f"{name}={getattr(config, name)}" for name in (
+            "attn_logit_softcapping", "final_logit_softcapping") if getattr(config, name, None)]
+        if getattr(config, "use_bidirectional_attention", False):
+            unsupported.append("use_bidirectional_attention=True")
+        if getattr(config, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            unsupported.append(f"hidden_activation={config.hidden_activation}")
+        if unsupported:
+            raise UnsupportedModelError(
+                f"this Gemma 3 config has {', '.join(unsupported)}, which the fast backend does "
+                "not implement: use --backend hf")
 
 
 class FastBackend(DecoderBackend):
@@ -80,26 +95,39 @@ class FastBackend(DecoderBackend):
         self.kernels = kernels or KernelChoice()
         inner = model.model
         layers: list[dict[str, Any]] = []
+        gemma = config.model_type == GEMMA3
+
+        def scale(norm: Any) -> torch.Tensor:
+            # Gemma's norms scale by 1 + weight (in float32, as its RMSNorm computes it)
+            weight: torch.Tensor = norm.weight.detach()
+            return 1.0 + weight.float() if gemma else weight
+
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv_bias = None
             if _SUPPORTED[config.model_type]:
                 qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             layers.append({
-                "attn_norm": layer.input_layernorm.weight.detach(),
+                "attn_norm": scale(layer.input_layernorm),
                 "qkv": self._linear(
                     torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
                     qkv_bias,
                 ),
                 "out": self._linear(attn.o_proj.weight, None),
-                "mlp_norm": layer.post_attention_layernorm.weight.detach(),
+                "mlp_norm": scale(layer.pre_feedforward_layernorm if gemma
+                                  else layer.post_attention_layernorm),
                 "gate_up": self._linear(
                     torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None
                 ),
                 "down": self._linear(mlp.down_proj.weight, None),
             })
+            if gemma:
+                layers[-1].update(
+                    q_norm=scale(attn.q_norm), k_norm=scale(attn.k_norm),
+                    post_attn_norm=scale(layer.post_attention_layernorm),
+                    post_mlp_norm=scale(layer.post_feedforward_layernorm))
         decoder = Decoder(config, next(model.parameters()).dtype,
-                          inner.embed_tokens.weight.detach(), layers, inner.norm.weight.detach(),
+                          inner.embed_tokens.weight.detach(), layers, scale(inner.norm),
                           self._linear(model.lm_head.weight, None), max_length)
         super().__init__(decoder, exact=exact)
 

@@ -5,6 +5,12 @@ A tree step passes a 4D *additive float* attention mask ``[1, 1, T, past + T]`` 
 masks, an additive float mask is right for both ``eager`` and ``sdpa``). Accepted nodes are kept
 by ``index_select`` on each layer's keys and values of the ``DynamicCache``. No modeling file is
 copied or patched.
+
+Models with sliding-window layers (``config.layer_types``: Gemma 2/3, ...) get a cache that
+keeps every key in every layer (a sliding layer's own cache keeps only its window, which a tree
+step's compaction cannot index) and a mask per layer type (``attention_mask`` as a dict, which
+their forward takes as is): the sliding layers' rows see the keys of their last
+``sliding_window`` positions.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from draftwise.backends.base import KVBackend
+from draftwise.backends.base import KVBackend, sliding_window_mask
 
 __all__ = ["HFBackend"]
 
@@ -28,10 +34,20 @@ class HFBackend(KVBackend):
         super().__init__(int(config.vocab_size), int(window))
         self.model = model.eval()
         self.dtype: torch.dtype = next(model.parameters()).dtype
-        self.cache = DynamicCache(config=config)
+        kinds = set(getattr(config, "layer_types", None) or ())
+        self.sliding: int | None = None  # a sliding layer's reach, where the model has one
+        if "sliding_attention" in kinds and getattr(config, "sliding_window", None):
+            self.sliding = int(config.sliding_window)
+        self._reset_cache()
 
     def _reset_cache(self) -> None:
-        self.cache = DynamicCache(config=self.model.config)
+        # sliding models: full layers everywhere (DynamicCache() without a config)
+        self.cache = DynamicCache() if self.sliding else DynamicCache(config=self.model.config)
+
+    def _additive(self, mask: torch.Tensor) -> torch.Tensor:
+        """``[1, 1, T, past + T]``: 0 where ``mask`` allows, the dtype's minimum elsewhere."""
+        blocked = torch.finfo(self.dtype).min
+        return torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, blocked)[None, None]
 
     def _forward(
         self,
@@ -40,11 +56,15 @@ class HFBackend(KVBackend):
         mask: torch.Tensor | None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        attention: torch.Tensor | None = None
-        if mask is not None:
-            blocked = torch.finfo(self.dtype).min
-            attention = torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, blocked)
-            attention = attention[None, None]  # [1, 1, T, past + T]
+        attention: torch.Tensor | dict[str, torch.Tensor] | None = None
+        if self.sliding is not None:
+            past = self.cache.get_seq_length()
+            full = mask if mask is not None else torch.ones(
+                len(ids), past + len(ids), dtype=torch.bool).tril(diagonal=past)
+            attention = {"full_attention": self._additive(full), "sliding_attention":
+                         self._additive(sliding_window_mask(full, positions, past, self.sliding))}
+        elif mask is not None:
+            attention = self._additive(mask)  # [1, 1, T, past + T]
         out = self.model(
             input_ids=ids[None],
             position_ids=positions[None],

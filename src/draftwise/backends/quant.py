@@ -60,7 +60,13 @@ import torch
 import torch.nn.functional as F
 
 from draftwise.backends.base import Capabilities
-from draftwise.backends.decoder import LAYER_LINEARS, Decoder, DecoderBackend
+from draftwise.backends.decoder import (
+    GEMMA3,
+    GEMMA_NORMS,
+    LAYER_LINEARS,
+    Decoder,
+    DecoderBackend,
+)
 from draftwise.backends.fast import check_config
 from draftwise.sampling import use_compiled_top_k
 
@@ -341,7 +347,15 @@ class QuantBackend(DecoderBackend):
         layers: list[dict[str, Any]] = []
         for i in range(int(config.num_hidden_layers)):
             p = f"blk.{i}."
-            layers.append({
+            if config.model_type == GEMMA3:  # its GGUF norms hold 1 + weight, the scale itself
+                layers.append({
+                    "q_norm": self._dense(p + "attn_q_norm.weight"),
+                    "k_norm": self._dense(p + "attn_k_norm.weight"),
+                    "post_attn_norm": self._dense(p + "post_attention_norm.weight"),
+                    "post_mlp_norm": self._dense(p + "post_ffw_norm.weight")})
+            else:
+                layers.append({})
+            layers[-1].update({
                 "attn_norm": self._dense(p + "attn_norm.weight"),
                 "qkv": fused([linear(p + "attn_q.weight", p + "attn_q.bias", heads),
                               linear(p + "attn_k.weight", p + "attn_k.bias", kv_heads),
@@ -425,15 +439,29 @@ class QuantBackend(DecoderBackend):
                 out.append(ops.Linear(data, code, p.in_features, bias.float()))
             return out
 
+        def norm(layer: dict[str, Any], name: str) -> torch.Tensor:
+            return layer[name].float() if name in layer else torch.empty(0)
+
         layers = [
             ops.Layer(layer["attn_norm"].float(), parts(layer["qkv"]), parts(layer["out"])[0],
-                      layer["mlp_norm"].float(), parts(layer["gate_up"]), parts(layer["down"])[0])
-            for layer in self.decoder.layers
+                      layer["mlp_norm"].float(), parts(layer["gate_up"]), parts(layer["down"])[0],
+                      *(norm(layer, name) for name in GEMMA_NORMS), reach or 0)
+            for layer, reach in zip(self.decoder.layers, decoder.reach, strict=True)
         ]
         return ops.Model(layers, decoder.norm.float(), decoder.eps, decoder.heads,
                          decoder.kv_heads, decoder.head_dim, self.activations == "int8",
                          prefetch_bytes=self.tuning.prefetch_bytes,
-                         amx_min_rows=self.tuning.amx_min_rows)
+                         amx_min_rows=self.tuning.amx_min_rows,
+                         attn_scale=decoder.scaling or 0.0, gelu=decoder.gemma)
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The full and the sliding layers' rotary tables at ``positions`` (the latter empty
+        where no layer slides), as the kernels' Model takes them."""
+        decoder = self.decoder
+        cos, sin = decoder.cos[positions], decoder.sin[positions]
+        if not any(decoder.reach):
+            return cos, sin, torch.empty(0), torch.empty(0)
+        return cos, sin, decoder.local_cos[positions], decoder.local_sin[positions]
 
     def skipping(self, skip: set[int] | frozenset[int]) -> QuantBackend:
         other = super().skipping(skip)
@@ -453,9 +481,8 @@ class QuantBackend(DecoderBackend):
             tree = torch.ones(t, t, dtype=torch.uint8).tril()
         else:  # [T, start + T]: the committed prefix is visible to every row
             tree = mask[:, start:].to(torch.uint8)
-        hidden = self._native.forward(decoder.embed[ids], self.keys, self.values, start,
-                                      decoder.cos[positions], decoder.sin[positions], tree,
-                                      last_only)
+        hidden = self._native.forward(decoder.embedding(ids), self.keys, self.values, start,
+                                      *self._rotary(positions), tree, last_only)
         self._cached = start + t
         if last_only:
             hidden = hidden[-1:]
@@ -478,8 +505,8 @@ class QuantBackend(DecoderBackend):
             raise RuntimeError("a shared pass needs the quantized kernels")
         decoder = self.decoder
         hidden: torch.Tensor = self._native.forward_batch(
-            decoder.embed[ids], keys, values, sequence, write, prefix, offsets, extra,
-            decoder.cos[positions], decoder.sin[positions])
+            decoder.embedding(ids), keys, values, sequence, write, prefix, offsets, extra,
+            *self._rotary(positions))
         logits: torch.Tensor = decoder.head(hidden)
         return hidden, logits
 

@@ -1,28 +1,43 @@
-// Model: every decoder layer of a Llama/Qwen2 model over T new rows in one call, and the same
-// over several sequences' rows (forward_batch).
+// Model: every decoder layer of a Llama/Qwen2/Gemma-3 model over T new rows in one call, and the
+// same over several sequences' rows (forward_batch).
 #pragma once
 
 namespace {
 
 class Model {
  public:
+  // attn_scale: the attention scores' factor (0: 1 / sqrt(head_dim)); gelu: the gate is
+  // tanh-GELU (Gemma), not SiLU
   Model(std::vector<Layer> layers, torch::Tensor norm, double eps, int64_t heads,
         int64_t kv_heads, int64_t head_dim, bool int8, int64_t prefetch_bytes,
-        int64_t amx_min_rows)
+        int64_t amx_min_rows, double attn_scale, bool gelu)
       : layers_(std::move(layers)), norm_(norm.contiguous()), eps_(static_cast<float>(eps)),
-        heads_(heads), kv_heads_(kv_heads), d_(head_dim), int8_(int8),
+        heads_(heads), kv_heads_(kv_heads), d_(head_dim), int8_(int8), gelu_(gelu),
+        scale_(attn_scale > 0 ? static_cast<float>(attn_scale)
+                              : 1.0f / std::sqrt(static_cast<float>(head_dim))),
         tuning_{prefetch_bytes, amx_min_rows} {
     TORCH_CHECK(prefetch_bytes >= 0 && amx_min_rows >= 1,
                 "prefetch_bytes must be >= 0 and amx_min_rows >= 1");
     TORCH_CHECK(head_dim % 8 == 0, "head_dim must be a multiple of 8");
+    for (const Layer& layer : layers_) {
+      TORCH_CHECK(layer.reach >= 0, "a layer's reach must be >= 0");
+      TORCH_CHECK(reach_ == 0 || layer.reach == 0 || layer.reach == reach_,
+                  "the sliding layers must share one reach");
+      reach_ = std::max(reach_, layer.reach);
+      TORCH_CHECK(layer.q_norm.numel() == 0 || (layer.q_norm.numel() == head_dim &&
+                                                layer.k_norm.numel() == head_dim),
+                  "query and key norms must be [head_dim]");
+    }
   }
 
   // x: [T, hidden] input rows (embeddings); keys/values: [layers, kv, S, d] caches (both float16
   // or both float32), rows start..start+T-1 written here; cos/sin: [T, d] at the rows'
-  // positions; tree: [T, T] uint8, tree[r][j] = row r may see row j (itself and its ancestors).
-  // Returns the final-normed hidden states [T, hidden].
+  // positions (local_cos/local_sin: the sliding layers', empty where there are none); tree:
+  // [T, T] uint8, tree[r][j] = row r may see row j (itself and its ancestors). Returns the
+  // final-normed hidden states [T, hidden].
   torch::Tensor forward(torch::Tensor x, torch::Tensor keys, torch::Tensor values, int64_t start,
-                        torch::Tensor cos, torch::Tensor sin, torch::Tensor tree, bool prefill) {
+                        torch::Tensor cos, torch::Tensor sin, torch::Tensor local_cos,
+                        torch::Tensor local_sin, torch::Tensor tree, bool prefill) {
     TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "caches must be contiguous");
     check_caches(keys, values);
     tree = tree.to(torch::kUInt8).contiguous();
@@ -45,7 +60,7 @@ class Model {
       for (int64_t j = 0; j < T; ++j)
         if (tp[r * T + j]) rows.visible[r].push_back(start + j);
     }
-    return run(x, rows, cos, sin, prefill && T >= 32, prefill && causal);
+    return run(x, rows, {cos, sin, local_cos, local_sin}, prefill && T >= 32, prefill && causal);
   }
 
   // Several sequences' rows in one pass. keys/values: [B, layers, kv, W, d], one region per
@@ -57,7 +72,8 @@ class Model {
   torch::Tensor forward_batch(torch::Tensor x, torch::Tensor keys, torch::Tensor values,
                               torch::Tensor seq, torch::Tensor write, torch::Tensor prefix,
                               torch::Tensor offsets, torch::Tensor extra, torch::Tensor cos,
-                              torch::Tensor sin) {
+                              torch::Tensor sin, torch::Tensor local_cos,
+                              torch::Tensor local_sin) {
     TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.dim() == 5,
                 "caches must be contiguous [B, layers, kv, W, d]");
     TORCH_CHECK(keys.size(1) == static_cast<int64_t>(layers_.size()), "cache has other layers");
@@ -91,7 +107,7 @@ class Model {
         seen.push_back(ep[i]);
       }
     }
-    return run(x, rows, cos, sin, false, false);
+    return run(x, rows, {cos, sin, local_cos, local_sin}, false, false);
   }
 
  private:
@@ -120,16 +136,17 @@ class Model {
     int64_t begin, end, shared;
   };
 
-  static std::vector<Span> spans(const Rows& rows, int64_t most) {
+  static std::vector<Span> spans(const Rows& rows, const std::vector<std::vector<int64_t>>& visible,
+                                 int64_t most) {
     std::vector<Span> out;
     const int64_t T = static_cast<int64_t>(rows.kbase.size());
     for (int64_t begin = 0; begin < T;) {
       int64_t end = begin + 1;
       while (end < T && end - begin < most && rows.kbase[end] == rows.kbase[begin]) ++end;
-      const std::vector<int64_t>& first = rows.visible[begin];
+      const std::vector<int64_t>& first = visible[begin];
       int64_t shared = static_cast<int64_t>(first.size());
       for (int64_t r = begin + 1; r < end; ++r) {
-        const std::vector<int64_t>& other = rows.visible[r];
+        const std::vector<int64_t>& other = visible[r];
         const int64_t most = std::min<int64_t>(shared, other.size());
         shared = std::mismatch(first.begin(), first.begin() + most, other.begin()).first -
                  first.begin();
@@ -140,47 +157,49 @@ class Model {
     return out;
   }
 
+  // the rotary tables at the rows' positions: the full layers', the sliding layers' (empty
+  // where there are none)
+  struct Rotary {
+    torch::Tensor cos, sin, local_cos, local_sin;
+  };
+
   // every decoder layer over the rows, then the final norm
-  torch::Tensor run(torch::Tensor x, const Rows& rows, torch::Tensor cos, torch::Tensor sin,
-                    bool batched, bool prompt) {
+  torch::Tensor run(torch::Tensor x, const Rows& rows, Rotary rotary, bool batched, bool prompt) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [T, hidden]");
     x = x.contiguous().clone();
-    cos = cos.contiguous();
-    sin = sin.contiguous();
     const int64_t T = x.size(0), hidden = x.size(1), d = d_, S = rows.S;
-    TORCH_CHECK(cos.size(0) == T && sin.size(0) == T, "cos/sin must be [T, d]");
+    for (torch::Tensor* table : {&rotary.cos, &rotary.sin, &rotary.local_cos, &rotary.local_sin})
+      *table = table->contiguous();
+    TORCH_CHECK(rotary.cos.size(0) == T && rotary.sin.size(0) == T, "cos/sin must be [T, d]");
+    TORCH_CHECK(reach_ == 0 || (rotary.local_cos.size(0) == T && rotary.local_sin.size(0) == T),
+                "local_cos/local_sin must be [T, d] for the sliding layers");
     float* xp = x.data_ptr<float>();
     std::vector<float> normed(T * hidden), tmp(T * hidden), attn(T * heads_ * d);
     const int64_t qkv_width = (heads_ + 2 * kv_heads_) * d;
     std::vector<float> qkv(T * qkv_width), gu, act;
     std::vector<const char*> K(T), V(T);
-    const std::vector<Span> runs = spans(rows, prompt ? kPromptRun : T);
-    Work work = plan(runs, prompt);
-    if (!prompt && runs.size() > 1) {
-      const int64_t items = static_cast<int64_t>(work.span.size());
-      std::vector<int64_t>& cost = work.cost;
-      cost.resize(items);
-      for (int64_t k = 0; k < items; ++k)
-        cost[k] = (work.bounds[k + 1] - work.bounds[k]) *
-                  static_cast<int64_t>(rows.visible[work.queries[work.bounds[k]].first].size());
-      if (*std::min_element(cost.begin(), cost.end()) !=
-          *std::max_element(cost.begin(), cost.end())) {  // (equal items: contiguous shares)
-        work.longest_first.resize(items);
-        std::iota(work.longest_first.begin(), work.longest_first.end(), int64_t{0});
-        std::stable_sort(work.longest_first.begin(), work.longest_first.end(),
-                         [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+    const Attention full = arrange(rows, rows.visible, prompt);
+    // A sliding layer's row sees the last reach of its keys: a row's keys are its sequence's
+    // committed prefix (slot i holds position i) then its tree ancestors and itself, one per
+    // position, so the k-th key it sees is at position k.
+    Attention local;
+    if (reach_ > 0) {
+      std::vector<std::vector<int64_t>> visible(T);
+      for (int64_t r = 0; r < T; ++r) {
+        const std::vector<int64_t>& all = rows.visible[r];
+        const int64_t from = std::max<int64_t>(0, static_cast<int64_t>(all.size()) - reach_);
+        visible[r].assign(all.begin() + from, all.end());
       }
+      local = arrange(rows, std::move(visible), prompt);
     }
-    // A prompt's runs all see the keys from slot 0 on (its last row sees them all, in order):
-    // each layer's are put in key-major order once for every attention item, instead of once
-    // per item (the same floats in the same lanes: no bits change).
-    int64_t major_blocks = 0;
     std::vector<float> major;
-#if defined(__AVX512F__)
-    if (prompt && d % 16 == 0) major_blocks = static_cast<int64_t>(rows.visible[T - 1].size()) / 16;
-#endif
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& layer = layers_[l];
+      const bool sliding = layer.reach > 0;
+      const Attention& at = sliding ? local : full;
+      const float* cos = (sliding ? rotary.local_cos : rotary.cos).data_ptr<float>();
+      const float* sin = (sliding ? rotary.local_sin : rotary.sin).data_ptr<float>();
+      const bool head_norms = layer.q_norm.numel() > 0;
       rms_norm(xp, T, hidden, layer.attn_norm.data_ptr<float>(), eps_, normed.data());
       TORCH_CHECK(width(layer.qkv) == qkv_width, "qkv width does not match the heads");
       apply(layer.qkv, normed.data(), T, qkv.data(), qkv_width, int8_, tuning_, batched);
@@ -191,9 +210,13 @@ class Model {
         K[r] = Kr;
         V[r] = Vr;
         float* row = qkv.data() + r * qkv_width;
-        const float* c = cos.data_ptr<float>() + r * d;
-        const float* s = sin.data_ptr<float>() + r * d;
-        for (int64_t h = 0; h < heads_ + kv_heads_; ++h) rotate(row + h * d, c, s, d);
+        if (head_norms) {  // each head's query and key vector normed alone
+          rms_norm(row, heads_, d, layer.q_norm.data_ptr<float>(), eps_, row);
+          rms_norm(row + heads_ * d, kv_heads_, d, layer.k_norm.data_ptr<float>(), eps_,
+                   row + heads_ * d);
+        }
+        for (int64_t h = 0; h < heads_ + kv_heads_; ++h) rotate(row + h * d, cos + r * d,
+                                                                sin + r * d, d);
         for (int64_t h = 0; h < kv_heads_; ++h) {
           const int64_t at = (h * S + rows.write[r]) * d;
           const float *k = row + (heads_ + h) * d, *v = row + (heads_ + kv_heads_ + h) * d;
@@ -207,13 +230,15 @@ class Model {
         }
       }
       if (rows.bytes == 2) {
-        attend<uint16_t>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, work, major_blocks,
-                         major, attn.data());
+        attend<uint16_t>(qkv.data(), qkv_width, K, V, S, at.visible, at.runs, at.work,
+                         at.major_blocks, major, attn.data());
       } else {
-        attend<float>(qkv.data(), qkv_width, K, V, S, rows.visible, runs, work, major_blocks,
-                      major, attn.data());
+        attend<float>(qkv.data(), qkv_width, K, V, S, at.visible, at.runs, at.work,
+                      at.major_blocks, major, attn.data());
       }
       apply(layer.out, attn.data(), T, tmp.data(), hidden, int8_, tuning_, batched);
+      if (layer.post_attn_norm.numel())
+        rms_norm(tmp.data(), T, hidden, layer.post_attn_norm.data_ptr<float>(), eps_, tmp.data());
       add_rows(xp, tmp.data(), T, hidden);
       rms_norm(xp, T, hidden, layer.mlp_norm.data_ptr<float>(), eps_, normed.data());
       const int64_t inter = layer.down[0].in, gu_width = width(layer.gate_up);
@@ -222,9 +247,16 @@ class Model {
       act.resize(T * inter);
       apply(layer.gate_up, normed.data(), T, gu.data(), gu_width, int8_, tuning_, batched);
 #pragma omp parallel for schedule(static) if (T >= kThreadedRows)
-      for (int64_t r = 0; r < T; ++r) silu_mul(gu.data() + r * gu_width, inter,
-                                               act.data() + r * inter);
+      for (int64_t r = 0; r < T; ++r) {
+        if (gelu_) {
+          gelu_mul(gu.data() + r * gu_width, inter, act.data() + r * inter);
+        } else {
+          silu_mul(gu.data() + r * gu_width, inter, act.data() + r * inter);
+        }
+      }
       apply(layer.down, act.data(), T, tmp.data(), hidden, int8_, tuning_, batched);
+      if (layer.post_mlp_norm.numel())
+        rms_norm(tmp.data(), T, hidden, layer.post_mlp_norm.data_ptr<float>(), eps_, tmp.data());
       add_rows(xp, tmp.data(), T, hidden);
     }
     auto out = torch::empty({T, hidden}, torch::kFloat32);
@@ -259,6 +291,23 @@ class Model {
       _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
     }
     for (; i < n; ++i) out[i] = (g[i] / (1.0f + exp1(-g[i]))) * up[i];
+  }
+
+  // gelu_tanh(gate) * up for one row (gate = g[0..n), up = g[n..2n), n % 8 == 0), as
+  // x * sigmoid(2 sqrt(2 / pi) (x + 0.044715 x^3)), which is 0.5 x (1 + tanh(...)) without
+  // tanh's cancellation near zero; eight lanes everywhere, so every build gives the same bits
+  static void gelu_mul(const float* g, int64_t n, float* out) {
+    TORCH_CHECK(n % 8 == 0, "the MLP's width must be a multiple of 8");
+    const float* up = g + n;
+    const __m256 one = _mm256_set1_ps(1.0f), cubic = _mm256_set1_ps(0.044715f);
+    const __m256 minus_twice_root = _mm256_set1_ps(-1.5957691216057308f);  // -2 sqrt(2 / pi)
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256 x = _mm256_loadu_ps(g + i);
+      const __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(cubic, x), _mm256_mul_ps(x, x), x);
+      const __m256 e = exp8(_mm256_mul_ps(minus_twice_root, inner));
+      const __m256 gelu = _mm256_div_ps(x, _mm256_add_ps(one, e));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(up + i)));
+    }
   }
 
   static constexpr int64_t kThreadedRows = 4;  // rows from which the gate's SiLU is threaded
@@ -317,7 +366,51 @@ class Model {
     return work;
   }
 
-  // out[r, h*d:(h+1)*d] = softmax(q . K_visible / sqrt(d)) V_visible for each row r, head h
+  // which keys each row sees in a layer, and attention's work over them
+  struct Attention {
+    std::vector<std::vector<int64_t>> visible;
+    std::vector<Span> runs;
+    Work work;
+    int64_t major_blocks = 0;  // a prompt's keys put in key-major order (see attend)
+  };
+
+  Attention arrange(const Rows& rows, std::vector<std::vector<int64_t>> visible,
+                    bool prompt) const {
+    Attention at;
+    at.visible = std::move(visible);
+    at.runs = spans(rows, at.visible, prompt ? kPromptRun : static_cast<int64_t>(
+                                                               at.visible.size()));
+    at.work = plan(at.runs, prompt);
+    Work& work = at.work;
+    if (!prompt && at.runs.size() > 1) {
+      const int64_t items = static_cast<int64_t>(work.span.size());
+      std::vector<int64_t>& cost = work.cost;
+      cost.resize(items);
+      for (int64_t k = 0; k < items; ++k)
+        cost[k] = (work.bounds[k + 1] - work.bounds[k]) *
+                  static_cast<int64_t>(at.visible[work.queries[work.bounds[k]].first].size());
+      if (*std::min_element(cost.begin(), cost.end()) !=
+          *std::max_element(cost.begin(), cost.end())) {  // (equal items: contiguous shares)
+        work.longest_first.resize(items);
+        std::iota(work.longest_first.begin(), work.longest_first.end(), int64_t{0});
+        std::stable_sort(work.longest_first.begin(), work.longest_first.end(),
+                         [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+      }
+    }
+    // A prompt's runs all see the keys from slot 0 on (its last row sees them all, in order):
+    // each layer's are put in key-major order once for every attention item, instead of once
+    // per item (the same floats in the same lanes: no bits change). Not where a sliding
+    // layer's last row no longer sees slot 0 (the runs' keys then begin elsewhere).
+#if defined(__AVX512F__)
+    const std::vector<int64_t>& last = at.visible.back();
+    if (prompt && d_ % 16 == 0 && last.front() == 0)
+      at.major_blocks = static_cast<int64_t>(last.size()) / 16;
+#endif
+    return at;
+  }
+
+  // out[r, h*d:(h+1)*d] = softmax(scale q . K_visible) V_visible for each row r, head h (scale:
+  // 1 / sqrt(d) unless the model says otherwise)
   // K[r], V[r]: the layer's [kv, S, d] cache of row r's sequence; runs: the rows on one cache.
   // major_blocks > 0 (a prompt): the first major_blocks * 16 keys of the last row's slots, which
   // every run's shared keys begin with, are put in key-major order into ``major`` first.
@@ -332,7 +425,7 @@ class Model {
       transpose_prompt_keys(reinterpret_cast<const KV*>(K[0]), S, visible.back().data(),
                             major_blocks, major);
     const float* transposed = major_blocks > 0 ? major.data() : nullptr;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    const float scale = scale_;
     const std::vector<std::pair<int64_t, int64_t>>& queries = work.queries;
     const std::vector<int64_t>& bounds = work.bounds;
     const int64_t items = static_cast<int64_t>(work.span.size());
@@ -506,7 +599,9 @@ class Model {
   torch::Tensor norm_;
   float eps_;
   int64_t heads_, kv_heads_, d_;
-  bool int8_;
+  bool int8_, gelu_;
+  float scale_;
+  int64_t reach_ = 0;  // the sliding layers' reach (0: none)
   Tuning tuning_;
 };
 
@@ -518,10 +613,21 @@ Linear make_linear(torch::Tensor w, int64_t type, int64_t in, torch::Tensor bias
   return Linear{w, type, in, out, bias.contiguous()};
 }
 
+// q_norm, k_norm, post_attn_norm, post_mlp_norm: Gemma 3's (float32; empty elsewhere); reach:
+// a sliding layer's (0: it sees every key)
 Layer make_layer(torch::Tensor attn_norm, std::vector<Linear> qkv, Linear out,
-                 torch::Tensor mlp_norm, std::vector<Linear> gate_up, Linear down) {
+                 torch::Tensor mlp_norm, std::vector<Linear> gate_up, Linear down,
+                 torch::Tensor q_norm, torch::Tensor k_norm, torch::Tensor post_attn_norm,
+                 torch::Tensor post_mlp_norm, int64_t reach) {
+  for (const torch::Tensor& norm : {q_norm, k_norm, post_attn_norm, post_mlp_norm})
+    TORCH_CHECK(norm.numel() == 0 || norm.dtype() == torch::kFloat32, "norms must be float32");
+  TORCH_CHECK(post_attn_norm.numel() == 0 || post_attn_norm.numel() == attn_norm.numel(),
+              "the output norms must be [hidden]");
+  TORCH_CHECK(post_mlp_norm.numel() == 0 || post_mlp_norm.numel() == attn_norm.numel(),
+              "the output norms must be [hidden]");
   return Layer{attn_norm.contiguous(), mlp_norm.contiguous(), std::move(qkv), {std::move(out)},
-               std::move(gate_up), {std::move(down)}};
+               std::move(gate_up), {std::move(down)}, q_norm.contiguous(), k_norm.contiguous(),
+               post_attn_norm.contiguous(), post_mlp_norm.contiguous(), reach};
 }
 
 }  // namespace

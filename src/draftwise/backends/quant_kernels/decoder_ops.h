@@ -14,6 +14,10 @@ struct Layer {
   torch::Tensor attn_norm, mlp_norm;
   // parts on one input, outputs side by side (out and down: one part each)
   std::vector<Linear> qkv, out, gate_up, down;
+  // Gemma 3 (empty elsewhere): per-head norms of queries and keys, norms of the attention's
+  // and the MLP's outputs before each residual add
+  torch::Tensor q_norm, k_norm, post_attn_norm, post_mlp_norm;
+  int64_t reach = 0;  // a sliding layer's: its rows see the keys of their last reach positions
 };
 
 int64_t width(const std::vector<Linear>& parts) {

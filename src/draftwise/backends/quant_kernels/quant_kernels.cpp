@@ -51,7 +51,9 @@
 //
 // Model::forward runs every layer of a Llama/Qwen2 decoder over T new rows: RMSNorm, the QKV
 // products (+ bias), rotary, the KV-cache write, attention, the output product, the residual,
-// RMSNorm, gate/up, SiLU * up, down, the residual, and the final RMSNorm. Everything a row
+// RMSNorm, gate/up, SiLU * up, down, the residual, and the final RMSNorm (Gemma 3 adds per-head
+// query and key norms, norms of both outputs before their residuals, a tanh-GELU gate, and
+// sliding layers whose rows see only the keys of their last positions). Everything a row
 // computes depends only on that row and on the keys and values it may see, never on the other
 // rows of the call or on the thread count:
 // - the matrix products are the kernels above (row-independent by construction);
@@ -86,11 +88,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Layer>(m, "Layer").def(pybind11::init(&make_layer));
   pybind11::class_<Model>(m, "Model")
       .def(pybind11::init<std::vector<Layer>, torch::Tensor, double, int64_t, int64_t, int64_t,
-                          bool, int64_t, int64_t>(),
+                          bool, int64_t, int64_t, double, bool>(),
            pybind11::arg("layers"), pybind11::arg("norm"), pybind11::arg("eps"),
            pybind11::arg("heads"), pybind11::arg("kv_heads"), pybind11::arg("head_dim"),
            pybind11::arg("int8"), pybind11::arg("prefetch_bytes") = Tuning{}.prefetch_bytes,
-           pybind11::arg("amx_min_rows") = Tuning{}.amx_min_rows)
+           pybind11::arg("amx_min_rows") = Tuning{}.amx_min_rows,
+           pybind11::arg("attn_scale") = 0.0, pybind11::arg("gelu") = false)
       .def("forward", &Model::forward, "every decoder layer over T rows (see Model)", kFree)
       .def("forward_batch", &Model::forward_batch, "rows of several sequences in one pass",
            kFree);
