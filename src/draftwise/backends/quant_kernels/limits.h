@@ -47,8 +47,10 @@ double read_bandwidth(int64_t bytes, int64_t repeats) {
   return static_cast<double>(bytes) / best;
 }
 
-// Integer multiply-adds per second of Vec::dot_u4 (VNNI dpbusd, or maddubs + madd on AVX2) on
-// every thread, with enough independent chains to cover its latency.
+// Integer multiply-adds per second of the packed products' own dot product on every thread,
+// with enough independent chains to cover its latency: VNNI dpbusd, or on AVX2 without VNNI
+// what run_dot does for 4-bit weights (maddubs products added as int16, widened by madd once
+// per eight), not maddubs + madd per product, which would understate the floor.
 double int8_peak(int64_t iterations) {
   constexpr int kChains = 12;
   constexpr int64_t kPerCall = sizeof(typename Vec::I);  // one u8 x s8 product per byte
@@ -63,10 +65,35 @@ double int8_peak(int64_t iterations) {
       typename Vec::I acc[kChains];
       for (int k = 0; k < kChains; ++k) acc[k] = Vec::set1(k);
       const typename Vec::I w = Vec::set1(0x03030303), x = Vec::set1(0x05050505);
-      for (int64_t i = 0; i < iterations / kChains; ++i) {
+      if constexpr (Vec::kWidenLate) {
+        // a product that does not depend on the chain's sum could be computed once and reused:
+        // each chain has its own weights, and x is made opaque before every round of products,
+        // so every product is computed. Six chains: their sums, weights and x fit in 16
+        // registers, and the int16 adds wait on nothing slower than one add.
+        constexpr int kRun = 8, kWide = 6;  // 4-bit weights' int16 run (run_dot)
+        typename Vec::I ws[kWide], x_now = x;
+        for (int k = 0; k < kWide; ++k) ws[k] = Vec::set1(0x01010101 * (k + 1));
+        for (int64_t i = 0; i < iterations / kWide / kRun; ++i) {
+          typename Vec::I run[kWide];
+          asm volatile("" : "+v"(x_now));
+#pragma GCC unroll 6
+          for (int k = 0; k < kWide; ++k) run[k] = Vec::products16(ws[k], x_now);
+          for (int j = 1; j < kRun; ++j) {
+            asm volatile("" : "+v"(x_now));
+#pragma GCC unroll 6
+            for (int k = 0; k < kWide; ++k)
+              run[k] = Vec::add16(run[k], Vec::products16(ws[k], x_now));
+          }
+#pragma GCC unroll 6
+          for (int k = 0; k < kWide; ++k) acc[k] = Vec::add(acc[k], Vec::widen(run[k]));
+          for (int k = 0; k < kWide; ++k) asm volatile("" : "+v"(acc[k]));  // kept, not folded
+        }
+      } else {
+        for (int64_t i = 0; i < iterations / kChains; ++i) {
 #pragma GCC unroll 12
-        for (int k = 0; k < kChains; ++k) acc[k] = Vec::dot_u4(acc[k], w, x);
-        for (int k = 0; k < kChains; ++k) asm volatile("" : "+v"(acc[k]));  // kept, not folded
+          for (int k = 0; k < kChains; ++k) acc[k] = Vec::dot_u4(acc[k], w, x);
+          for (int k = 0; k < kChains; ++k) asm volatile("" : "+v"(acc[k]));  // kept, not folded
+        }
       }
       int32_t lane;
       std::memcpy(&lane, &acc[0], 4);
@@ -75,7 +102,9 @@ double int8_peak(int64_t iterations) {
     }
     best = std::min(best, seconds_now() - start);
   }
-  return static_cast<double>(iterations / kChains * kChains) * threads * kPerCall / best;
+  const int64_t done = Vec::kWidenLate ? iterations / 6 / 8 * 8 * 6
+                                       : iterations / kChains * kChains;
+  return static_cast<double>(done) * threads * kPerCall / best;
 }
 
 }  // namespace
