@@ -15,6 +15,7 @@ their forward takes as is): the sliding layers' rows see the keys of their last
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -34,6 +35,10 @@ class HFBackend(KVBackend):
         super().__init__(int(config.vocab_size), int(window))
         self.model = model.eval()
         self.dtype: torch.dtype = next(model.parameters()).dtype
+        # newer transformers name the cache argument ``cache`` (``past_key_values`` warns, and
+        # goes in 5.40); older ones only know ``past_key_values``
+        forward = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         kinds = set(getattr(config, "layer_types", None) or ())
         self.sliding: int | None = None  # a sliding layer's reach, where the model has one
         if "sliding_attention" in kinds and getattr(config, "sliding_window", None):
@@ -69,7 +74,7 @@ class HFBackend(KVBackend):
             input_ids=ids[None],
             position_ids=positions[None],
             attention_mask=attention,
-            past_key_values=self.cache,
+            **{self._cache_arg: self.cache},
             use_cache=True,
             **({"logits_to_keep": 1} if last_only else {}),
         )
