@@ -262,17 +262,19 @@ struct Lanes {
 };
 #endif
 
-// acc[q][0..d) += p[q][j] V[slots[j]] for j in [begin, end), M queries, d = C lanes-widths
+// acc[q][0..C lane-widths) += p[q][j] V[slots[j]] for j in [begin, end), M queries; V's rows
+// are ``stride`` values apart (the head's width; wider than C lane-widths where a head is taken
+// a block of columns at a time, V and acc then pointing at the block)
 template <typename KV, int C, int M>
 void value_sums(const float* const* p, const int64_t* slots, int64_t begin, int64_t end,
-                const KV* V, float* const* acc) {
+                const KV* V, int64_t stride, float* const* acc) {
   constexpr int64_t W = Lanes::kWidth;
   typename Lanes::F a[M][C];
   for (int q = 0; q < M; ++q)
     for (int c = 0; c < C; ++c) a[q][c] = Lanes::load(acc[q] + W * c);
   for (int64_t j = begin; j < end; ++j) {
-    if (j + kKeysAhead < end) prefetch_rows(V, slots, j + kKeysAhead, j + kKeysAhead + 1, W * C);
-    const KV* v = V + slots[j] * (W * C);
+    if (j + kKeysAhead < end) prefetch_rows(V, slots, j + kKeysAhead, j + kKeysAhead + 1, stride);
+    const KV* v = V + slots[j] * stride;
     typename Lanes::F w[M];
     for (int q = 0; q < M; ++q) w[q] = Lanes::set1(p[q][j]);
     for (int c = 0; c < C; ++c) {
@@ -287,16 +289,22 @@ void value_sums(const float* const* p, const int64_t* slots, int64_t begin, int6
 // up to kMaxAcc / C queries at a time
 template <typename KV, int C>
 void value_sums_c(int64_t m, const float* const* p, const int64_t* slots, int64_t begin,
-                  int64_t end, const KV* V, float* const* acc) {
+                  int64_t end, const KV* V, int64_t stride, float* const* acc) {
   constexpr int64_t most = std::max<int64_t>(1, std::min<int64_t>(4, Lanes::kMaxAcc / C));
   for (int64_t q = 0; q < m; q += most) {
     const float* const* pq = p + q;
     float* const* aq = acc + q;
     switch (std::min(most, m - q)) {
-      case 4: value_sums<KV, C, std::min<int64_t>(4, most)>(pq, slots, begin, end, V, aq); break;
-      case 3: value_sums<KV, C, std::min<int64_t>(3, most)>(pq, slots, begin, end, V, aq); break;
-      case 2: value_sums<KV, C, std::min<int64_t>(2, most)>(pq, slots, begin, end, V, aq); break;
-      default: value_sums<KV, C, 1>(pq, slots, begin, end, V, aq); break;
+      case 4:
+        value_sums<KV, C, std::min<int64_t>(4, most)>(pq, slots, begin, end, V, stride, aq);
+        break;
+      case 3:
+        value_sums<KV, C, std::min<int64_t>(3, most)>(pq, slots, begin, end, V, stride, aq);
+        break;
+      case 2:
+        value_sums<KV, C, std::min<int64_t>(2, most)>(pq, slots, begin, end, V, stride, aq);
+        break;
+      default: value_sums<KV, C, 1>(pq, slots, begin, end, V, stride, aq); break;
     }
   }
 }
@@ -305,11 +313,27 @@ void value_sums_c(int64_t m, const float* const* p, const int64_t* slots, int64_
 template <typename KV>
 void value_sums_any(int64_t d, int64_t m, const float* const* p, const int64_t* slots,
                     int64_t begin, int64_t end, const KV* V, float* const* acc) {
-  switch (d / Lanes::kWidth * (d % Lanes::kWidth == 0)) {
-    case 4: return value_sums_c<KV, 4>(m, p, slots, begin, end, V, acc);
-    case 8: return value_sums_c<KV, 8>(m, p, slots, begin, end, V, acc);
-    case 16: return value_sums_c<KV, 16>(m, p, slots, begin, end, V, acc);
+  constexpr int64_t W = Lanes::kWidth;
+  const int64_t chunks = d / W * (d % W == 0);
+  switch (chunks) {
+    case 4: return value_sums_c<KV, 4>(m, p, slots, begin, end, V, d, acc);
+    case 8: return value_sums_c<KV, 8>(m, p, slots, begin, end, V, d, acc);
+    case 16: return value_sums_c<KV, 16>(m, p, slots, begin, end, V, d, acc);
     default: break;
+  }
+  if (chunks > 16 && chunks % 8 == 0) {
+    // wider heads (Gemma 3's 256 values on 8 lanes): blocks of 8 lane-widths of columns, each
+    // the sums above (every value's own chain over the keys in order: the same bits as one
+    // chunk at a time, without one chain's latency per key)
+    float* block[16];
+    for (int64_t q0 = 0; q0 < m; q0 += 16) {
+      const int64_t n = std::min<int64_t>(16, m - q0);
+      for (int64_t c0 = 0; c0 < d; c0 += 8 * W) {
+        for (int64_t q = 0; q < n; ++q) block[q] = acc[q0 + q] + c0;
+        value_sums_c<KV, 8>(n, p + q0, slots, begin, end, V + c0, d, block);
+      }
+    }
+    return;
   }
   // any other multiple of 8: the same sums, one 8-value chunk at a time
   for (int64_t q = 0; q < m; ++q)
