@@ -63,9 +63,10 @@ def test_float32_logits_match_transformers(family: str) -> None:
             torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_exact_mode_is_bit_identical_to_plain_steps() -> None:
-    model = tiny_hf_model("llama", "sdpa", vocab=40, seed=5).to(torch.float32)
-    prompt, chain = [2, 4, 6, 8, 10], [12, 14, 16, 18]
+def assert_exact_chain_is_plain_steps(model: torch.nn.Module, prompt: list[int],
+                                      chain: list[int]) -> torch.Tensor:
+    """Exact mode: a chain verified in one step gets, row by row, the bits of plain decoding
+    steps after the same tokens. Returns the chain's logits."""
     plain = FastBackend(model, exact=True)
     plain.prefill(prompt)
     rows = []
@@ -75,9 +76,16 @@ def test_exact_mode_is_bit_identical_to_plain_steps() -> None:
     rows.append(plain.forward_tree(DraftTree.empty())[0])
     tree_backend = FastBackend(model, exact=True)
     tree_backend.prefill(prompt)
-    tree_logits = tree_backend.forward_tree(DraftTree.chain(chain))  # [5, vocab]
+    tree_logits = tree_backend.forward_tree(DraftTree.chain(chain))  # [len(chain) + 1, vocab]
     for i in range(len(rows)):
         assert torch.equal(tree_logits[i], rows[i]), i
+    return tree_logits
+
+
+def test_exact_mode_is_bit_identical_to_plain_steps() -> None:
+    model = tiny_hf_model("llama", "sdpa", vocab=40, seed=5).to(torch.float32)
+    prompt, chain = [2, 4, 6, 8, 10], [12, 14, 16, 18]
+    tree_logits = assert_exact_chain_is_plain_steps(model, prompt, chain)
     # without exact mode the batched kernels are free to differ in the last bits
     fast = FastBackend(model)
     fast.prefill(prompt)

@@ -11,13 +11,17 @@ import torch
 
 from draftwise.backends.fast import FastBackend, UnsupportedModelError, check_config
 from draftwise.backends.hf import HFBackend
-from draftwise.backends.quant import QuantBackend, dequantize, kernels_unavailable, load_kernels
+from draftwise.backends.quant import QuantBackend, dequantize
 from draftwise.drafters import create_drafter
 from draftwise.engine import Engine, GenerationConfig
 from draftwise.tree import DraftTree
 
 from ..conftest import tiny_gemma3_model
-from .test_quant_backend import assert_tree_rows_are_plain_rows
+from .test_fast_backend import assert_exact_chain_is_plain_steps
+from .test_quant_backend import (
+    assert_prefill_in_parts_is_prefill_at_once,
+    assert_tree_rows_are_plain_rows,
+)
 
 # the sliding window is 4: a prompt of 7 and a tree 3 deep put every row's window past the start
 PROMPT = [3, 9, 27, 1, 5, 8, 40]
@@ -63,19 +67,7 @@ def test_fast_backend_matches_transformers() -> None:
 
 def test_fast_backends_exact_mode_is_bit_identical_to_plain_steps() -> None:
     model = tiny_gemma3_model(vocab=64, seed=5, layers=2).to(torch.float32)
-    chain = [12, 14, 16, 18, 20]
-    plain = FastBackend(model, exact=True)
-    plain.prefill(PROMPT)
-    rows = []
-    for token in chain:
-        rows.append(plain.forward_tree(DraftTree.empty())[0])
-        plain.commit((), token)
-    rows.append(plain.forward_tree(DraftTree.empty())[0])
-    tree_backend = FastBackend(model, exact=True)
-    tree_backend.prefill(PROMPT)
-    tree_logits = tree_backend.forward_tree(DraftTree.chain(chain))
-    for i, row in enumerate(rows):
-        assert torch.equal(tree_logits[i], row), i
+    assert_exact_chain_is_plain_steps(model, PROMPT, [12, 14, 16, 18, 20])
 
 
 def test_unimplemented_gemma_options_are_named() -> None:
@@ -155,16 +147,6 @@ def decoded_twin(model: torch.nn.Module, gguf: Path) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def ops(tmp_path_factory: pytest.TempPathFactory) -> object:
-    reason = kernels_unavailable()
-    if reason:
-        pytest.skip(f"quantized kernels cannot be built here: {reason}")
-    from draftwise.models import default_cache_dir
-
-    return load_kernels(default_cache_dir(), progress=False)
-
-
-@pytest.fixture(scope="module")
 def gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
     model = tiny_gemma3_model(vocab=64, seed=6, layers=2)
     path = tmp_path_factory.mktemp("gguf") / "tiny-gemma3.gguf"
@@ -209,21 +191,8 @@ def test_a_prompt_past_the_window_prefilled_at_once_leaves_what_decoding_it_leav
 ) -> None:
     path, twin = gemma_gguf
     prompt = [(7 * i + 2) % 64 for i in range(70)]
-
-    def make() -> QuantBackend:
-        return QuantBackend(path, twin.config, ops=ops)
-
-    whole = make()
-    assert whole.capabilities.reuses_prefix
-    whole.prefill(prompt)
-    expected = whole.forward_tree(TREE)
-    for cut in (1, 3, 40):
-        part = make()
-        part.prefill(prompt[:cut])
-        rest = prompt[cut:]
-        part.forward_tree(DraftTree.chain(rest[:-1]))
-        part.commit(list(range(len(rest) - 1)), rest[-1])
-        assert torch.equal(part.forward_tree(TREE), expected), cut
+    assert_prefill_in_parts_is_prefill_at_once(
+        lambda: QuantBackend(path, twin.config, ops=ops), prompt, TREE, (1, 3, 40))
 
 
 def test_a_batched_pass_gives_each_sequence_its_logits_alone(

@@ -7,7 +7,7 @@ decoded weights by at most K u sum|x w| (u = 2**-24), in any summation order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,6 @@ from draftwise.backends.quant import (
     KernelTuning,
     QuantBackend,
     dequantize,
-    kernels_unavailable,
     load_kernels,
 )
 from draftwise.drafters import create_drafter
@@ -31,16 +30,6 @@ from draftwise.tree import DraftTree
 from ..conftest import tiny_hf_model
 
 U = 2.0**-24
-
-
-@pytest.fixture(scope="module")
-def ops(tmp_path_factory: pytest.TempPathFactory) -> object:
-    reason = kernels_unavailable()
-    if reason:
-        pytest.skip(f"quantized kernels cannot be built here: {reason}")
-    from draftwise.models import default_cache_dir
-
-    return load_kernels(default_cache_dir(), progress=False)
 
 
 def random_blocks(qtype: str, rows: int, in_features: int, seed: int,
@@ -346,6 +335,25 @@ def assert_tree_rows_are_plain_rows(make: Callable[[], QuantBackend], prompt: li
         assert torch.equal(row, logits[node + 1]), node
 
 
+def assert_prefill_in_parts_is_prefill_at_once(
+    make: Callable[[], QuantBackend], prompt: list[int], tree: DraftTree, cuts: Sequence[int]
+) -> torch.Tensor:
+    """Prefilling ``prompt`` whole, or its first ``cut`` tokens and verifying the rest as one
+    chain, leaves the same bits: ``tree``'s logits after it are equal. Returns them."""
+    whole = make()
+    assert whole.capabilities.reuses_prefix
+    whole.prefill(prompt)
+    expected = whole.forward_tree(tree)
+    for cut in cuts:
+        part = make()
+        part.prefill(prompt[:cut])
+        rest = prompt[cut:]
+        part.forward_tree(DraftTree.chain(rest[:-1]))
+        part.commit(list(range(len(rest) - 1)), rest[-1])
+        assert torch.equal(part.forward_tree(tree), expected), cut
+    return expected
+
+
 @pytest.mark.parametrize("kv_cache", ["float16", "float32"])
 @pytest.mark.parametrize("activations", ["float32", "int8"])
 def test_tree_rows_are_bit_identical_to_plain_decoding(
@@ -439,16 +447,7 @@ def test_a_prompt_prefilled_at_once_leaves_what_decoding_it_leaves(
     def make() -> QuantBackend:
         return QuantBackend(path, config, ops=ops, kv_cache=kv_cache)
 
-    whole = make()
-    whole.prefill(prompt)
-    expected = whole.forward_tree(tree)
-    for cut in (1, 33, 120):
-        part = make()
-        part.prefill(prompt[:cut])
-        rest = prompt[cut:]
-        part.forward_tree(DraftTree.chain(rest[:-1]))
-        part.commit(list(range(len(rest) - 1)), rest[-1])
-        assert torch.equal(part.forward_tree(tree), expected), cut
+    expected = assert_prefill_in_parts_is_prefill_at_once(make, prompt, tree, (1, 33, 120))
     # a cache that holds another sequence's first 100 tokens: prefill keeps them
     other = make()
     assert other.capabilities.reuses_prefix
