@@ -133,12 +133,15 @@ class AdedDrafter:
                 if not options:
                     break
                 scale = cfg.exploration * math.sqrt(visits[node] + 1)
-
-                def puct(option: tuple[int, float], parent: int = node, c: float = scale) -> float:
-                    seen = child_of.get((parent, option[0]))
-                    return option[1] * (1 + c / (1 + (visits[seen] if seen is not None else 0)))
-
-                best = max(options, key=puct)
+                # PUCT, the first of the best on ties (as max() picks); inline: this loop runs
+                # for every level of every simulation
+                best, best_score = options[0], -math.inf
+                for option in options:
+                    seen = child_of.get((node, option[0]))
+                    score = option[1] * (1 + scale / (1 + (visits[seen] if seen is not None
+                                                           else 0)))
+                    if score > best_score:
+                        best, best_score = option, score
                 token = best[0]
                 child = child_of.get((node, token))
                 if child is None:
