@@ -165,18 +165,23 @@ class Decoder:
         t = len(ids)
         end = start + t
         h, kv, d = self.heads, self.kv_heads, self.head_dim
-        tables = {False: (self.cos[positions][None], self.sin[positions][None]),  # [1, T, d]
-                  True: (self.local_cos[positions][None], self.local_sin[positions][None])}
-        windows = {reach: sliding_window_mask(mask, positions, start, reach)
-                   for reach in set(self.reach) if reach is not None}
-        x = self.embedding(ids)  # [T, hidden]
-        for index, layer in enumerate(self.layers):
-            reach = self.reach[index]
-            cos, sin = tables[reach is not None]
-            visible = mask if reach is None else windows[reach]  # [T, end] or None: causal
-            attn_mask = None if visible is None else visible[None, None]  # [1, 1, T, end]
+
+        def view(reach: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                             torch.Tensor | None]:
+            """What a layer of this reach (None: full) uses, once per forward: its rotary
+            ``[1, T, d]`` at the rows' positions, the slots each row sees (``[T, end]``, None:
+            causal) and attention's mask (``[1, 1, T, end]`` or None)."""
+            cos, sin = (self.cos, self.sin) if reach is None else (self.local_cos, self.local_sin)
+            visible = mask if reach is None else sliding_window_mask(mask, positions, start, reach)
+            attn_mask = None if visible is None else visible[None, None]
             if visible is None and t > 1:
                 attn_mask = torch.ones(t, end, dtype=torch.bool).tril(diagonal=start)[None, None]
+            return cos[positions][None], sin[positions][None], visible, attn_mask
+
+        views = {reach: view(reach) for reach in set(self.reach)}
+        x = self.embedding(ids)  # [T, hidden]
+        for index, layer in enumerate(self.layers):
+            cos, sin, visible, attn_mask = views[self.reach[index]]
             qkv = layer["qkv"](self.rms(x, layer["attn_norm"]), exact)  # [T, (h + 2kv) d]
             q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
             q, k = q.view(t, h, d), k.view(t, kv, d)
