@@ -182,15 +182,16 @@ class Model {
     // A sliding layer's row sees the last reach of its keys: a row's keys are its sequence's
     // committed prefix (slot i holds position i) then its tree ancestors and itself, one per
     // position, so the k-th key it sees is at position k.
+    std::vector<std::vector<int64_t>> local_visible;
     Attention local;
     if (reach_ > 0) {
-      std::vector<std::vector<int64_t>> visible(T);
+      local_visible.resize(T);
       for (int64_t r = 0; r < T; ++r) {
         const std::vector<int64_t>& all = rows.visible[r];
         const int64_t from = std::max<int64_t>(0, static_cast<int64_t>(all.size()) - reach_);
-        visible[r].assign(all.begin() + from, all.end());
+        local_visible[r].assign(all.begin() + from, all.end());
       }
-      local = arrange(rows, std::move(visible), prompt);
+      local = arrange(rows, local_visible, prompt);
     }
     std::vector<float> major;
     for (size_t l = 0; l < layers_.size(); ++l) {
@@ -230,10 +231,10 @@ class Model {
         }
       }
       if (rows.bytes == 2) {
-        attend<uint16_t>(qkv.data(), qkv_width, K, V, S, at.visible, at.runs, at.work,
+        attend<uint16_t>(qkv.data(), qkv_width, K, V, S, *at.visible, at.runs, at.work,
                          at.major_blocks, major, attn.data());
       } else {
-        attend<float>(qkv.data(), qkv_width, K, V, S, at.visible, at.runs, at.work,
+        attend<float>(qkv.data(), qkv_width, K, V, S, *at.visible, at.runs, at.work,
                       at.major_blocks, major, attn.data());
       }
       apply(layer.out, attn.data(), T, tmp.data(), hidden, int8_, tuning_, batched);
@@ -366,20 +367,19 @@ class Model {
     return work;
   }
 
-  // which keys each row sees in a layer, and attention's work over them
+  // which keys each row sees in a layer (held by the caller), and attention's work over them
   struct Attention {
-    std::vector<std::vector<int64_t>> visible;
+    const std::vector<std::vector<int64_t>>* visible = nullptr;
     std::vector<Span> runs;
     Work work;
     int64_t major_blocks = 0;  // a prompt's keys put in key-major order (see attend)
   };
 
-  Attention arrange(const Rows& rows, std::vector<std::vector<int64_t>> visible,
+  Attention arrange(const Rows& rows, const std::vector<std::vector<int64_t>>& visible,
                     bool prompt) const {
     Attention at;
-    at.visible = std::move(visible);
-    at.runs = spans(rows, at.visible, prompt ? kPromptRun : static_cast<int64_t>(
-                                                               at.visible.size()));
+    at.visible = &visible;
+    at.runs = spans(rows, visible, prompt ? kPromptRun : static_cast<int64_t>(visible.size()));
     at.work = plan(at.runs, prompt);
     Work& work = at.work;
     if (!prompt && at.runs.size() > 1) {
@@ -388,7 +388,7 @@ class Model {
       cost.resize(items);
       for (int64_t k = 0; k < items; ++k)
         cost[k] = (work.bounds[k + 1] - work.bounds[k]) *
-                  static_cast<int64_t>(at.visible[work.queries[work.bounds[k]].first].size());
+                  static_cast<int64_t>(visible[work.queries[work.bounds[k]].first].size());
       if (*std::min_element(cost.begin(), cost.end()) !=
           *std::max_element(cost.begin(), cost.end())) {  // (equal items: contiguous shares)
         work.longest_first.resize(items);
@@ -402,7 +402,7 @@ class Model {
     // per item (the same floats in the same lanes: no bits change). Not where a sliding
     // layer's last row no longer sees slot 0 (the runs' keys then begin elsewhere).
 #if defined(__AVX512F__)
-    const std::vector<int64_t>& last = at.visible.back();
+    const std::vector<int64_t>& last = visible.back();
     if (prompt && d_ % 16 == 0 && last.front() == 0)
       at.major_blocks = static_cast<int64_t>(last.size()) / 16;
 #endif
