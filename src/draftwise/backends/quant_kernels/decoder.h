@@ -244,6 +244,7 @@ class Model {
       rms_norm(xp, T, hidden, layer.mlp_norm.data_ptr<float>(), eps_, normed.data());
       const int64_t inter = layer.down[0].in, gu_width = width(layer.gate_up);
       TORCH_CHECK(gu_width == 2 * inter, "gate/up width does not match down's input");
+      TORCH_CHECK(!gelu_ || inter % 8 == 0, "a GELU MLP's width must be a multiple of 8");
       gu.resize(T * gu_width);
       act.resize(T * inter);
       apply(layer.gate_up, normed.data(), T, gu.data(), gu_width, int8_, tuning_, batched);
@@ -298,7 +299,6 @@ class Model {
   // x * sigmoid(2 sqrt(2 / pi) (x + 0.044715 x^3)), which is 0.5 x (1 + tanh(...)) without
   // tanh's cancellation near zero; eight lanes everywhere, so every build gives the same bits
   static void gelu_mul(const float* g, int64_t n, float* out) {
-    TORCH_CHECK(n % 8 == 0, "the MLP's width must be a multiple of 8");
     const float* up = g + n;
     const __m256 one = _mm256_set1_ps(1.0f), cubic = _mm256_set1_ps(0.044715f);
     const __m256 minus_twice_root = _mm256_set1_ps(-1.5957691216057308f);  // -2 sqrt(2 / pi)

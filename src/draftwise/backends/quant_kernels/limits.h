@@ -53,6 +53,7 @@ double read_bandwidth(int64_t bytes, int64_t repeats) {
 // per eight), not maddubs + madd per product, which would understate the floor.
 double int8_peak(int64_t iterations) {
   constexpr int kChains = 12;
+  constexpr int kRun = 8, kWide = 6;  // AVX2 without VNNI: 4-bit weights' int16 run (run_dot)
   constexpr int64_t kPerCall = sizeof(typename Vec::I);  // one u8 x s8 product per byte
   double best = 1e30;
   int threads = 1;
@@ -70,7 +71,6 @@ double int8_peak(int64_t iterations) {
         // each chain has its own weights, and x is made opaque before every round of products,
         // so every product is computed. Six chains: their sums, weights and x fit in 16
         // registers, and the int16 adds wait on nothing slower than one add.
-        constexpr int kRun = 8, kWide = 6;  // 4-bit weights' int16 run (run_dot)
         typename Vec::I ws[kWide], x_now = x;
         for (int k = 0; k < kWide; ++k) ws[k] = Vec::set1(0x01010101 * (k + 1));
         for (int64_t i = 0; i < iterations / kWide / kRun; ++i) {
@@ -102,7 +102,7 @@ double int8_peak(int64_t iterations) {
     }
     best = std::min(best, seconds_now() - start);
   }
-  const int64_t done = Vec::kWidenLate ? iterations / 6 / 8 * 8 * 6
+  const int64_t done = Vec::kWidenLate ? iterations / kWide / kRun * kRun * kWide
                                        : iterations / kChains * kChains;
   return static_cast<double>(done) * threads * kPerCall / best;
 }
