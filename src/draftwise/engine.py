@@ -487,4 +487,5 @@ def _ungraft(k: int, tree: DraftTree, acceptance: Acceptance) -> Acceptance:
     if k == 0:
         return acceptance
     path = tuple(n - k for n in acceptance.path if n >= k)
-    return Acceptance(path, acceptance.tokens[k:], acceptance.bonus, acceptance.margins[k:])
+    return Acceptance(path, acceptance.tokens[k:], acceptance.bonus, acceptance.margins[k:],
+                      acceptance.argmax[k:])

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["GREEDY", "SamplingConfig", "Sampling", "argmax_rows", "top2_margins", "top_k_rows",
-           "use_compiled_top_k"]
+__all__ = ["GREEDY", "RowOps", "SamplingConfig", "Sampling", "argmax_margin_rows", "argmax_rows",
+           "softmax_top_k_rows", "top2_margins", "top_k_rows", "use_compiled_rows"]
 
 
 @dataclass(frozen=True)
@@ -139,15 +139,42 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 TopK = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-_compiled_top_k: TopK | None = None
 
 
-def use_compiled_top_k(op: TopK) -> None:
-    """Let :func:`top_k_rows` use ``op`` (the quant kernels' one-pass top-k, registered when
-    they load): the same values and indices as the search below, in one pass over each row
-    (equal values: the lower index first)."""
-    global _compiled_top_k
-    _compiled_top_k = op
+@dataclass(frozen=True)
+class RowOps:
+    """The quant kernels' statistics of float32 rows, each one or two passes over a row (the
+    same results as the torch/NumPy code beside them, which runs where the kernels do not load):
+
+    top_k: ``(values, indices)`` as :func:`top_k_rows` (equal values: the lower index first).
+    softmax_top_k: ``(probabilities, indices)`` as :func:`softmax_top_k_rows`.
+    argmax_margin: ``(argmax [rows] int64, margin [rows] float64)`` as :func:`argmax_rows` and
+        :func:`top2_margins` over every row.
+    """
+
+    top_k: TopK
+    softmax_top_k: TopK
+    argmax_margin: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+_compiled: RowOps | None = None
+
+
+def use_compiled_rows(ops: RowOps) -> None:
+    """Let the row statistics below use the quant kernels' ``ops`` (registered when they
+    load)."""
+    global _compiled
+    _compiled = ops
+
+
+def argmax_margin_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(argmax [rows], margin [rows] float64)`` of float32 rows in one compiled pass each, or
+    None where the kernels are not loaded (then :func:`argmax_rows` and :func:`top2_margins`).
+    Greedy verification needs both of every row it reads; NumPy's argmax then a margin per
+    emitted row cost several passes and copies of a vocabulary-wide row."""
+    if _compiled is None or logits.dtype != torch.float32 or logits.device.type != "cpu":
+        return None
+    return _compiled.argmax_margin(logits)
 
 
 def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,11 +187,11 @@ def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     so only those blocks are searched, after one pass of block maxima. The block is the largest
     power of two up to 512 that divides the vocabulary (no padding copy); with none of at
     least 64, or few blocks, it is torch's top-k. Where the quant kernels are loaded, their
-    one-pass top-k runs instead (:func:`use_compiled_top_k`)."""
+    one-pass top-k runs instead (:func:`use_compiled_rows`)."""
     rows, vocab = logits.shape
     k = min(k, vocab)
-    if _compiled_top_k is not None and logits.dtype == torch.float32 and k >= 1:
-        return _compiled_top_k(logits, k)
+    if _compiled is not None and logits.dtype == torch.float32 and k >= 1:
+        return _compiled.top_k(logits, k)
     block = next((b for b in (512, 256, 128, 64) if vocab % b == 0), 0)
     if block == 0 or vocab // block < 4 * k or not logits.is_contiguous():
         top = torch.topk(logits, k, dim=-1)
@@ -175,6 +202,18 @@ def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     top = torch.topk(candidates, k, dim=-1)
     which = chosen.gather(1, top.indices // block)
     return top.values, which * block + top.indices % block
+
+
+def softmax_top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probabilities, indices)``, each ``[rows, k]``: every row's k likeliest tokens under its
+    softmax, likeliest first, in float32 (the whole softmax, or torch's logsumexp, costs more
+    than a small model's step can spare; the kernels sum the exponentials in one pass)."""
+    k = min(k, logits.shape[-1])
+    if _compiled is not None and logits.dtype == torch.float32 and k >= 1:
+        return _compiled.softmax_top_k(logits, k)
+    rows = logits.float()
+    top, indices = top_k_rows(rows, k)
+    return torch.exp(top - torch.logsumexp(rows, dim=-1, keepdim=True)), indices
 
 
 def top2_margins(logits: torch.Tensor, top: Sequence[int],

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from draftwise.sampling import Sampling, argmax_rows, top2_margins
+from draftwise.sampling import Sampling, argmax_margin_rows, argmax_rows, top2_margins
 from draftwise.tree import DraftTree
 
 __all__ = ["Acceptance", "verify"]
@@ -41,12 +41,16 @@ class Acceptance:
         tokens: emitted tokens: the accepted draft tokens, then the recovered or bonus token.
         bonus: True when the last token follows a leaf (every drafted level on the path accepted).
         margins: greedy only, the top-2 logit margin at each emitted position (near-tie report).
+        argmax: greedy without a repetition penalty, every row's argmax as verification found
+            it (row 0 = the root), for drafters that learn the target's greedy predictions
+            without another pass over the rows; else empty.
     """
 
     path: tuple[int, ...]
     tokens: tuple[int, ...]
     bonus: bool
     margins: tuple[float, ...] = ()
+    argmax: tuple[int, ...] = ()
 
     @property
     def accepted(self) -> int:
@@ -98,7 +102,11 @@ def _verify_greedy(
 ) -> Acceptance:
     children = tree.children_map()
     rows = list(range(len(tree) + 1))
-    targets = sampling.greedy(logits, seen_rows(tree, seen, rows)).tolist()  # [N + 1]
+    fused = argmax_margin_rows(logits) if seen is None else None  # targets and margins at once
+    if fused is not None:
+        targets, leads = fused[0].tolist(), fused[1].tolist()
+    else:
+        targets = sampling.greedy(logits, seen_rows(tree, seen, rows)).tolist()  # [N + 1]
     path: list[int] = []
     node = -1
     while True:
@@ -110,11 +118,15 @@ def _verify_greedy(
         node = child
     emitted_rows = [0] + [n + 1 for n in path]
     # the margins are of the raw logits: their argmax is the target unless a penalty applied
-    top = ([targets[r] for r in emitted_rows] if seen is None
-           else argmax_rows(logits[emitted_rows]).tolist())
-    margins = top2_margins(logits, top, emitted_rows)
+    if fused is not None:
+        margins = tuple(leads[r] for r in emitted_rows)
+    else:
+        top = ([targets[r] for r in emitted_rows] if seen is None
+               else argmax_rows(logits[emitted_rows]).tolist())
+        margins = top2_margins(logits, top, emitted_rows)
     tokens = tuple(tree.tokens[n] for n in path) + (targets[node + 1],)
-    return Acceptance(tuple(path), tokens, bonus=node not in children, margins=margins)
+    return Acceptance(tuple(path), tokens, bonus=node not in children, margins=margins,
+                      argmax=tuple(targets) if seen is None else ())
 
 
 def _verify_sampled(

@@ -25,6 +25,7 @@ from draftwise.backends.quant import (
 from draftwise.drafters import create_drafter
 from draftwise.drafters.heads import DraftHeads, _KernelHeads
 from draftwise.engine import Engine, GenerationConfig
+from draftwise.sampling import argmax_rows, top2_margins
 from draftwise.tree import DraftTree
 
 from ..conftest import tiny_hf_model
@@ -186,6 +187,42 @@ def test_the_compiled_top_k_is_torchs_top_k(ops: object) -> None:
         assert all(len(set(row.tolist())) == k for row in indices)
     with pytest.raises(RuntimeError, match="k must be"):
         ops.top_k_rows(torch.zeros(1, 4), 5)  # type: ignore[attr-defined]
+
+
+def test_the_compiled_argmax_and_margin_are_numpys(ops: object) -> None:
+    """Greedy verification's fused row pass: the argmax NumPy gives (the first of equal maxima,
+    the first NaN) and sampling.top2_margins' float64 lead, bit for bit — ties (margin 0), rows
+    masked to -inf but one (margin 0), any width."""
+    generator = torch.Generator().manual_seed(6)
+    for rows, n in ((1, 49152), (3, 1001), (5, 37), (2, 8), (7, 151936), (1, 1)):
+        x = torch.randn(rows, n, generator=generator) * 4
+        if rows > 1:
+            x[1] = float("-inf")
+            x[1, n // 3] = 0.5
+        if rows > 2:
+            x[2, n - 1] = x[2, n // 2] = x[2].max() + 1  # two equal maxima
+        indices, margins = ops.argmax_margin_rows(x)  # type: ignore[attr-defined]
+        expected = argmax_rows(x)
+        assert torch.equal(indices, expected), (rows, n)
+        assert margins.dtype == torch.float64
+        assert margins.tolist() == list(top2_margins(x, expected.tolist())), (rows, n)
+    x = torch.tensor([[0.0, float("nan"), 3.0, float("nan")]])
+    assert ops.argmax_margin_rows(x)[0].tolist() == [int(np.argmax(x.numpy()))] == [1]  # type: ignore[attr-defined]
+
+
+def test_the_compiled_softmax_top_k_is_the_softmaxs(ops: object) -> None:
+    """The k likeliest tokens of each row's softmax: torch.topk's indices over the logits and
+    probabilities within float32's error of a float64 softmax (each exponential a few ulp, the
+    sum of n of them in 8 lanes: up to n / 8 + 8 roundings)."""
+    generator = torch.Generator().manual_seed(7)
+    for rows, n, k in ((1, 49152, 4), (3, 1001, 1), (4, 151936, 8), (2, 13, 3)):
+        x = torch.randn(rows, n, generator=generator) * 5
+        probs, indices = ops.softmax_top_k_rows(x, k)  # type: ignore[attr-defined]
+        exact = torch.softmax(x.double(), dim=-1)
+        assert torch.equal(indices, torch.topk(x, k, dim=-1).indices), (rows, n, k)
+        expected = exact.gather(1, indices)
+        bound = expected * (n / 8 + 16) * 2.0**-24 + 2.0**-126
+        assert bool(((probs.double() - expected).abs() <= bound).all()), (rows, n, k)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])

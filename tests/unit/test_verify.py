@@ -53,6 +53,18 @@ def test_greedy_margins_reported_per_emitted_token() -> None:
     assert result.margins == pytest.approx((0.5, 4.0))
 
 
+def test_greedy_reports_every_rows_argmax_for_the_drafters() -> None:
+    """Drafters that learn the target's greedy predictions (lookahead) read them from the
+    acceptance instead of another pass over the rows: every row's, rejected branches too; none
+    where a repetition penalty made the targets differ from the argmax."""
+    tree = DraftTree((2, 3, 7), (-1, -1, 1))
+    result = verify(tree, one_hot_logits([3, 6, 7, 1]), GREEDY)
+    assert result.argmax == (3, 6, 7, 1)
+    penalized = Sampling(SamplingConfig(repetition_penalty=2.0))
+    seen = torch.zeros(8, dtype=torch.bool)
+    assert verify(tree, one_hot_logits([3, 6, 7, 1]), penalized, committed_seen=seen).argmax == ()
+
+
 def test_repetition_penalty_sees_the_nodes_own_path() -> None:
     # After node 0 (token 1) the raw argmax is token 1 again; the penalty must see node 0's
     # token in that row's context even though it is not committed yet.

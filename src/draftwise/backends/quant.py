@@ -68,7 +68,7 @@ from draftwise.backends.decoder import (
     DecoderBackend,
 )
 from draftwise.backends.fast import check_config
-from draftwise.sampling import use_compiled_top_k
+from draftwise.sampling import RowOps, use_compiled_rows
 
 __all__ = ["ISAS", "KernelTuning", "KernelsUnavailable", "QuantBackend", "QuantLinear",
            "float32_summary",
@@ -179,7 +179,8 @@ def load_kernels(cache_dir: Path, progress: bool = True, isa: str | None = None)
     if fresh and progress:
         print("draftwise: quantized kernels built", file=sys.stderr, flush=True)
     _loaded[isa] = module
-    use_compiled_top_k(module.top_k_rows)
+    use_compiled_rows(RowOps(module.top_k_rows, module.softmax_top_k_rows,
+                             module.argmax_margin_rows))
     return module
 
 

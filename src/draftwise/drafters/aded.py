@@ -18,10 +18,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from draftwise.drafters.base import StepResult, register
-from draftwise.sampling import GREEDY, SamplingConfig, top_k_rows
+from draftwise.sampling import GREEDY, SamplingConfig, softmax_top_k_rows
 from draftwise.tree import DraftTree
 
 __all__ = ["AdedConfig", "AdedDrafter", "TrigramModel"]
@@ -164,12 +162,8 @@ class AdedDrafter:
 
     def observe(self, step: StepResult) -> None:
         tree, logits = step.tree, step.logits
-        # the top k of each row's softmax: the top k logits, normalized by the row's logsumexp
-        # (the whole softmax in float64 cost more than the step of a small model saves)
-        rows = logits.float()
-        top, indices_t = top_k_rows(rows, self.config.top_k)
-        values = torch.exp(top - torch.logsumexp(rows, dim=-1, keepdim=True)).tolist()
-        indices = indices_t.tolist()
+        probs, indices_t = softmax_top_k_rows(logits, self.config.top_k)
+        values, indices = probs.tolist(), indices_t.tolist()
         a, b = self._previous
         # each row's context pair: (token before the node, the node's token); row 0 = root
         pairs = [(a, b)] + [

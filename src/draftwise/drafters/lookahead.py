@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from draftwise.drafters.base import StepResult, register
 from draftwise.drafters.trie import CountingTrie
-from draftwise.sampling import GREEDY, SamplingConfig
+from draftwise.sampling import GREEDY, SamplingConfig, argmax_rows
 from draftwise.tree import DraftTree, TreeBuilder
 
 __all__ = ["LookaheadConfig", "LookaheadDrafter"]
@@ -134,7 +134,9 @@ class LookaheadDrafter:
             if node == -2:
                 break
             rows.append(node + 1)
-        predictions = step.logits[rows].argmax(dim=-1).tolist()  # for positions base + 1, ...
+        known = step.acceptance.argmax  # for positions base + 1, ...
+        predictions = ([known[r] for r in rows] if known
+                       else argmax_rows(step.logits[rows]).tolist())
         level = {base + 1 + i: g for i, g in enumerate(self._guesses[: len(rows) - 1])}
         predicted = {base + 1 + i: p for i, p in enumerate(predictions)}
         self._collect(level, predicted)

@@ -113,6 +113,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("iterations") = 100000000, kFree);
   m.def("top_k_rows", &top_k_rows, "every row's k largest values and their indices",
         pybind11::arg("x"), pybind11::arg("k"), kFree);
+  m.def("softmax_top_k_rows", &softmax_top_k_rows,
+        "every row's k likeliest softmax probabilities and their indices",
+        pybind11::arg("x"), pybind11::arg("k"), kFree);
+  m.def("argmax_margin_rows", &argmax_margin_rows,
+        "every row's argmax and its lead over the largest other value (float64)",
+        pybind11::arg("x"), kFree);
   m.def("amx_usable", [] { return kAmxBuild && amx_granted(); },
         "whether products of many rows can go through AMX tiles here (CPU, build, permission)");
 }
