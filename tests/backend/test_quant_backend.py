@@ -427,12 +427,16 @@ def test_kernel_tuning_changes_no_bit(
         KernelTuning(prefetch_bytes=-1)
 
 
-@pytest.fixture(scope="module")
-def wide_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    """Head size 64 with three query heads per KV head: the kernels' widest attention paths
-    (16-lane key blocks; values summed for several queries at once)."""
-    model = tiny_hf_model("llama", "sdpa", vocab=64, seed=5, hidden=384, heads=6, kv_heads=2)
-    path = tmp_path_factory.mktemp("gguf") / "wide-Q8_0.gguf"
+@pytest.fixture(scope="module", params=[(384, 6), (512, 4)], ids=["d64", "d128"])
+def wide_gguf(tmp_path_factory: pytest.TempPathFactory,
+              request: pytest.FixtureRequest) -> tuple[Path, object]:
+    """Head sizes 64 and 128 (SmolLM2's, Qwen2.5-1.5B's) with several query heads per KV head:
+    the kernels' widest attention paths (16-lane key blocks; keys scored and values summed for
+    several queries at once, values in column blocks where AVX2's registers are few)."""
+    hidden, heads = request.param
+    model = tiny_hf_model("llama", "sdpa", vocab=64, seed=5, hidden=hidden, heads=heads,
+                          kv_heads=2)
+    path = tmp_path_factory.mktemp("gguf") / f"wide-{hidden // heads}-Q8_0.gguf"
     write_tiny_gguf(model, path, "Q8_0")
     return path, model.config
 

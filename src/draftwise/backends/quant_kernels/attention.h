@@ -233,6 +233,53 @@ constexpr bool kGroupedScores = true;  // key_scores_few
 #else
 constexpr int64_t kKeyBlock = 8;
 constexpr bool kGroupedScores = false;
+
+// key_scores' scores of keys [begin, end) for Q queries (Q <= 3) that see the same keys, four
+// keys at a time: each key's 8-value chunk is loaded and widened once for all Q queries rather
+// than once per query (with float16 keys the widening, not the multiply-add, bounds a query's
+// scores on AVX2). Q x 4 accumulators and a key stay in AVX2's 16 registers; the queries are
+// read from L1 by the multiply-adds. Per key and query: the same fused multiply-adds over the
+// head's chunks in order and the same add tree, ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)) of the
+// accumulator's lanes, then the same product with the scale: key_scores' bits.
+// (end - begin) % 4 == 0.
+template <int Q, typename KV>
+void key_scores_group(const float* const* q, const KV* K, const int64_t* slots, int64_t begin,
+                      int64_t end, int64_t d, float scale, float* const* scores) {
+  const __m128 s = _mm_set1_ps(scale);
+  for (int64_t j0 = begin; j0 < end; j0 += 4) {
+    prefetch_rows(K, slots, std::min(j0 + kKeysAhead, end), std::min(j0 + kKeysAhead + 4, end),
+                  d);
+    const KV* rows[4];
+    for (int k = 0; k < 4; ++k) rows[k] = K + slots[j0 + k] * d;
+    __m256 acc[Q][4];
+    for (int i = 0; i < Q; ++i)
+      for (int k = 0; k < 4; ++k) acc[i][k] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d; c += 8)
+      for (int k = 0; k < 4; ++k) {
+        const __m256 kv = load8(rows[k] + c);
+        for (int i = 0; i < Q; ++i)
+          acc[i][k] = _mm256_fmadd_ps(_mm256_loadu_ps(q[i] + c), kv, acc[i][k]);
+      }
+    for (int i = 0; i < Q; ++i) {
+      // lanes: ((x0+x1)+(x2+x3)) of keys 0-3, then ((x4+x5)+(x6+x7)) of keys 0-3
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[i][0], acc[i][1]),
+                                      _mm256_hadd_ps(acc[i][2], acc[i][3]));
+      const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      _mm_storeu_ps(scores[i] + j0, _mm_mul_ps(sums, s));
+    }
+  }
+}
+
+// key_scores_group for any number of queries, three at a time
+template <typename KV>
+void key_scores_few(const float* const* q, int64_t m, const KV* K, const int64_t* slots,
+                    int64_t begin, int64_t end, int64_t d, float scale, float* const* scores) {
+  int64_t i = 0;
+  for (; i + 3 <= m; i += 3)
+    key_scores_group<3>(q + i, K, slots, begin, end, d, scale, scores + i);
+  if (m - i == 2) key_scores_group<2>(q + i, K, slots, begin, end, d, scale, scores + i);
+  if (m - i == 1) key_scores_group<1>(q + i, K, slots, begin, end, d, scale, scores + i);
+}
 #endif
 
 // Value sums: acc += p[j] V[slots[j]] over keys j in order, each lane its own chain of fused
@@ -309,32 +356,47 @@ void value_sums_c(int64_t m, const float* const* p, const int64_t* slots, int64_
   }
 }
 
+// m queries' value sums in column blocks of C lane-widths, each block the sums above over all
+// the keys (every value's own chain over the keys in order: the same bits as any other blocking)
+template <typename KV, int C>
+void value_sums_blocks(int64_t d, int64_t m, const float* const* p, const int64_t* slots,
+                       int64_t begin, int64_t end, const KV* V, float* const* acc) {
+  constexpr int64_t W = Lanes::kWidth;
+  float* block[16];
+  for (int64_t q0 = 0; q0 < m; q0 += 16) {
+    const int64_t n = std::min<int64_t>(16, m - q0);
+    for (int64_t c0 = 0; c0 < d; c0 += C * W) {
+      for (int64_t q = 0; q < n; ++q) block[q] = acc[q0 + q] + c0;
+      value_sums_c<KV, C>(n, p + q0, slots, begin, end, V + c0, d, block);
+    }
+  }
+}
+
 // m queries' value sums over keys [begin, end) into acc[q][0..d)
 template <typename KV>
 void value_sums_any(int64_t d, int64_t m, const float* const* p, const int64_t* slots,
                     int64_t begin, int64_t end, const KV* V, float* const* acc) {
   constexpr int64_t W = Lanes::kWidth;
   const int64_t chunks = d / W * (d % W == 0);
+  if constexpr (Lanes::kMaxAcc == 8) {
+    // AVX2's 16 registers hold 8 accumulators beside a key's values and the weights: several
+    // queries (a tree's rows, a KV head's query heads) share each value load in blocks of 4
+    // lane-widths, two queries at a time; one query takes blocks of 8
+    if (m > 1 && chunks >= 8 && chunks % 4 == 0)
+      return value_sums_blocks<KV, 4>(d, m, p, slots, begin, end, V, acc);
+    if (chunks > 8 && chunks % 8 == 0)
+      return value_sums_blocks<KV, 8>(d, m, p, slots, begin, end, V, acc);
+  }
   switch (chunks) {
     case 4: return value_sums_c<KV, 4>(m, p, slots, begin, end, V, d, acc);
     case 8: return value_sums_c<KV, 8>(m, p, slots, begin, end, V, d, acc);
     case 16: return value_sums_c<KV, 16>(m, p, slots, begin, end, V, d, acc);
     default: break;
   }
-  if (chunks > 16 && chunks % 8 == 0) {
-    // wider heads (Gemma 3's 256 values on 8 lanes): blocks of 8 lane-widths of columns, each
-    // the sums above (every value's own chain over the keys in order: the same bits as one
-    // chunk at a time, without one chain's latency per key)
-    float* block[16];
-    for (int64_t q0 = 0; q0 < m; q0 += 16) {
-      const int64_t n = std::min<int64_t>(16, m - q0);
-      for (int64_t c0 = 0; c0 < d; c0 += 8 * W) {
-        for (int64_t q = 0; q < n; ++q) block[q] = acc[q0 + q] + c0;
-        value_sums_c<KV, 8>(n, p + q0, slots, begin, end, V + c0, d, block);
-      }
-    }
-    return;
-  }
+  if (chunks > 16 && chunks % 8 == 0)
+    // wider heads (Gemma 3's 256 values): blocks of 8 lane-widths of columns, without one
+    // chain's latency per key
+    return value_sums_blocks<KV, 8>(d, m, p, slots, begin, end, V, acc);
   // any other multiple of 8: the same sums, one 8-value chunk at a time
   for (int64_t q = 0; q < m; ++q)
     for (int64_t c = 0; c < d; c += 8) {

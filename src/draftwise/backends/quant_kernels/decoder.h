@@ -481,6 +481,15 @@ class Model {
           }
           scored = true;
         }
+#else
+        if (m > 1) {  // several queries per key load (AVX2: key_scores_few, four keys at a time)
+          qs.resize(m);
+          for (int64_t i = 0; i < m; ++i) qs[i] = query(i);
+          for (int64_t j0 = 0; j0 < blocks; j0 += kChunk)
+            key_scores_few(qs.data(), m, Kh, slots_of(0), j0, std::min(j0 + kChunk, blocks), d,
+                           scale, score_rows.data());
+          scored = true;
+        }
 #endif
         for (int64_t j0 = 0; !scored && j0 < blocks; j0 += kChunk)
           for (int64_t i = 0; i < m; ++i)
